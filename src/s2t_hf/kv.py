@@ -1,0 +1,257 @@
+"""Reading the state of `generate` and scoring K candidate tokens on it.
+
+`generate` hands a logits processor only `(input_ids, scores)`. `GenerationStateHook` is a forward pre-hook on the
+model that records, at every forward of `generate`, the live cache, the 2-D attention mask (left padding included) and
+the position ids; when the processor runs, the cache already holds the step's tokens.
+
+Candidates are scored in one of two ways:
+
+- `score_candidates_on_cache` (fast path): the K candidates of every row are fed at the *same* position on top of the
+  live cache, in one forward, with a 4-D mask that lets each candidate see the prefix and itself only; the cache is
+  then cropped back to its length before the call.
+- `score_candidates_by_recompute` (fallback): every row's prefix + candidate is re-encoded from scratch, K copies in
+  one batch, with an ordinary 2-D mask (works with any attention implementation and any cache).
+
+Both return the logits at each candidate's position, shape `(batch, K, vocab)`; they agree to float precision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+# Attention implementations that accept an additive 4-D float mask as given.
+MASK_4D_ATTENTION = ("eager", "sdpa")
+
+
+@dataclass
+class ForwardRecord:
+    """What the last forward of `generate` saw."""
+
+    input_length: int
+    cache_length_before: int
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+
+
+class GenerationStateHook:
+    """
+    A forward pre-hook (registered with `with_kwargs=True`) that records what `generate` passes to the model.
+
+    The cache is held through a weak reference so the hook never keeps a finished generation's cache alive.
+    `on_prefill` is called when a forward starts on an empty cache (a new `generate` call).
+    """
+
+    def __init__(self, module: torch.nn.Module, on_prefill=None):
+        self.module = module
+        self.on_prefill = on_prefill
+        self.paused = False
+        self.last: ForwardRecord | None = None
+        self._cache_ref = None
+        self._handle = module.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        if self.paused:
+            return None
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            input_ids = kwargs.get("inputs_embeds")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache_length = 0
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            cache_length = int(cache.get_seq_length())
+        attention_mask = kwargs.get("attention_mask")
+        if isinstance(attention_mask, dict) or (attention_mask is not None and attention_mask.dim() != 2):
+            attention_mask = None  # already expanded by a compiled cache; the processor falls back to recompute
+        input_length = int(input_ids.shape[1]) if input_ids is not None else 0
+        if cache is not None:
+            new_generation = cache_length == 0
+        else:  # `use_cache=False`: every forward re-encodes the whole sequence, one token longer than the last
+            new_generation = self.last is None or input_length != self.last.input_length + 1
+        if new_generation and self.on_prefill is not None:
+            self.on_prefill()
+        self.last = ForwardRecord(
+            input_length=input_length,
+            cache_length_before=cache_length,
+            attention_mask=attention_mask,
+            position_ids=kwargs.get("position_ids"),
+        )
+        self._cache_ref = weakref.ref(cache) if cache is not None else None
+        return None
+
+    @property
+    def cache(self):
+        return self._cache_ref() if self._cache_ref is not None else None
+
+    @contextlib.contextmanager
+    def pause(self):
+        """Ignore forwards made by the processor itself."""
+        previous, self.paused = self.paused, True
+        try:
+            yield
+        finally:
+            self.paused = previous
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self.last = None
+        self._cache_ref = None
+
+
+def positions_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids as `generate` makes them with left padding: cumulative count of real tokens minus one."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)
+
+
+def candidate_attention_mask(
+    prefix_mask: torch.Tensor, num_candidates: int, dtype: torch.dtype, causal_prefix: bool = False
+) -> torch.Tensor:
+    """
+    Additive 4-D mask for K candidates placed after a prefix: each candidate sees the prefix's real tokens and itself.
+
+    Args:
+        prefix_mask (`torch.Tensor` of shape `(batch, prefix_length)`):
+            1 for real tokens, 0 for padding.
+        num_candidates (`int`):
+            K, the number of candidate tokens that follow the prefix.
+        dtype (`torch.dtype`):
+            Floating dtype of the model; masked entries get its most negative value.
+        causal_prefix (`bool`, *optional*, defaults to `False`):
+            If `False`, the mask has K query rows (the candidates, scored on a cache that holds the prefix). If `True`,
+            it has `prefix_length + K` rows: the prefix itself is encoded too, causally (packed encoding of a context and
+            its candidates without a cache).
+
+    Returns:
+        `torch.Tensor` of shape `(batch, 1, queries, prefix_length + K)`, 0 where attention is allowed.
+    """
+    batch, length = prefix_mask.shape
+    device = prefix_mask.device
+    real = prefix_mask.bool()
+    eye = torch.eye(num_candidates, dtype=torch.bool, device=device)
+    candidate_rows = torch.cat(
+        [real[:, None, :].expand(batch, num_candidates, length), eye[None].expand(batch, -1, -1)], dim=-1
+    )
+    if causal_prefix:
+        causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+        prefix_rows = causal[None] & real[:, None, :]
+        # a padding query must still see something to keep softmax finite: let it see itself
+        prefix_rows = prefix_rows | torch.eye(length, dtype=torch.bool, device=device)[None]
+        prefix_rows = torch.cat(
+            [prefix_rows, torch.zeros(batch, length, num_candidates, dtype=torch.bool, device=device)], dim=-1
+        )
+        allowed = torch.cat([prefix_rows, candidate_rows], dim=1)
+    else:
+        allowed = candidate_rows
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def cache_can_roll_back(cache: Any, model: torch.nn.Module) -> tuple[bool, str]:
+    """Whether the fast path can score on `cache` and crop it back; if not, the reason."""
+    attention = getattr(model.config, "_attn_implementation", None)
+    if attention not in MASK_4D_ATTENTION:
+        return False, f"attention implementation {attention!r} does not take a custom 4-D mask"
+    if cache is None:
+        return False, "generate runs without a cache (`use_cache=False`)"
+    if type(cache).__name__ != "DynamicCache":
+        return False, f"{type(cache).__name__} cannot be cropped back"
+    for layer in getattr(cache, "layers", []):
+        if type(layer).__name__ != "DynamicLayer":
+            return False, f"cache layer {type(layer).__name__} (sliding window or linear attention) cannot be cropped"
+    return True, ""
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    dtype = getattr(model, "dtype", None)
+    if dtype is None or not dtype.is_floating_point:
+        dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
+    return dtype
+
+
+@torch.no_grad()
+def score_candidates_on_cache(
+    model: torch.nn.Module,
+    cache: Any,
+    attention_mask: torch.Tensor,
+    next_positions: torch.Tensor,
+    candidate_ids: torch.Tensor,
+) -> torch.Tensor:
+    """
+    Logits at K candidate tokens per row, computed in one forward on the live cache, which is then rolled back.
+
+    Args:
+        model (`PreTrainedModel`): the model that owns `cache`.
+        cache (`DynamicCache`): holds `attention_mask.shape[1]` tokens per row.
+        attention_mask (`torch.Tensor` of shape `(batch, length)`): the 2-D mask of the cached tokens.
+        next_positions (`torch.Tensor` of shape `(batch,)`): position id of the next token of each row.
+        candidate_ids (`torch.Tensor` of shape `(batch, K)`): the candidates.
+
+    Returns:
+        `torch.Tensor` of shape `(batch, K, vocab)`: the logits after each candidate (prefix + candidate).
+    """
+    batch, num_candidates = candidate_ids.shape
+    length = int(cache.get_seq_length())
+    if attention_mask.shape[1] != length:
+        raise RuntimeError(
+            f"The cache holds {length} tokens but the attention mask covers {attention_mask.shape[1]}; the fast path "
+            "cannot score on this cache. Set `local_path='recompute'`."
+        )
+    mask = candidate_attention_mask(attention_mask, num_candidates, _model_dtype(model))
+    positions = next_positions.to(candidate_ids.device)[:, None].expand(batch, num_candidates)
+    try:
+        outputs = model(
+            input_ids=candidate_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
+        )
+    finally:
+        added = int(cache.get_seq_length()) - length
+        if added > 0:
+            cache.crop(-added)
+    return outputs.logits
+
+
+@torch.no_grad()
+def score_candidates_by_recompute(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    candidate_ids: torch.Tensor,
+    max_context: int | None = None,
+    pad_token_id: int = 0,
+) -> torch.Tensor:
+    """
+    Logits at K candidate tokens per row, re-encoding every prefix + candidate from scratch (no cache, 2-D mask).
+
+    Args:
+        model (`PreTrainedModel`): the scoring model.
+        input_ids (`torch.Tensor` of shape `(batch, length)`): the prefixes (left padding allowed).
+        attention_mask (`torch.Tensor` of shape `(batch, length)`): 1 for real tokens.
+        candidate_ids (`torch.Tensor` of shape `(batch, K)`): the candidates.
+        max_context (`int`, *optional*): keep only the last `max_context` tokens of each prefix.
+        pad_token_id (`int`, *optional*, defaults to 0): id written in padding positions.
+
+    Returns:
+        `torch.Tensor` of shape `(batch, K, vocab)`.
+    """
+    batch, num_candidates = candidate_ids.shape
+    if max_context is not None and input_ids.shape[1] > max_context:
+        input_ids = input_ids[:, -max_context:]
+        attention_mask = attention_mask[:, -max_context:]
+    ids = input_ids.repeat_interleave(num_candidates, dim=0)
+    mask = attention_mask.repeat_interleave(num_candidates, dim=0)
+    ids = torch.cat([ids.masked_fill(mask == 0, pad_token_id), candidate_ids.reshape(-1, 1)], dim=1)
+    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    positions = positions_from_attention_mask(mask)
+    outputs = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1)
+    return outputs.logits[:, -1].reshape(batch, num_candidates, -1)

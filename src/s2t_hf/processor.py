@@ -1,0 +1,629 @@
+"""`S2TLogitsProcessor`: Select-to-Think decoding inside `model.generate`."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from transformers import DynamicCache, LogitsProcessor, PreTrainedModel
+from transformers.generation.logits_process import LOGITS_PROCESSOR_INPUTS_DOCSTRING
+from transformers.utils import add_start_docstrings, logging
+
+from .config import S2TConfig
+from .kv import (
+    GenerationStateHook,
+    cache_can_roll_back,
+    positions_from_attention_mask,
+    score_candidates_by_recompute,
+    score_candidates_on_cache,
+)
+from .selection import local_candidate_logits, takeover_selection, teacher_selection, top_k_candidates
+from .triggers import entropy_signal, kl_signal, threshold_for_rate
+
+
+logger = logging.get_logger(__name__)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PEFT wrapper (PEFT modifies it in place, so hooks on it see every forward)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _output_rows(model: torch.nn.Module) -> int:
+    head = model.get_output_embeddings()
+    if head is not None and hasattr(head, "weight"):
+        return int(head.weight.shape[0])
+    return int(model.config.get_text_config().vocab_size)
+
+
+class S2TLogitsProcessor(LogitsProcessor):
+    r"""
+    Select to Think (S2T) as a [`~transformers.LogitsProcessor`]: at uncertain decoding steps (triggers), the next token
+    is chosen among the model's own top-K candidates by a selector instead of taken from the model's own ranking.
+
+    - `selection="teacher"` (collaborative S2T): the candidate the teacher model finds most probable.
+    - `selection="takeover"` (baseline): the teacher's own argmax over the whole vocabulary.
+    - `selection="local"` (S2T-Local): the candidate with the highest expected bin value under a trained
+      [`S2TSelector`]; no teacher. Load one with [`S2TLogitsProcessor.from_pretrained`].
+
+    At an untriggered step the scores pass through unchanged (except reserved bin rows, which are always masked). At a
+    triggered step every token but the selected one is set to `-inf`, so greedy search and sampling both emit it.
+
+    `generate` hands a logits processor only `(input_ids, scores)`. The processor obtains the rest itself: it registers
+    a forward pre-hook on `model` that records the attention mask (left padding included), the position ids and the live
+    KV cache of each forward. Pass the same `model` you call `generate` on, and call [`~S2TLogitsProcessor.remove_hooks`]
+    (or use the processor as a context manager) when done. The teacher keeps its own KV cache; when the trigger does not
+    need the teacher (every trigger but `kl`), the teacher runs only at trigger steps and catches up on all tokens since
+    its last call in one forward.
+
+    Supported: greedy search and multinomial sampling, any batch size, left padding, `num_return_sequences`. Beam search
+    and assisted generation raise an error.
+
+    Args:
+        model (`PreTrainedModel`):
+            The student: the model whose `generate` you call (a PEFT model is unwrapped).
+        config (`S2TConfig`, *optional*):
+            Decoding settings; keyword arguments in `config_kwargs` override its fields.
+        teacher (`PreTrainedModel`, *optional*):
+            The teacher, needed by `selection="teacher"`/`"takeover"` and `trigger="kl"`. It may sit on another device
+            and dtype; probabilities are compared in float32 on the student's device.
+        selector (`S2TSelector`, *optional*):
+            The local selector, needed by `selection="local"`.
+        tokenizer (`PreTrainedTokenizerBase`, *optional*):
+            The shared tokenizer. Needed only when the teacher's and the student's output sizes differ (padded
+            vocabularies): only the tokenizer's ids are compared then.
+        eos_token_id (`int` or `list[int]`, *optional*):
+            End-of-sequence ids: rows that emitted one stop counting and triggering. Defaults to the model's
+            generation config.
+        lazy_teacher (`bool`, *optional*, defaults to `True`):
+            Run the teacher only at trigger steps when the trigger allows it. `False` runs it at every step.
+        record_triggers (`bool`, *optional*, defaults to `False`):
+            Keep one record per trigger (context, candidates, probabilities, choice) in `processor.records`.
+        config_kwargs:
+            Fields of [`S2TConfig`], e.g. `trigger="entropy"`, `trigger_threshold=1.2`, `top_k=8`.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from transformers import AutoModelForCausalLM, LlamaConfig
+    >>> from s2t_hf import S2TLogitsProcessor
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    ...                      num_attention_heads=2, num_key_value_heads=2, pad_token_id=0)
+    >>> student = AutoModelForCausalLM.from_config(config)
+    >>> teacher = AutoModelForCausalLM.from_config(config)
+    >>> with S2TLogitsProcessor(student, teacher=teacher, trigger="always", selection="teacher", top_k=4) as s2t:
+    ...     out = student.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, do_sample=False,
+    ...                            logits_processor=[s2t])
+    ...     s2t.stats["triggers"]
+    2
+    ```
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        config: S2TConfig | None = None,
+        *,
+        teacher: PreTrainedModel | None = None,
+        selector: Any = None,
+        tokenizer: Any = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        lazy_teacher: bool = True,
+        record_triggers: bool = False,
+        **config_kwargs: Any,
+    ):
+        if config is None:
+            config = S2TConfig(**config_kwargs)
+        elif config_kwargs:
+            config = dataclasses.replace(config, **config_kwargs)
+        if not isinstance(config, S2TConfig):
+            raise TypeError(f"`config` must be an `S2TConfig`, got {type(config).__name__}.")
+        if model is None or not isinstance(model, torch.nn.Module):
+            raise TypeError(
+                "`model` must be the model you call `generate` on: the processor reads its attention mask and cache."
+            )
+        self.config = config
+        self.model = model
+        self.student = _unwrap(model)
+        self.teacher = teacher
+        self.selector = selector
+        self.tokenizer = tokenizer
+        self.lazy_teacher = lazy_teacher and config.trigger != "kl"
+        self.record_triggers = record_triggers
+
+        if config.needs_teacher and teacher is None:
+            raise ValueError(
+                f"`selection={config.selection!r}` with `trigger={config.trigger!r}` needs a `teacher` model. Pass "
+                "`teacher=...`, or use `selection='local'` with a trained selector and a teacher-free trigger."
+            )
+        if config.selection == "local":
+            if selector is None:
+                raise ValueError(
+                    "`selection='local'` needs a trained `selector` (an `S2TSelector`); load one with "
+                    "`S2TLogitsProcessor.from_pretrained(path_or_repo_id, model=model)`."
+                )
+            if _unwrap(selector.model) is not self.student:
+                raise ValueError(
+                    "The selector is attached to another model than `model`. Load it onto the model you generate with: "
+                    "`S2TSelector.from_pretrained(model, path)`."
+                )
+        self.student_vocab = _output_rows(self.student)
+        self.comparable_vocab = self.student_vocab
+        if teacher is not None:
+            self._check_teacher_vocab()
+
+        reserved: list[int] = []
+        if selector is not None:
+            reserved = list(selector.bin_token_ids)
+        elif config.bin_token_ids is not None:
+            reserved = list(config.bin_token_ids)
+        self.reserved_ids = torch.tensor(sorted(reserved), dtype=torch.long)
+        bad = [i for i in reserved if not 0 <= i < self.student_vocab]
+        if bad:
+            raise ValueError(
+                f"Reserved bin rows {bad} lie outside the model's {self.student_vocab} output rows. Was the selector "
+                "saved for another model?"
+            )
+        if eos_token_id is None:
+            eos_token_id = getattr(getattr(self.student, "generation_config", None), "eos_token_id", None)
+        if isinstance(eos_token_id, int):
+            eos_token_id = [eos_token_id]
+        self.eos_token_ids = torch.tensor(list(eos_token_id or []), dtype=torch.long)
+        self.pad_token_id = getattr(getattr(self.student, "generation_config", None), "pad_token_id", None) or 0
+
+        self._calibrating = False
+        self._signals: list[torch.Tensor] = []
+        self._generator: torch.Generator | None = None
+        self._hook = GenerationStateHook(self.student, on_prefill=self.reset)
+        if config.selection == "local" and config.adapter_mode == "scoring":
+            selector.model.base_model.disable_adapter_layers()
+        self.reset()
+
+    # ------------------------------------------------------------------ construction helpers
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        model: PreTrainedModel,
+        *,
+        teacher: PreTrainedModel | None = None,
+        revision: str | None = None,
+        token: str | None = None,
+        cache_dir: str | None = None,
+        local_files_only: bool | None = None,
+        **kwargs: Any,
+    ) -> S2TLogitsProcessor:
+        """
+        Loads a trained local selector (an S2T selector adapter: PEFT weights + `s2t_config.json`) onto `model` and
+        returns a processor that decodes with it (S2T-Local), with the saved trigger, threshold and K.
+
+        Args:
+            path_or_repo_id (`str` or `os.PathLike`):
+                A directory written by `S2TSelector.save_pretrained` or `S2TTrainer`, or a Hub repository id (read
+                through the Hugging Face cache, so `HF_HUB_OFFLINE=1` works once it is cached).
+            model (`PreTrainedModel`):
+                The base model the selector was trained on; the adapter is injected in place.
+            teacher (`PreTrainedModel`, *optional*):
+                Only needed if you override `selection` or `trigger` to use a teacher.
+            kwargs:
+                Other arguments of [`S2TLogitsProcessor`] (e.g. `record_triggers`) or [`S2TConfig`] fields to override
+                (e.g. `trigger_threshold=2.0`).
+
+        Examples:
+
+        ```python
+        >>> s2t = S2TLogitsProcessor.from_pretrained("org/qwen2.5-1.5b-s2t", model=model)  # doctest: +SKIP
+        >>> out = model.generate(**inputs, logits_processor=[s2t])  # doctest: +SKIP
+        ```
+        """
+        from .selector import S2TSelector
+
+        selector = S2TSelector.from_pretrained(
+            model,
+            path_or_repo_id,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+        )
+        config_fields = {f.name for f in dataclasses.fields(S2TConfig)}
+        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in config_fields}
+        overrides.setdefault("selection", "local")
+        config = dataclasses.replace(selector.config, **overrides)
+        return cls(model, config, teacher=teacher, selector=selector, **kwargs)
+
+    def _check_teacher_vocab(self) -> None:
+        teacher_vocab = _output_rows(self.teacher)
+        if teacher_vocab == self.student_vocab:
+            return
+        size = len(self.tokenizer) if self.tokenizer is not None else None
+        if size is not None and size <= min(teacher_vocab, self.student_vocab):
+            # Padded vocabularies of one tokenizer (e.g. Qwen2.5-1.5B with 151936 rows and 32B with 152064):
+            # compare on the tokenizer's ids only.
+            self.comparable_vocab = size
+            return
+        raise ValueError(
+            f"The teacher has {teacher_vocab} output rows but the student has {self.student_vocab}. S2T compares their "
+            "probabilities token by token, so both must use the same tokenizer. If they do and only the padding of "
+            "the output layer differs, pass `tokenizer=` so only the tokenizer's ids are compared."
+        )
+
+    def remove_hooks(self) -> None:
+        """Removes the forward pre-hook from the model (and re-enables a selector adapter disabled for scoring)."""
+        self._hook.remove()
+        if self.config.selection == "local" and self.config.adapter_mode == "scoring":
+            self.selector.model.base_model.enable_adapter_layers()
+
+    def __enter__(self) -> S2TLogitsProcessor:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.remove_hooks()
+
+    # ------------------------------------------------------------------ state
+
+    def reset(self) -> None:
+        """Clears the per-generation state. Called automatically when a new `generate` call starts."""
+        self._prompt_length: int | None = None
+        self._previous_ids: torch.Tensor | None = None
+        self._finished: torch.Tensor | None = None
+        self._teacher_cache = None
+        self._teacher_seen = 0
+        self._teacher_logits: torch.Tensor | None = None
+        self._row_stats: dict[str, torch.Tensor] = {}
+        self._totals = {"teacher_calls": 0, "teacher_tokens": 0, "local_calls": 0}
+        self.records: list[dict[str, Any]] = []
+        if self.config.seed is not None:
+            self._generator = torch.Generator().manual_seed(self.config.seed)
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """
+        Statistics of the last `generate` call: totals and per-row lists.
+
+        - `steps`: generated tokens of unfinished rows; `eligible_steps`: those after the warm-up (the denominator of
+          `trigger_rate`);
+        - `triggers`, `trigger_rate`, `flips` (the selected token differs from the student's top-1);
+        - `teacher_hits`: triggers where the teacher's top-1 token was among the candidates (`teacher_hit_rate`);
+        - `teacher_calls`, `teacher_tokens`: teacher forward calls and the tokens they encoded;
+        - `local_calls`: extra student forwards that scored candidates.
+        """
+        out: dict[str, Any] = dict(self._totals)
+        names = ("steps", "eligible_steps", "triggers", "flips", "teacher_hits")
+        for name in names:
+            values = self._row_stats.get(name)
+            out[name] = int(values.sum()) if values is not None else 0
+            out[f"{name}_per_row"] = values.tolist() if values is not None else []
+        out["trigger_rate"] = out["triggers"] / out["eligible_steps"] if out["eligible_steps"] else 0.0
+        out["teacher_hit_rate"] = out["teacher_hits"] / out["triggers"] if out["triggers"] else 0.0
+        out["flip_rate"] = out["flips"] / out["triggers"] if out["triggers"] else 0.0
+        return out
+
+    # ------------------------------------------------------------------ the processor
+
+    def _start(self, input_ids: torch.Tensor) -> None:
+        batch = input_ids.shape[0]
+        self._prompt_length = input_ids.shape[1]
+        self._finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        self._row_stats = {
+            name: torch.zeros(batch, dtype=torch.long, device=input_ids.device)
+            for name in ("steps", "eligible_steps", "triggers", "flips", "teacher_hits")
+        }
+
+    def _check_step(self, input_ids: torch.Tensor) -> None:
+        record = self._hook.last
+        if record is None:
+            raise RuntimeError(
+                "The processor saw no forward of its `model`. Pass the model you call `generate` on as `model`."
+            )
+        if record.input_length > 1 and record.cache_length_before > 0:
+            raise ValueError(
+                "S2TLogitsProcessor supports greedy search and sampling only; this generate call verifies several "
+                "tokens per forward (assisted or prompt-lookup decoding). Remove `assistant_model` / "
+                "`prompt_lookup_num_tokens`."
+            )
+        if self._previous_ids is None:
+            return
+        previous = self._previous_ids
+        if input_ids.shape[0] != previous.shape[0] or input_ids.shape[1] != previous.shape[1] + 1:
+            # a new generate call without a cache: start over
+            self.reset()
+            return
+        if not torch.equal(input_ids[:, :-1], previous):
+            raise ValueError(
+                "S2TLogitsProcessor supports greedy search and sampling only: rows were reordered between steps, as "
+                "beam search does. Use `num_beams=1`."
+            )
+
+    def _attention_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        record = self._hook.last
+        mask = record.attention_mask if record is not None else None
+        if mask is None or mask.shape != input_ids.shape:
+            return torch.ones_like(input_ids)
+        return mask.to(input_ids.device)
+
+    def _teacher_log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Advances the teacher's cache to the current prefix and returns its log-probabilities (float32)."""
+        teacher = _unwrap(self.teacher)
+        device = teacher.device
+        if self._teacher_cache is None:
+            self._teacher_cache = DynamicCache(config=teacher.config)
+            self._teacher_seen = 0
+        new_ids = input_ids[:, self._teacher_seen :]
+        positions = positions_from_attention_mask(attention_mask)[:, self._teacher_seen :]
+        with torch.no_grad():
+            logits = teacher(
+                input_ids=new_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                position_ids=positions.to(device),
+                cache=self._teacher_cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1]
+        self._totals["teacher_calls"] += 1
+        self._totals["teacher_tokens"] += int(new_ids.shape[1])
+        self._teacher_seen = input_ids.shape[1]
+        logits = logits.to(device=input_ids.device, dtype=torch.float32)
+        full = torch.full((logits.shape[0], self.student_vocab), float("-inf"), device=logits.device)
+        full[:, : self.comparable_vocab] = logits[:, : self.comparable_vocab]
+        if self.reserved_ids.numel():
+            full.index_fill_(-1, self.reserved_ids.to(full.device), float("-inf"))
+        return torch.log_softmax(full, dim=-1)
+
+    def _signal(self, scores: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        kind = self.config.trigger
+        if kind == "entropy":
+            return entropy_signal(scores, self.config.signal_top_k)
+        if kind == "kl":
+            self._teacher_logits = self._teacher_log_probs(input_ids, mask)
+            return kl_signal(scores, self._teacher_logits, self.config.signal_top_k)
+        return None
+
+    def _trigger(self, signal: torch.Tensor | None, eligible: torch.Tensor) -> torch.Tensor:
+        kind = self.config.trigger
+        if self._calibrating or kind == "never":
+            return torch.zeros_like(eligible)
+        if kind == "always":
+            return eligible.clone()
+        if kind == "random":
+            draws = torch.rand(eligible.shape[0], generator=self._generator).to(eligible.device)
+            return eligible & (draws < self.config.trigger_rate)
+        if self.config.trigger_threshold is None:
+            raise ValueError(
+                f"The `{kind}` trigger needs a threshold: set `trigger_threshold=...` or call "
+                "`processor.calibrate(prompts, target_rate=...)` first."
+            )
+        return eligible & (signal > self.config.trigger_threshold)
+
+    @add_start_docstrings(LOGITS_PROCESSOR_INPUTS_DOCSTRING)
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self._check_step(input_ids)
+        if self._prompt_length is None:
+            self._start(input_ids)
+        self._previous_ids = input_ids
+        self._teacher_logits = None
+        device = scores.device
+        if self.reserved_ids.numel():
+            scores = scores.index_fill(-1, self.reserved_ids.to(device), float("-inf"))
+
+        generated = input_ids.shape[1] - self._prompt_length
+        if generated > 0 and self.eos_token_ids.numel():
+            self._finished |= torch.isin(input_ids[:, -1], self.eos_token_ids.to(input_ids.device))
+        active = ~self._finished
+        eligible = active & (generated >= self.config.warmup_tokens)
+        mask = self._attention_mask(input_ids)
+        signal = self._signal(scores, input_ids, mask)
+        if self._teacher_logits is None and self.teacher is not None and not self.lazy_teacher and active.any():
+            self._teacher_logits = self._teacher_log_probs(input_ids, mask)
+        if self._calibrating and signal is not None:
+            self._signals.append(signal[eligible].detach().cpu())
+        triggered = self._trigger(signal, eligible)
+        self._row_stats["steps"] += active
+        self._row_stats["eligible_steps"] += eligible
+        self._row_stats["triggers"] += triggered
+        if not bool(triggered.any()):
+            return scores
+
+        candidate_ids, candidate_log_probs, valid = top_k_candidates(
+            scores, self.config.top_k, self.config.candidate_ratio
+        )
+        teacher_log_probs = self._teacher_logits
+        if teacher_log_probs is None and self.config.selection in ("teacher", "takeover"):
+            teacher_log_probs = self._teacher_log_probs(input_ids, mask)
+        selection = self.config.selection
+        if selection == "teacher":
+            chosen = candidate_ids.gather(-1, teacher_selection(candidate_ids, valid, teacher_log_probs)[:, None])[:, 0]
+        elif selection == "takeover":
+            chosen = takeover_selection(teacher_log_probs)
+        else:
+            local_logits = self._local_candidate_logits(input_ids, mask, candidate_ids, candidate_log_probs, triggered)
+            chosen = torch.full_like(candidate_ids[:, 0], -1)
+            position = local_logits.masked_fill(~valid[triggered], float("-inf")).argmax(-1)
+            chosen[triggered] = candidate_ids[triggered].gather(-1, position[:, None])[:, 0]
+
+        self._row_stats["flips"] += triggered & (chosen != candidate_ids[:, 0])
+        if teacher_log_probs is not None:
+            hit = (candidate_ids == teacher_log_probs.argmax(-1, keepdim=True)).any(-1)
+            self._row_stats["teacher_hits"] += triggered & hit
+        if self.record_triggers:
+            self._record(input_ids, mask, signal, triggered, candidate_ids, candidate_log_probs, teacher_log_probs, chosen)
+
+        forced = torch.full_like(scores, float("-inf"))
+        forced.scatter_(-1, chosen.clamp_min(0)[:, None], 0.0)
+        return torch.where(triggered[:, None], forced, scores)
+
+    # ------------------------------------------------------------------ local selection
+
+    @contextlib.contextmanager
+    def _adapter_for_scoring(self) -> Iterator[None]:
+        if self.config.adapter_mode != "scoring":
+            yield
+            return
+        self.selector.model.base_model.enable_adapter_layers()
+        try:
+            yield
+        finally:
+            self.selector.model.base_model.disable_adapter_layers()
+
+    def local_scoring_path(self) -> tuple[str, str]:
+        """The path S2T-Local scores candidates on in the current `generate` call (`cache` or `recompute`) and why."""
+        wanted = self.config.local_path
+        if wanted == "recompute":
+            return "recompute", "requested"
+        if self.config.adapter_mode == "scoring":
+            reason = "the cache was built without the adapter (`adapter_mode='scoring'`)"
+        else:
+            ok, reason = cache_can_roll_back(self._hook.cache, self.student)
+            if ok:
+                return "cache", "live cache can be rolled back"
+        if wanted == "cache":
+            raise ValueError(f"`local_path='cache'` was requested but {reason}. Use `local_path='auto'` or 'recompute'.")
+        return "recompute", reason
+
+    def _local_candidate_logits(
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        candidate_ids: torch.Tensor,
+        candidate_log_probs: torch.Tensor,
+        triggered: torch.Tensor,
+    ) -> torch.Tensor:
+        path, _ = self.local_scoring_path()
+        bins = self.selector.bin_token_ids
+        self._totals["local_calls"] += 1
+        with self._hook.pause():
+            if path == "cache":
+                record = self._hook.last
+                if record.position_ids is not None:
+                    next_positions = record.position_ids[:, -1].to(input_ids.device) + 1
+                else:
+                    next_positions = positions_from_attention_mask(mask)[:, -1] + 1
+                logits = score_candidates_on_cache(self.student, self._hook.cache, mask, next_positions, candidate_ids)
+                bin_logits = logits[triggered][..., bins]
+            else:
+                with self._adapter_for_scoring():
+                    logits = score_candidates_by_recompute(
+                        self.student,
+                        input_ids[triggered],
+                        mask[triggered],
+                        candidate_ids[triggered],
+                        max_context=self.config.max_context,
+                        pad_token_id=self.pad_token_id,
+                    )
+                bin_logits = logits[..., bins]
+        return local_candidate_logits(
+            bin_logits,
+            self.selector.bin_values,
+            self.config.scoring,
+            self.config.residual_tau,
+            candidate_log_probs[triggered],
+        )
+
+    # ------------------------------------------------------------------ records and calibration
+
+    def _record(self, input_ids, mask, signal, triggered, candidate_ids, candidate_log_probs, teacher_log_probs, chosen):
+        step = input_ids.shape[1] - self._prompt_length
+        for row in triggered.nonzero()[:, 0].tolist():
+            context = input_ids[row][mask[row].bool()]
+            record = {
+                "row": row,
+                "step": step,
+                "signal": float(signal[row]) if signal is not None else None,
+                "context_ids": context.tolist(),
+                "cand_ids": candidate_ids[row].tolist(),
+                "student_probs": candidate_log_probs[row].exp().tolist(),
+                "chosen_id": int(chosen[row]),
+            }
+            if teacher_log_probs is not None:
+                record["teacher_probs"] = teacher_log_probs[row].gather(-1, candidate_ids[row]).exp().tolist()
+                record["teacher_top1"] = int(teacher_log_probs[row].argmax())
+            self.records.append(record)
+
+    def calibrate(
+        self,
+        prompts: Iterable[Any],
+        target_rate: float | None = None,
+        *,
+        tokenizer: Any = None,
+        batch_size: int = 8,
+        **generate_kwargs: Any,
+    ) -> float:
+        """
+        Sets `trigger_threshold` so that the trigger fires on a fraction `target_rate` of eligible steps.
+
+        Generates greedily (no triggers) on `prompts`, collects the trigger signal (entropy or KL) at every eligible step
+        and takes its `1 - target_rate` quantile. Held-out prompts then trigger at about that rate.
+
+        Args:
+            prompts (iterable of `str` or of token-id lists):
+                Calibration prompts. Strings need `tokenizer` (or the one given to the processor); a chat template
+                is not applied here, so pass prompts formatted the way you will generate.
+            target_rate (`float`, *optional*):
+                Desired trigger rate in (0, 1); defaults to `config.trigger_rate`.
+            tokenizer (`PreTrainedTokenizerBase`, *optional*):
+                Tokenizer for string prompts.
+            batch_size (`int`, *optional*, defaults to 8):
+                Prompts per `generate` call.
+            generate_kwargs:
+                Passed to `generate` (e.g. `max_new_tokens=128`). Sampling is turned off.
+
+        Returns:
+            `float`: the threshold, also stored in `processor.config.trigger_threshold`.
+        """
+        if self.config.trigger not in ("entropy", "kl"):
+            raise ValueError(f"Only `entropy` and `kl` triggers have a threshold; this processor uses {self.config.trigger!r}.")
+        target_rate = target_rate if target_rate is not None else self.config.trigger_rate
+        if target_rate is None:
+            raise ValueError("Give `target_rate`, the fraction of eligible steps that should trigger (e.g. 0.01).")
+        if not 0.0 < target_rate < 1.0:
+            raise ValueError(f"`target_rate` must lie in (0, 1), got {target_rate}.")
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("`prompts` is empty; give at least one calibration prompt.")
+        self._signals = []
+        self._calibrating = True
+        try:
+            for batch in _prompt_batches(prompts, tokenizer or self.tokenizer, batch_size, self.student.device):
+                self.model.generate(**batch, **{**generate_kwargs, "do_sample": False}, logits_processor=[self])
+        finally:
+            self._calibrating = False
+        threshold = threshold_for_rate(torch.cat(self._signals), target_rate)
+        self._signals = []
+        self.config = dataclasses.replace(self.config, trigger_threshold=threshold, trigger_rate=target_rate)
+        logger.info(f"Calibrated the {self.config.trigger} trigger to {threshold:.4f} for a {target_rate:.1%} rate.")
+        self.reset()
+        return threshold
+
+
+def _prompt_batches(prompts: list[Any], tokenizer: Any, batch_size: int, device: torch.device) -> Iterator[dict]:
+    """Left-padded batches of `input_ids` + `attention_mask` from strings or token-id lists."""
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        if all(isinstance(p, str) for p in chunk):
+            if tokenizer is None:
+                raise ValueError("String prompts need a `tokenizer`.")
+            side, tokenizer.padding_side = tokenizer.padding_side, "left"
+            try:
+                batch = tokenizer(chunk, return_tensors="pt", padding=True)
+            finally:
+                tokenizer.padding_side = side
+            yield {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+        else:
+            ids = [list(map(int, p)) for p in chunk]
+            if any(len(p) == 0 for p in ids):
+                raise ValueError("Calibration prompts must hold at least one token.")
+            length = max(len(p) for p in ids)
+            pad = 0
+            if tokenizer is not None and tokenizer.pad_token_id is not None:
+                pad = tokenizer.pad_token_id
+            input_ids = torch.tensor([[pad] * (length - len(p)) + p for p in ids], device=device)
+            attention_mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in ids], device=device)
+            yield {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -1,0 +1,119 @@
+"""Selection among the student's top-K candidates: by a teacher, by a teacher takeover, or by the local selector.
+
+These are pure functions on tensors so that the processor (at inference) and the trainer (for the loss) compute exactly
+the same candidate logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def top_k_candidates(
+    scores: torch.Tensor, k: int, ratio: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    The student's top-K candidates of each row.
+
+    Args:
+        scores (`torch.Tensor` of shape `(batch, vocab)`): the student's logits (masked rows at `-inf`).
+        k (`int`): number of candidates.
+        ratio (`float`, *optional*): if set, candidates with probability below `ratio * p_max` are marked invalid.
+
+    Returns:
+        `(ids, log_probs, valid)` each of shape `(batch, k)`: candidate ids (best first), the student's log-probabilities
+        over the full vocabulary (float32), and a boolean mask of candidates that may be selected (the top-1 always may).
+    """
+    log_probs = torch.log_softmax(scores.float(), dim=-1)
+    values, ids = log_probs.topk(k, dim=-1)
+    valid = torch.isfinite(values)
+    if ratio is not None:
+        valid &= values >= values[:, :1] + torch.log(torch.tensor(ratio, dtype=values.dtype))
+    valid[:, 0] = True
+    return ids, values, valid
+
+
+def teacher_selection(candidate_ids: torch.Tensor, valid: torch.Tensor, teacher_log_probs: torch.Tensor) -> torch.Tensor:
+    """
+    S2T selection: the valid candidate with the highest teacher probability. Ties go to the student's higher rank.
+
+    Args:
+        candidate_ids (`torch.Tensor` of shape `(batch, K)`): candidates, best first for the student.
+        valid (`torch.Tensor` of shape `(batch, K)`): which candidates may be chosen.
+        teacher_log_probs (`torch.Tensor` of shape `(batch, vocab)`): the teacher's log-probabilities.
+
+    Returns:
+        `torch.Tensor` of shape `(batch,)`: the position (0..K-1) of the chosen candidate in each row.
+    """
+    teacher = teacher_log_probs.float().gather(-1, candidate_ids).masked_fill(~valid, float("-inf"))
+    return teacher.argmax(-1)
+
+
+def takeover_selection(teacher_log_probs: torch.Tensor, blocked_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """
+    Takeover baseline: the teacher's argmax over the whole vocabulary (minus `blocked_ids`, e.g. reserved rows).
+
+    Returns:
+        `torch.Tensor` of shape `(batch,)`: token ids.
+    """
+    logits = teacher_log_probs.float()
+    if blocked_ids is not None and blocked_ids.numel():
+        logits = logits.index_fill(-1, blocked_ids.to(logits.device), float("-inf"))
+    return logits.argmax(-1)
+
+
+def expected_bin_value(bin_logits: torch.Tensor, bin_values: torch.Tensor) -> torch.Tensor:
+    """
+    The local selector's score of a candidate: the expected bin value `sum_b softmax(bin_logits)_b * v_b`.
+
+    Args:
+        bin_logits (`torch.Tensor` of shape `(..., B)`): logits of the B reserved rows at the candidate's position.
+        bin_values (`torch.Tensor` of shape `(B,)`): value of each bin, e.g. `linspace(0, 1, B)`.
+
+    Returns:
+        `torch.Tensor` of shape `(...)`, float32, in `[min(v), max(v)]`.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from s2t_hf.selection import expected_bin_value
+    >>> expected_bin_value(torch.tensor([[0.0, 0.0]]), torch.tensor([0.0, 1.0]))
+    tensor([0.5000])
+    ```
+    """
+    return (torch.softmax(bin_logits.float(), dim=-1) * bin_values.to(bin_logits.device, torch.float32)).sum(-1)
+
+
+def local_candidate_logits(
+    bin_logits: torch.Tensor,
+    bin_values: torch.Tensor,
+    scoring: str = "pure",
+    residual_tau: float = 0.1,
+    student_log_probs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """
+    Candidate logits of S2T-Local: the processor selects their argmax and the trainer's loss is computed on them.
+
+    - `pure`: the expected bin value (paper).
+    - `residual`: the student's log-probability of the candidate plus expected bin value / `residual_tau`, so the
+      selector learns a correction to the student's own ranking (DESIGN.md §6).
+
+    Args:
+        bin_logits (`torch.Tensor` of shape `(batch, K, B)`): reserved-row logits at each candidate's position.
+        bin_values (`torch.Tensor` of shape `(B,)`): the bin values.
+        scoring (`str`, *optional*, defaults to `"pure"`): `"pure"` or `"residual"`.
+        residual_tau (`float`, *optional*, defaults to 0.1): temperature of the score in the residual form.
+        student_log_probs (`torch.Tensor` of shape `(batch, K)`, *optional*): needed by the residual form.
+
+    Returns:
+        `torch.Tensor` of shape `(batch, K)`, float32.
+    """
+    score = expected_bin_value(bin_logits, bin_values)
+    if scoring == "pure":
+        return score
+    if scoring == "residual":
+        if student_log_probs is None:
+            raise ValueError("The `residual` scoring form needs `student_log_probs` of the candidates.")
+        return student_log_probs.float() + score / residual_tau
+    raise ValueError(f"`scoring` must be 'pure' or 'residual', got {scoring!r}.")

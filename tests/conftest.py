@@ -1,0 +1,72 @@
+"""Tiny random models built from configs (no network) shared by the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GemmaConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+
+VOCAB = 96
+PAD, EOS = 0, 1
+
+
+def tiny_config(arch: str, vocab_size: int = VOCAB, hidden: int = 32, layers: int = 2, **overrides):
+    # a wide initialisation makes random tiny models confident enough for greedy paths and triggers to mean something
+    common = dict(vocab_size=vocab_size, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=2, initializer_range=0.2)
+    if arch == "gpt2":
+        return GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=256, **common, **overrides)
+    decoder = dict(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **common,
+    )
+    if arch == "llama":
+        return LlamaConfig(**decoder, **overrides)
+    if arch == "qwen2":
+        return Qwen2Config(**decoder, **overrides)
+    if arch == "qwen3":
+        return Qwen3Config(**decoder, head_dim=8, **overrides)
+    if arch == "mistral":
+        return MistralConfig(**decoder, sliding_window=None, **overrides)
+    if arch == "gemma":
+        return GemmaConfig(**decoder, head_dim=8, **overrides)
+    raise ValueError(arch)
+
+
+ARCHITECTURES = ["llama", "qwen2", "qwen3", "mistral", "gemma", "gpt2"]
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, attn: str = "sdpa", dtype=torch.float32, **overrides):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), attn_implementation=attn)
+    return model.to(dtype).eval()
+
+
+def left_padded_batch():
+    """Three prompts of different lengths, left padded with PAD."""
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16]]
+    length = max(map(len, prompts))
+    input_ids = torch.tensor([[PAD] * (length - len(p)) + p for p in prompts])
+    attention_mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts])
+    return prompts, input_ids, attention_mask
+
+
+GREEDY = dict(do_sample=False, pad_token_id=PAD, max_new_tokens=12)
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def arch(request):
+    return request.param
