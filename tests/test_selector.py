@@ -43,7 +43,9 @@ def make_tokenizer(num_words: int, num_reserved: int = 0, pad_reserved: bool = F
     backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     extra = {"pad_token": "<|reserved_special_token_0|>"} if pad_reserved else {}
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", **extra)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", **extra
+    )
 
 
 # name: (arch, model vocab, tied, tokenizer factory, expected bin ids, expected added rows)
@@ -143,6 +145,8 @@ def test_round_trip_and_stored_tensors(case, tmp_path):
     assert not loaded.model.training
     assert torch.equal(logits(loaded.model), expected)
     assert torch.equal(loaded.scores_from_logits(logits(loaded.model)), selector.scores_from_logits(expected))
+    trainable = S2TSelector.from_pretrained(base_model_for(case), tmp_path, is_trainable=True)
+    assert trainable.trainable_parameter_names() == selector.trainable_parameter_names()
 
 
 def test_plain_peft_loads_the_adapter(case, tmp_path):
@@ -184,7 +188,8 @@ def test_head_only_changes_only_the_bin_rows(name, tmp_path):
     assert not torch.equal(out[..., selector.bin_token_ids], base_logits[..., selector.bin_token_ids])
 
     selector.save_pretrained(tmp_path)
-    assert set(load_file(tmp_path / "adapter_model.safetensors")) == {"base_model.model.lm_head.trainable_tokens_delta"}
+    stored = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert stored == {"base_model.model.lm_head.trainable_tokens_delta"}
     assert torch.equal(logits(S2TSelector.from_pretrained(base_model_for(case), tmp_path).model), out)
     assert torch.equal(logits(PeftModel.from_pretrained(base_model_for(case), tmp_path)), out)
 
@@ -280,7 +285,8 @@ def test_corrupt_or_missing_files_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="missing 1 tensors"):
         S2TSelector.from_pretrained(model, tmp_path)
     assert type(model.lm_head) is torch.nn.Linear  # the failed load was undone
-    assert not any("lora" in n for n, _ in model.named_modules())
+    assert not any("lora" in n for n, _ in model.named_modules()) and not hasattr(model, "peft_config")
+    assert torch.equal(logits(model), logits(base_model_for(case)))
 
     save_file({k: v for k, v in state.items() if "trainable_tokens" not in k}, weights)
     with pytest.raises(ValueError, match="trainable_tokens_delta"):
@@ -295,6 +301,20 @@ def test_corrupt_or_missing_files_give_clear_errors(tmp_path):
     (tmp_path / "s2t_config.json").unlink()
     with pytest.raises(FileNotFoundError, match="s2t_config.json"):
         S2TSelector.from_pretrained(base_model_for(case), tmp_path)
+
+
+def test_failed_load_removes_added_rows(tmp_path):
+    case = CASES["llama-tied-grow"]
+    _, selector = new_selector(case)
+    selector.save_pretrained(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    state = load_file(weights)
+    save_file({k: v for k, v in state.items() if "lora_B" not in k}, weights)
+    model = base_model_for(case)
+    with pytest.raises(ValueError, match="missing"):
+        S2TSelector.from_pretrained(model, tmp_path)
+    assert model.get_output_embeddings().weight.shape[0] == 41 and model.config.vocab_size == 41
+    assert torch.equal(logits(model), logits(base_model_for(case)))
 
 
 def test_explicit_bin_ids():
@@ -370,7 +390,8 @@ def test_model_card_and_config(tmp_path):
     arch, vocab, tied, tokenizer, _, _ = CASES["qwen2-tied-spare"]
     model = make_model(arch, vocab, tied)
     model.config._name_or_path = "org/tiny-base"
-    selector = S2TSelector.create(model, tokenizer(), num_bins=B, config=S2TConfig(selection="local", scoring="residual"))
+    config = S2TConfig(selection="local", scoring="residual")
+    selector = S2TSelector.create(model, tokenizer(), num_bins=B, config=config)
     selector.save_pretrained(tmp_path, metrics={"accuracy": 0.456789, "hit@8": 0.98})
     card = (tmp_path / "README.md").read_text()
     header = card.split("---")[1]

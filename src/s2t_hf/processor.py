@@ -407,6 +407,11 @@ class S2TLogitsProcessor(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         self._check_step(input_ids)
         if self._prompt_length is None:
+            if bool((torch.logsumexp(scores.float(), dim=-1).abs() < 1e-4).all()):
+                raise ValueError(
+                    "S2TLogitsProcessor supports greedy search and sampling only, but it received normalised "
+                    "log-probabilities, as beam search passes them. Use `num_beams=1`."
+                )
             self._start(input_ids)
         self._previous_ids = input_ids
         self._teacher_logits = None

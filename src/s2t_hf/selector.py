@@ -209,8 +209,8 @@ def _check_explicit_ids(ids, num_bins: int, head_rows: int, tokenizer) -> list[i
     if out_of_range:
         raise ValueError(
             f"`bin_token_ids` {out_of_range} are out of range: the model's output head has {head_rows} rows (ids 0 to "
-            f"{head_rows - 1}). Pick ids below {head_rows}, resize the embeddings first, or leave `bin_token_ids=None` "
-            "so that S2TSelector chooses free rows (it adds rows when none are free)."
+            f"{head_rows - 1}). Pick ids below {head_rows}, resize the embeddings first, or leave "
+            "`bin_token_ids=None` so that S2TSelector chooses free rows (it adds rows when none are free)."
         )
     if tokenizer is not None:
         special = _special_ids(tokenizer)
@@ -230,7 +230,7 @@ def _check_explicit_ids(ids, num_bins: int, head_rows: int, tokenizer) -> list[i
 
 
 def _choose_bin_rows(base: nn.Module, tokenizer, num_bins: int, bin_token_ids) -> tuple[list[int], int]:
-    """Returns `(bin_token_ids, num_added_rows)`: explicit ids, else spare rows, else reserved tokens, else new rows."""
+    """`(bin_token_ids, num_added_rows)`: explicit ids, else spare rows, else reserved tokens, else new rows."""
     head_rows = _head_rows(base)
     if tokenizer is not None and len(tokenizer) > head_rows:
         raise ValueError(
@@ -242,7 +242,7 @@ def _choose_bin_rows(base: nn.Module, tokenizer, num_bins: int, bin_token_ids) -
     if tokenizer is not None:
         size = len(tokenizer)
         if head_rows - size >= num_bins:
-            logger.info(f"S2T bins use {num_bins} spare output rows above the tokenizer ({size} to {size + num_bins - 1}).")
+            logger.info(f"S2T bins use the spare output rows {size} to {size + num_bins - 1} above the tokenizer.")
             return list(range(size, size + num_bins)), 0
         reserved = _reserved_token_ids(tokenizer, head_rows)
         if len(reserved) >= num_bins:
@@ -362,8 +362,9 @@ class S2TSelector:
 
         if not isinstance(model, PeftModel):
             raise TypeError(
-                f"`model` must be a `peft.PeftModel`, got {type(model).__name__}. Use `S2TSelector.create(model, ...)` "
-                "to add a new selector to a plain model, or `S2TSelector.from_pretrained(model, path)` to load one."
+                f"`model` must be a `peft.PeftModel`, got {type(model).__name__}. Use "
+                "`S2TSelector.create(model, ...)` to add a new selector to a plain model, or "
+                "`S2TSelector.from_pretrained(model, path)` to load one."
             )
         if not isinstance(config, S2TConfig):
             raise TypeError(f"`config` must be an `S2TConfig`, got {type(config).__name__}.")
@@ -608,12 +609,13 @@ class S2TSelector:
         else:
             adapter = f"the {config.num_bins} bin rows of the output head only"
         base_line = f"`{base}`" if base else "its base model"
+        residual = f" (tau {config.residual_tau})" if config.scoring == "residual" else ""
         lines = [
             f"# S2T local selector for {base_line}",
             "",
-            "A Select-to-Think (S2T-Local) selector made with [s2t_hf](https://pypi.org/project/s2t-hf/). At uncertain "
-            "decoding steps the student picks among its own top-K candidates; each candidate is scored by the "
-            f"expected value of {config.num_bins} reserved output rows (\"bins\", token ids "
+            "A Select-to-Think (S2T-Local) selector made with [s2t_hf](https://pypi.org/project/s2t-hf/). At "
+            "uncertain decoding steps the student picks among its own top-K candidates; each candidate is scored by "
+            f"the expected value of {config.num_bins} reserved output rows (\"bins\", token ids "
             f"{config.bin_token_ids[0]}..{config.bin_token_ids[-1]}) read at its position.",
             "",
             f"The adapter is a standard PEFT adapter: {adapter}. The whole output head is never stored."
@@ -643,7 +645,7 @@ class S2TSelector:
             "| setting | value |",
             "|---|---|",
             f"| selection | `{config.selection}` |",
-            f"| scoring | `{config.scoring}`" + (f" (tau {config.residual_tau})" if config.scoring == "residual" else "") + " |",
+            f"| scoring | `{config.scoring}`{residual} |",
             f"| trigger | `{config.trigger}` |",
             f"| top_k | {config.top_k} |",
             f"| num_bins | {config.num_bins} |",
@@ -768,7 +770,9 @@ class S2TSelector:
         try:
             peft_config = PeftConfig.from_pretrained(adapter_dir)
         except Exception as error:  # noqa: BLE001 - re-raised with a clearer message
-            raise ValueError(f"`{ADAPTER_CONFIG_NAME}` of `{path_or_repo_id}` is not a valid PEFT config: {error}") from error
+            raise ValueError(
+                f"`{ADAPTER_CONFIG_NAME}` of `{path_or_repo_id}` is not a valid PEFT config: {error}"
+            ) from error
         indices = _adapter_token_indices(peft_config)
         if indices is not None and [int(i) for i in indices] != list(config.bin_token_ids):
             raise ValueError(
@@ -794,9 +798,11 @@ class S2TSelector:
         peft_config.base_model_name_or_path = config.base_model_name_or_path
         try:
             with _quiet_peft_warnings(_MISSING_KEYS_WARNING):
-                peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable, config=peft_config)
+                peft_model = PeftModel.from_pretrained(
+                    model, adapter_dir, is_trainable=is_trainable, config=peft_config
+                )
         except Exception as error:  # noqa: BLE001 - re-raised with a clearer message
-            _restore(model, None, rows_before if grow else None)
+            _restore(model, rows_before if grow else None)
             raise ValueError(
                 f"Could not load the adapter of `{path_or_repo_id}` onto {type(model).__name__}: {error}"
             ) from error
@@ -835,7 +841,7 @@ def _rows_to_add(model: nn.Module, config: S2TConfig, source, check_fingerprint:
     already_grown = bool(added) and parsed is not None and rows == parsed[0] + added
     if check_fingerprint:
         if config.vocab_fingerprint is None:
-            logger.warning(f"The selector at `{source}` records no vocabulary fingerprint; the base model is not checked.")
+            logger.warning(f"Selector at `{source}` records no vocabulary fingerprint; the base model is unchecked.")
         elif parsed is None:
             raise ValueError(
                 f"Unrecognised `vocab_fingerprint` {config.vocab_fingerprint!r} in `{CONFIG_NAME}` of `{source}`; "
@@ -866,11 +872,23 @@ def _rows_to_add(model: nn.Module, config: S2TConfig, source, check_fingerprint:
     return added
 
 
-def _restore(model: nn.Module, peft_model, rows_before: int | None) -> None:
-    """Best-effort undo of a failed load: remove the adapter layers and added rows from the user's model."""
-    if peft_model is not None:
-        with contextlib.suppress(Exception):
-            peft_model.unload()
+def _restore(model: nn.Module, rows_before: int | None) -> None:
+    """Best-effort undo of a failed load: put the original layers back and remove the rows added for the bins."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    with contextlib.suppress(Exception):
+        for name, module in list(model.named_modules()):
+            if isinstance(module, AuxiliaryTrainingWrapper):
+                original = module.original_module
+            elif isinstance(module, BaseTunerLayer):
+                original = module.get_base_layer()
+            else:
+                continue
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, original)
+        if "peft_config" in model.__dict__:
+            del model.peft_config
     if rows_before is not None:
         with contextlib.suppress(Exception):
             _shrink(model, rows_before)
@@ -883,7 +901,7 @@ def _check_loaded_keys(peft_model, state: dict, source, model: nn.Module, rows_b
     found = set(state)
     missing, unexpected = sorted(expected - found), sorted(found - expected)
     if missing or unexpected:
-        _restore(model, peft_model, rows_before)
+        _restore(model, rows_before)
         details = []
         if missing:
             details.append(f"missing {len(missing)} tensors (e.g. {missing[:3]})")
