@@ -8,6 +8,7 @@ from conftest import ARCHITECTURES, PAD, left_padded_batch, tiny_model
 from transformers import DynamicCache
 
 from s2t_hf.kv import (
+    cache_argument,
     cache_can_roll_back,
     candidate_attention_mask,
     positions_from_attention_mask,
@@ -23,8 +24,8 @@ def prefill(model, input_ids, attention_mask):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=positions_from_attention_mask(attention_mask),
-            cache=cache,
             use_cache=True,
+            **{cache_argument(model): cache},
         )
     return cache
 

@@ -18,6 +18,7 @@ Both return the logits at each candidate's position, shape `(batch, K, vocab)`; 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -106,6 +107,12 @@ class GenerationStateHook:
             self._handle = None
         self.last = None
         self._cache_ref = None
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name under which `model.forward` takes its KV cache: `cache` (transformers >= 5.24) or `past_key_values`."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def positions_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -212,7 +219,11 @@ def score_candidates_on_cache(
     positions = next_positions.to(candidate_ids.device)[:, None].expand(batch, num_candidates)
     try:
         outputs = model(
-            input_ids=candidate_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
+            input_ids=candidate_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{cache_argument(model): cache},
         )
     finally:
         added = int(cache.get_seq_length()) - length

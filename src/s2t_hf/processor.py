@@ -16,6 +16,7 @@ from transformers.utils import add_start_docstrings, logging
 from .config import S2TConfig
 from .kv import (
     GenerationStateHook,
+    cache_argument,
     cache_can_roll_back,
     positions_from_attention_mask,
     score_candidates_by_recompute,
@@ -279,7 +280,7 @@ class S2TLogitsProcessor(LogitsProcessor):
         self._teacher_seen = 0
         self._teacher_logits: torch.Tensor | None = None
         self._row_stats: dict[str, torch.Tensor] = {}
-        self._totals = {"teacher_calls": 0, "teacher_tokens": 0, "local_calls": 0}
+        self._totals: dict[str, Any] = {"teacher_calls": 0, "teacher_tokens": 0, "local_calls": 0, "local_path": None}
         self.records: list[dict[str, Any]] = []
         if self.config.seed is not None:
             self._generator = torch.Generator().manual_seed(self.config.seed)
@@ -294,7 +295,7 @@ class S2TLogitsProcessor(LogitsProcessor):
         - `triggers`, `trigger_rate`, `flips` (the selected token differs from the student's top-1);
         - `teacher_hits`: triggers where the teacher's top-1 token was among the candidates (`teacher_hit_rate`);
         - `teacher_calls`, `teacher_tokens`: teacher forward calls and the tokens they encoded;
-        - `local_calls`: extra student forwards that scored candidates.
+        - `local_calls`: extra student forwards that scored candidates; `local_path`: `cache` or `recompute`.
         """
         out: dict[str, Any] = dict(self._totals)
         names = ("steps", "eligible_steps", "triggers", "flips", "teacher_hits")
@@ -364,9 +365,9 @@ class S2TLogitsProcessor(LogitsProcessor):
                 input_ids=new_ids.to(device),
                 attention_mask=attention_mask.to(device),
                 position_ids=positions.to(device),
-                cache=self._teacher_cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **{cache_argument(teacher): self._teacher_cache},
             ).logits[:, -1]
         self._totals["teacher_calls"] += 1
         self._totals["teacher_tokens"] += int(new_ids.shape[1])
@@ -444,6 +445,7 @@ class S2TLogitsProcessor(LogitsProcessor):
         if teacher_log_probs is None and self.config.selection in ("teacher", "takeover"):
             teacher_log_probs = self._teacher_log_probs(input_ids, mask)
         selection = self.config.selection
+        local_logits = None
         if selection == "teacher":
             chosen = candidate_ids.gather(-1, teacher_selection(candidate_ids, valid, teacher_log_probs)[:, None])[:, 0]
         elif selection == "takeover":
@@ -459,7 +461,10 @@ class S2TLogitsProcessor(LogitsProcessor):
             hit = (candidate_ids == teacher_log_probs.argmax(-1, keepdim=True)).any(-1)
             self._row_stats["teacher_hits"] += triggered & hit
         if self.record_triggers:
-            self._record(input_ids, mask, signal, triggered, candidate_ids, candidate_log_probs, teacher_log_probs, chosen)
+            self._record(
+                input_ids, mask, signal, triggered, candidate_ids, candidate_log_probs, teacher_log_probs, chosen,
+                local_logits,
+            )
 
         forced = torch.full_like(scores, float("-inf"))
         forced.scatter_(-1, chosen.clamp_min(0)[:, None], 0.0)
@@ -504,6 +509,7 @@ class S2TLogitsProcessor(LogitsProcessor):
         path, _ = self.local_scoring_path()
         bins = self.selector.bin_token_ids
         self._totals["local_calls"] += 1
+        self._totals["local_path"] = path
         with self._hook.pause():
             if path == "cache":
                 record = self._hook.last
@@ -534,9 +540,12 @@ class S2TLogitsProcessor(LogitsProcessor):
 
     # ------------------------------------------------------------------ records and calibration
 
-    def _record(self, input_ids, mask, signal, triggered, candidate_ids, candidate_log_probs, teacher_log_probs, chosen):
+    def _record(
+        self, input_ids, mask, signal, triggered, candidate_ids, candidate_log_probs, teacher_log_probs, chosen,
+        local_logits,
+    ):
         step = input_ids.shape[1] - self._prompt_length
-        for row in triggered.nonzero()[:, 0].tolist():
+        for index, row in enumerate(triggered.nonzero()[:, 0].tolist()):
             context = input_ids[row][mask[row].bool()]
             record = {
                 "row": row,
@@ -550,6 +559,8 @@ class S2TLogitsProcessor(LogitsProcessor):
             if teacher_log_probs is not None:
                 record["teacher_probs"] = teacher_log_probs[row].gather(-1, candidate_ids[row]).exp().tolist()
                 record["teacher_top1"] = int(teacher_log_probs[row].argmax())
+            if local_logits is not None:
+                record["local_scores"] = local_logits[index].tolist()
             self.records.append(record)
 
     def calibrate(

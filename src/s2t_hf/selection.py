@@ -64,25 +64,34 @@ def takeover_selection(teacher_log_probs: torch.Tensor, blocked_ids: torch.Tenso
 
 def expected_bin_value(bin_logits: torch.Tensor, bin_values: torch.Tensor) -> torch.Tensor:
     """
-    The local selector's score of a candidate: the expected bin value `sum_b softmax(bin_logits)_b * v_b`.
+    Expected bin value: `sum_b softmax(bin_logits)_b * bin_values_b`, computed in float32.
 
     Args:
-        bin_logits (`torch.Tensor` of shape `(..., B)`): logits of the B reserved rows at the candidate's position.
-        bin_values (`torch.Tensor` of shape `(B,)`): value of each bin, e.g. `linspace(0, 1, B)`.
+        bin_logits (`torch.Tensor` of shape `(..., B)`):
+            Logits of the B reserved rows.
+        bin_values (`torch.Tensor` of shape `(B,)`):
+            Value of each bin, e.g. `torch.linspace(0, 1, B)`.
 
     Returns:
-        `torch.Tensor` of shape `(...)`, float32, in `[min(v), max(v)]`.
+        `torch.Tensor` of shape `(...)` and dtype float32: the score.
 
     Examples:
 
     ```python
     >>> import torch
     >>> from s2t_hf.selection import expected_bin_value
-    >>> expected_bin_value(torch.tensor([[0.0, 0.0]]), torch.tensor([0.0, 1.0]))
-    tensor([0.5000])
+    >>> expected_bin_value(torch.zeros(2, 4), torch.linspace(0, 1, 4))
+    tensor([0.5000, 0.5000])
+
     ```
     """
-    return (torch.softmax(bin_logits.float(), dim=-1) * bin_values.to(bin_logits.device, torch.float32)).sum(-1)
+    if bin_logits.shape[-1] != bin_values.shape[-1] or bin_values.dim() != 1:
+        raise ValueError(
+            f"`bin_logits` must end with one logit per bin ({bin_values.shape[-1]} bins in `bin_values` of shape "
+            f"{tuple(bin_values.shape)}), got shape {tuple(bin_logits.shape)}."
+        )
+    probs = torch.softmax(bin_logits.float(), dim=-1)
+    return probs @ bin_values.to(device=probs.device, dtype=torch.float32)
 
 
 def local_candidate_logits(

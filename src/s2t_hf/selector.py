@@ -22,6 +22,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .config import CONFIG_NAME, S2TConfig, resolve_file
+from .selection import expected_bin_value
 
 
 logger = logging.get_logger(__name__)
@@ -41,38 +42,6 @@ _FINGERPRINT_ROWS = 64
 _TIED_WARNING = "Model has `tie_word_embeddings=True` and a tied layer is part of the adapter"
 # PEFT warns about missing adapter keys; `S2TSelector.from_pretrained` raises an error instead.
 _MISSING_KEYS_WARNING = "Found missing adapter keys"
-
-
-def expected_bin_value(bin_logits: torch.Tensor, bin_values: torch.Tensor) -> torch.Tensor:
-    """
-    Expected bin value: `sum_b softmax(bin_logits)_b * bin_values_b`, computed in float32.
-
-    Args:
-        bin_logits (`torch.Tensor` of shape `(..., B)`):
-            Logits of the B reserved rows.
-        bin_values (`torch.Tensor` of shape `(B,)`):
-            Value of each bin, e.g. `torch.linspace(0, 1, B)`.
-
-    Returns:
-        `torch.Tensor` of shape `(...)` and dtype float32: the score.
-
-    Examples:
-
-    ```python
-    >>> import torch
-    >>> from s2t_hf.selector import expected_bin_value
-    >>> expected_bin_value(torch.zeros(2, 4), torch.linspace(0, 1, 4))
-    tensor([0.5000, 0.5000])
-
-    ```
-    """
-    if bin_logits.shape[-1] != bin_values.shape[-1] or bin_values.dim() != 1:
-        raise ValueError(
-            f"`bin_logits` must end with one logit per bin ({bin_values.shape[-1]} bins in `bin_values` of shape "
-            f"{tuple(bin_values.shape)}), got shape {tuple(bin_logits.shape)}."
-        )
-    probs = torch.softmax(bin_logits.float(), dim=-1)
-    return probs @ bin_values.to(device=probs.device, dtype=torch.float32)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

