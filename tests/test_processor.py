@@ -279,7 +279,7 @@ def test_unsupported_modes_raise():
 def test_bad_arguments_raise_clear_errors():
     student = tiny_model("llama", seed=0)
     with pytest.raises(ValueError, match="needs a `teacher`"):
-        S2TLogitsProcessor(student, selection="teacher", trigger="never")
+        S2TLogitsProcessor(student, selection="teacher", trigger="always")
     with pytest.raises(ValueError, match="trained `selector`"):
         S2TLogitsProcessor(student, selection="local", trigger="entropy")
     with pytest.raises(ValueError, match="`top_k`"):

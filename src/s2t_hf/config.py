@@ -172,7 +172,7 @@ class S2TConfig:
     @property
     def needs_teacher(self) -> bool:
         """Whether decoding with this config needs a teacher model."""
-        return self.trigger == "kl" or self.selection in ("teacher", "takeover")
+        return self.trigger == "kl" or (self.trigger != "never" and self.selection in ("teacher", "takeover"))
 
     def resolved_bin_values(self) -> list[float]:
         """The bin values: `bin_values` if set, else linspace(0, 1, num_bins)."""

@@ -118,6 +118,7 @@ def selection_loss(
     (tensor([0]), tensor([0.]))
     >>> torch.allclose(out.cross_entropy, torch.nn.functional.cross_entropy(logits, torch.tensor([0])))
     True
+
     ```
     """
     if candidate_logits.dim() != 2 or teacher_probs.shape != candidate_logits.shape:
@@ -238,6 +239,7 @@ def lm_kl_divergence(
     >>> logits = torch.randn(2, 5, 11)
     >>> lm_kl_divergence(logits, logits.clone())
     tensor([0., 0.])
+
     ```
     """
     if base_logits.shape != adapted_logits.shape or adapted_logits.dim() != 3:
@@ -289,6 +291,7 @@ def spearman_correlation(
     >>> from s2t_hf.losses import spearman_correlation
     >>> spearman_correlation(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[10.0, 30.0, 20.0]]))
     tensor([0.5000])
+
     ```
     """
     mask = _candidate_mask(x, mask)

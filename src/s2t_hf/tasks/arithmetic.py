@@ -274,6 +274,10 @@ class ArithmeticTaskConfig:
         default=0.25, metadata={"help": "Probability of a filler phrase before a sentence."}
     )
     multiply_probability: float = field(default=0.25, metadata={"help": "Probability of a multiplication step."})
+    distractor_placement: str = field(
+        default="outside",
+        metadata={"help": "`outside`: distractors before the start or after the last operation; `interleaved`: anywhere."},
+    )
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_operations <= self.max_operations:
@@ -291,6 +295,10 @@ class ArithmeticTaskConfig:
             raise ValueError(
                 f"`min_distractors` and `max_distractors` must satisfy 0 <= min <= max, got {self.min_distractors} "
                 f"and {self.max_distractors}."
+            )
+        if self.distractor_placement not in ("outside", "interleaved"):
+            raise ValueError(
+                f"`distractor_placement` must be 'outside' or 'interleaved', got {self.distractor_placement!r}."
             )
         if self.max_fillers < 0:
             raise ValueError(f"`max_fillers` must be >= 0, got {self.max_fillers}.")
@@ -484,12 +492,19 @@ def generate_problem(rng: random.Random, config: ArithmeticTaskConfig | None = N
 
     others = [_distractor_event(rng, person, obj, people, config) for _ in range(rng.randint(config.min_distractors, config.max_distractors))]
     others += [_filler_event(rng, people, config) for _ in range(rng.randint(0, config.max_fillers))]
-    # Interleave: relevant events keep their order, the others go anywhere.
-    order = ["r"] * len(relevant) + ["o"] * len(others)
-    rng.shuffle(order)
-    events, r, o = [], iter(relevant), iter(others)
-    for tag in order:
-        events.append(next(r) if tag == "r" else next(o))
+    if config.distractor_placement == "interleaved":  # relevant events keep their order, the others go anywhere
+        order = ["r"] * len(relevant) + ["o"] * len(others)
+        rng.shuffle(order)
+        events, r, o = [], iter(relevant), iter(others)
+        for tag in order:
+            events.append(next(r) if tag == "r" else next(o))
+    else:  # distractors before the start or after the last operation; fillers anywhere
+        distractors = [e for e in others if e.kind != "filler"]
+        fillers = [e for e in others if e.kind == "filler"]
+        cut = rng.randint(0, len(distractors))
+        events = [*distractors[:cut], *relevant, *distractors[cut:]]
+        for filler in fillers:
+            events.insert(rng.randint(0, len(events)), filler)
     sentences = []
     for i, event in enumerate(events):
         sentence = event.text

@@ -1,0 +1,228 @@
+"""The `s2t-hf` command line: demo, calibrate, collect, train, evaluate, push.
+
+Models are loaded with `AutoModelForCausalLM.from_pretrained` from local directories or the Hugging Face cache
+(`trust_remote_code` stays off). Run `s2t-hf COMMAND --help` for the options of each command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging as std_logging
+import sys
+from typing import Any
+
+from transformers.utils import logging
+
+
+def _load_model(path: str, dtype: str = "float32"):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=False).eval()
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+
+
+def _read_prompts(path: str) -> list[Any]:
+    """One prompt per line (plain text), or a JSON list of strings / chat message lists."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".json"):
+        prompts = json.loads(text)
+    else:
+        prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit(f"error: `{path}` holds no prompts.")
+    return prompts
+
+
+def cmd_demo(args) -> None:
+    from .demo import DemoConfig, format_table, run_demo
+
+    config = DemoConfig(
+        seed=args.seed,
+        output_dir=args.output_dir,
+        pair_dir=args.pair_dir,
+        num_test=args.num_test,
+        plots=not args.no_plots,
+    )
+    results = run_demo(config)
+    print(format_table(results))
+    hit = results["hit_at_k"]["entropy"]
+    print("\nLocal sufficiency (entropy trigger): " + ", ".join(f"{k} {v:.1%}" for k, v in hit.items() if "@" in k))
+    print(f"\nResults: {args.output_dir}/results.json, plots: {args.output_dir}/*.png")
+
+
+def cmd_calibrate(args) -> None:
+    from .processor import S2TLogitsProcessor
+
+    student, tokenizer = _load_model(args.model), _load_tokenizer(args.tokenizer or args.model)
+    teacher = _load_model(args.teacher) if args.teacher else None
+    with S2TLogitsProcessor(
+        student, teacher=teacher, trigger=args.trigger, selection="teacher" if teacher else "takeover",
+        top_k=args.top_k, tokenizer=tokenizer,
+    ) as s2t:
+        if s2t.config.needs_teacher and teacher is None:
+            raise SystemExit("error: `--trigger kl` needs `--teacher`.")
+        threshold = s2t.calibrate(
+            _read_prompts(args.prompts), target_rate=args.rate, tokenizer=tokenizer, max_new_tokens=args.max_new_tokens
+        )
+        s2t.config.save_pretrained(args.output_dir)
+    print(json.dumps({"trigger": args.trigger, "threshold": threshold, "rate": args.rate, "saved": args.output_dir}))
+
+
+def cmd_collect(args) -> None:
+    from .data import collect_selection_data
+
+    student, tokenizer = _load_model(args.model), _load_tokenizer(args.tokenizer or args.model)
+    teacher = _load_model(args.teacher)
+    dataset = collect_selection_data(
+        student, teacher, tokenizer, _read_prompts(args.prompts), mode=args.mode, top_k=args.top_k,
+        fraction=args.fraction, trigger_rate=args.fraction if args.mode == "on_policy" else None,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, save_to=args.output_dir,
+    )
+    print(json.dumps({"groups": len(dataset), "saved": args.output_dir}))
+
+
+def cmd_train(args) -> None:
+    from datasets import load_from_disk
+
+    from .config import S2TConfig
+    from .selector import S2TSelector
+    from .trainer import S2TTrainer, S2TTrainingArguments
+
+    model, tokenizer = _load_model(args.model), _load_tokenizer(args.tokenizer or args.model)
+    dataset = load_from_disk(args.data)
+    if len(dataset) == 0:
+        raise SystemExit(f"error: `{args.data}` holds no selection groups; collect some with `s2t-hf collect`.")
+    config = S2TConfig(selection="local", scoring=args.scoring, residual_tau=args.residual_tau)
+    selector = S2TSelector.create(model, tokenizer, num_bins=args.num_bins, use_lora=not args.head_only, config=config)
+    split = dataset.train_test_split(test_size=max(1, len(dataset) // 10), seed=0)
+    training_args = S2TTrainingArguments(
+        output_dir=args.output_dir, num_train_epochs=args.epochs, learning_rate=args.learning_rate,
+        per_device_train_batch_size=args.batch_size, eval_strategy="epoch", save_strategy="epoch",
+        load_best_model_at_end=True, metric_for_best_model="eval_agreement", report_to="none",
+    )
+    trainer = S2TTrainer(
+        selector=selector, args=training_args, train_dataset=split["train"], eval_dataset=split["test"]
+    )
+    trainer.train()
+    trainer.save_model(args.output_dir)
+    print(json.dumps(trainer.evaluate()))
+
+
+def cmd_evaluate(args) -> None:
+    from .demo import _accuracy, _encode, _Generator
+    from .processor import S2TLogitsProcessor
+    from .tasks import ArithmeticTaskConfig, generate_problems
+
+    model, tokenizer = _load_model(args.model), _load_tokenizer(args.tokenizer or args.model)
+    problems = generate_problems(args.num_problems, "test", seed=args.seed)
+    prompts = _encode(tokenizer, problems)
+    runner = _Generator(tokenizer, 64, ArithmeticTaskConfig().max_solution_words + 1)
+    completions, seconds = runner.run(model, prompts, desc="greedy")
+    rows = {"Greedy": {"accuracy": _accuracy(completions, problems), "seconds": seconds}}
+    if args.selector:
+        with S2TLogitsProcessor.from_pretrained(args.selector, model=model, eos_token_id=tokenizer.eos_token_id) as s2t:
+            completions, seconds = runner.run(model, prompts, s2t, desc="S2T-Local")
+            rows["S2T-Local"] = {"accuracy": _accuracy(completions, problems), "seconds": seconds, **s2t.stats}
+            rows["S2T-Local"] = {k: v for k, v in rows["S2T-Local"].items() if not k.endswith("_per_row")}
+    print(json.dumps(rows, indent=2))
+
+
+def cmd_push(args) -> None:
+    from .selector import S2TSelector
+
+    model = _load_model(args.model)
+    selector = S2TSelector.from_pretrained(model, args.selector)
+    url = selector.push_to_hub(args.repo_id, private=args.private)
+    print(url)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .demo import DemoConfig
+
+    parser = argparse.ArgumentParser(prog="s2t-hf", description="Select to Think (S2T) for Hugging Face models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the whole pipeline on the built-in arithmetic task (CPU, ~30 min)")
+    defaults = DemoConfig()
+    demo.add_argument("--seed", type=int, default=defaults.seed)
+    demo.add_argument("--output-dir", default=defaults.output_dir)
+    demo.add_argument("--pair-dir", default=None, help="cache of the trained pair (default ~/.cache/s2t_hf)")
+    demo.add_argument("--num-test", type=int, default=defaults.num_test)
+    demo.add_argument("--no-plots", action="store_true")
+    demo.set_defaults(func=cmd_demo)
+
+    calibrate = sub.add_parser("calibrate", help="calibrate a trigger threshold to a target rate")
+    calibrate.add_argument("--model", required=True)
+    calibrate.add_argument("--teacher")
+    calibrate.add_argument("--tokenizer")
+    calibrate.add_argument("--prompts", required=True, help="text file (one prompt per line) or JSON list")
+    calibrate.add_argument("--trigger", choices=["entropy", "kl"], default="entropy")
+    calibrate.add_argument("--rate", type=float, default=0.01)
+    calibrate.add_argument("--top-k", type=int, default=8)
+    calibrate.add_argument("--max-new-tokens", type=int, default=256)
+    calibrate.add_argument("--output-dir", required=True, help="where s2t_config.json is written")
+    calibrate.set_defaults(func=cmd_calibrate)
+
+    collect = sub.add_parser("collect", help="collect selection groups from a student and a teacher")
+    collect.add_argument("--model", required=True)
+    collect.add_argument("--teacher", required=True)
+    collect.add_argument("--tokenizer")
+    collect.add_argument("--prompts", required=True)
+    collect.add_argument("--mode", choices=["teacher_forced", "on_policy"], default="teacher_forced")
+    collect.add_argument("--top-k", type=int, default=16)
+    collect.add_argument("--fraction", type=float, default=0.1)
+    collect.add_argument("--max-new-tokens", type=int, default=256)
+    collect.add_argument("--batch-size", type=int, default=8)
+    collect.add_argument("--output-dir", required=True)
+    collect.set_defaults(func=cmd_collect)
+
+    train = sub.add_parser("train", help="train a local selector on collected groups")
+    train.add_argument("--model", required=True)
+    train.add_argument("--tokenizer")
+    train.add_argument("--data", required=True, help="a dataset saved by `s2t-hf collect`")
+    train.add_argument("--scoring", choices=["pure", "residual"], default="pure")
+    train.add_argument("--residual-tau", type=float, default=0.1)
+    train.add_argument("--num-bins", type=int, default=16)
+    train.add_argument("--head-only", action="store_true", help="train only the bin rows (no LoRA)")
+    train.add_argument("--epochs", type=float, default=3.0)
+    train.add_argument("--learning-rate", type=float, default=5e-5)
+    train.add_argument("--batch-size", type=int, default=4)
+    train.add_argument("--output-dir", required=True)
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="accuracy of greedy and S2T-Local on the built-in task")
+    evaluate.add_argument("--model", required=True)
+    evaluate.add_argument("--tokenizer")
+    evaluate.add_argument("--selector", help="a trained selector directory or repo id")
+    evaluate.add_argument("--num-problems", type=int, default=500)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    push = sub.add_parser("push", help="push a trained selector to the Hugging Face Hub")
+    push.add_argument("--model", required=True, help="its base model")
+    push.add_argument("--selector", required=True)
+    push.add_argument("--repo-id", required=True)
+    push.add_argument("--private", action="store_true")
+    push.set_defaults(func=cmd_push)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.verbose or args.command == "demo":
+        logging.set_verbosity_info()
+        std_logging.basicConfig(level=std_logging.INFO, stream=sys.stderr)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,401 @@
+"""The whole S2T pipeline on a laptop CPU, on the built-in arithmetic task (`s2t-hf demo`).
+
+Stages: train or load the teacher/student pair -> calibrate triggers -> local sufficiency (hit@K at trigger steps) ->
+collect selection data -> train the local selector (pure and residual forms) -> evaluate Greedy, Maj@8, S2T,
+Takeover and S2T-Local on the test split -> table, JSON and PNG plots.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from .config import S2TConfig
+from .processor import S2TLogitsProcessor
+
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class DemoConfig:
+    """Settings of `s2t-hf demo`; the defaults finish within ~30 minutes on 2 CPU cores, pair training included."""
+
+    seed: int = field(default=0, metadata={"help": "Seed of the task, the pair and the selector."})
+    output_dir: str = field(default="s2t_demo", metadata={"help": "Where results, plots and the selector go."})
+    pair_dir: str | None = field(default=None, metadata={"help": "Cache of the trained pair (default: ~/.cache)."})
+    num_test: int = field(default=500, metadata={"help": "Test problems per method."})
+    num_calibration: int = field(default=200, metadata={"help": "Validation problems for calibration and hit@K."})
+    num_train_problems: int = field(default=3000, metadata={"help": "Training problems for selection data."})
+    num_dev_groups: int = field(default=1000, metadata={"help": "Held-out groups for early stopping."})
+    trigger_rate: float = field(default=0.10, metadata={"help": "Target trigger rate at inference."})
+    collect_fraction: float = field(default=0.10, metadata={"help": "Fraction of positions kept as groups."})
+    top_k: int = field(default=8, metadata={"help": "Candidates at inference."})
+    collect_top_k: int = field(default=16, metadata={"help": "Candidates per selection group."})
+    maj_samples: int = field(default=8, metadata={"help": "Sampled paths for majority voting."})
+    maj_temperatures: tuple[float, ...] = field(default=(0.7, 0.3), metadata={"help": "Temperatures of Maj@N."})
+    batch_size: int = field(default=64, metadata={"help": "Problems per generate call."})
+    selector_epochs: float = field(default=3.0, metadata={"help": "Epochs of selector training."})
+    selector_learning_rate: float = field(default=2e-3, metadata={"help": "Learning rate of selector training."})
+    selector_batch_size: int = field(default=32, metadata={"help": "Groups per training step."})
+    residual_tau: float = field(default=0.1, metadata={"help": "Temperature of the residual form."})
+    forms: tuple[str, ...] = field(default=("pure", "residual"), metadata={"help": "Selector forms to train."})
+    plots: bool = field(default=True, metadata={"help": "Write PNG plots (needs matplotlib)."})
+
+
+def _encode(tokenizer, problems) -> list[list[int]]:
+    prompts = []
+    for problem in problems:
+        text = tokenizer.apply_chat_template(problem.messages, add_generation_prompt=True, tokenize=False)
+        prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return prompts
+
+
+class _Generator:
+    """Batched, left-padded generation of the task's solutions, with answer extraction and timing."""
+
+    def __init__(self, tokenizer, batch_size: int, max_new_tokens: int):
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+
+    def generate_kwargs(self, model) -> dict[str, Any]:
+        rows = model.get_output_embeddings().weight.shape[0]
+        return dict(
+            max_new_tokens=self.max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            suppress_tokens=list(range(len(self.tokenizer), rows)) or None,
+        )
+
+    @torch.no_grad()
+    def run(self, model, prompts, processor=None, desc="generate", **kwargs) -> tuple[list[str], float]:
+        pad = self.tokenizer.pad_token_id
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        completions: list[str] = [""] * len(prompts)
+        gen = {**self.generate_kwargs(model), "do_sample": False, **kwargs}
+        started = time.perf_counter()
+        for start in tqdm(range(0, len(order), self.batch_size), desc=desc, leave=False):
+            index = order[start : start + self.batch_size]
+            batch = [prompts[i] for i in index]
+            length = max(map(len, batch))
+            input_ids = torch.tensor([[pad] * (length - len(p)) + p for p in batch])
+            attention_mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in batch])
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                logits_processor=[processor] if processor is not None else None,
+                **gen,
+            )
+            texts = self.tokenizer.batch_decode(output[:, length:], skip_special_tokens=True)
+            for i, text in zip(index, texts):
+                completions[i] = text
+        return completions, time.perf_counter() - started
+
+
+def _accuracy(completions, problems) -> float:
+    from .metrics import load_metric
+    from .tasks import extract_answer
+
+    predictions = []
+    for text in completions:
+        answer = extract_answer(text)
+        predictions.append("" if answer is None else str(answer))
+    result = load_metric("answer_accuracy").compute(
+        predictions=predictions, references=[str(p.answer) for p in problems]
+    )
+    return result["accuracy"]
+
+
+def _majority_accuracy(samples: list[str], problems, n: int) -> float:
+    from .tasks import extract_answer
+
+    correct = 0
+    for i, problem in enumerate(problems):
+        answers = [extract_answer(t) for t in samples[i * n : (i + 1) * n]]
+        votes = Counter(a for a in answers if a is not None)
+        if votes and votes.most_common(1)[0][0] == problem.answer:
+            correct += 1
+    return correct / len(problems)
+
+
+def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
+    """
+    Runs the whole pipeline and returns the results (also written to `output_dir/results.json`).
+
+    Args:
+        config (`DemoConfig`, *optional*): the settings; defaults reproduce `docs/benchmarks.md`.
+    """
+    from .data import collect_selection_data
+    from .metrics import load_metric
+    from .selector import S2TSelector
+    from .tasks import ArithmeticTaskConfig, default_pair_dir, generate_problems, train_pair
+
+    config = config or DemoConfig()
+    os.makedirs(config.output_dir, exist_ok=True)
+    results: dict[str, Any] = {"config": dataclasses.asdict(config), "timings": {}}
+    stages = tqdm(total=7, desc="s2t demo")
+
+    def stage(name: str):
+        stages.set_postfix_str(name)
+        logger.info(f"Stage: {name}")
+
+    # 1. the pair
+    stage("teacher/student pair")
+    started = time.perf_counter()
+    pair_dir = config.pair_dir or str(default_pair_dir(config.seed))
+    teacher, student, tokenizer = train_pair(pair_dir, seed=config.seed)
+    results["timings"]["pair_s"] = time.perf_counter() - started
+    with open(os.path.join(pair_dir, "pair_info.json")) as f:
+        results["pair"] = json.load(f)
+    stages.update()
+
+    test = generate_problems(config.num_test, "test", seed=config.seed)
+    calibration = generate_problems(config.num_calibration, "validation", seed=config.seed)
+    train = generate_problems(config.num_train_problems, "train", seed=config.seed)
+    test_prompts, calibration_prompts, train_prompts = (
+        _encode(tokenizer, test),
+        _encode(tokenizer, calibration),
+        _encode(tokenizer, train),
+    )
+    runner = _Generator(tokenizer, config.batch_size, ArithmeticTaskConfig().max_solution_words + 1)
+    common = dict(eos_token_id=tokenizer.eos_token_id, tokenizer=tokenizer)
+
+    # 2. calibration
+    stage("calibrate triggers")
+    thresholds = {}
+    for kind in ("entropy", "kl"):
+        with S2TLogitsProcessor(student, teacher=teacher, trigger=kind, selection="teacher", **common) as s2t:
+            thresholds[kind] = s2t.calibrate(
+                calibration_prompts, target_rate=config.trigger_rate, batch_size=config.batch_size,
+                **runner.generate_kwargs(student),
+            )
+    results["thresholds"] = thresholds
+    stages.update()
+
+    # 3. local sufficiency: hit@K of the teacher's top-1 in the student's top-K at trigger steps
+    stage("local sufficiency")
+    hit = {}
+    for kind in ("entropy", "kl"):
+        with S2TLogitsProcessor(
+            student, teacher=teacher, trigger=kind, trigger_threshold=thresholds[kind], selection="teacher",
+            top_k=config.collect_top_k, record_triggers=True, **common,
+        ) as s2t:
+            records = []
+            for start in range(0, len(calibration_prompts), config.batch_size):
+                runner.run(student, calibration_prompts[start : start + config.batch_size], s2t, desc=f"hit@K {kind}")
+                records.extend(s2t.records)
+        hit[kind] = load_metric("hit_at_k").compute(
+            predictions=[r["cand_ids"] for r in records],
+            references=[r["teacher_top1"] for r in records],
+            ks=[1, 2, 4, 8, 16],
+        )
+        hit[kind]["steps"] = len(records)
+    results["hit_at_k"] = hit
+    stages.update()
+
+    # 4. methods that need no training
+    stage("greedy, Maj@N, S2T, Takeover")
+    methods: dict[str, dict[str, Any]] = {}
+
+    def record(name, completions, seconds, stats=None, accuracy=None):
+        methods[name] = {
+            "accuracy": accuracy if accuracy is not None else _accuracy(completions, test),
+            "seconds": seconds,
+        }
+        if stats is not None:
+            methods[name].update(
+                trigger_rate=stats["trigger_rate"], flip_rate=stats["flip_rate"], teacher_calls=stats["teacher_calls"]
+            )
+        logger.info(f"{name}: {methods[name]}")
+
+    completions, seconds = runner.run(student, test_prompts, desc="greedy")
+    record("Greedy", completions, seconds)
+    completions, seconds = runner.run(teacher, test_prompts, desc="teacher")
+    record("Teacher greedy", completions, seconds)
+    for temperature in config.maj_temperatures:
+        torch.manual_seed(config.seed)
+        repeated = [p for p in test_prompts for _ in range(config.maj_samples)]
+        samples, seconds = runner.run(
+            student, repeated, desc=f"maj@{config.maj_samples} T={temperature}", do_sample=True,
+            temperature=temperature, top_k=0,
+        )
+        record(
+            f"Maj@{config.maj_samples} (T={temperature})", samples, seconds,
+            accuracy=_majority_accuracy(samples, test, config.maj_samples),
+        )
+    for selection, name in (("teacher", "S2T"), ("takeover", "Takeover")):
+        for kind in ("entropy", "kl"):
+            with S2TLogitsProcessor(
+                student, teacher=teacher, trigger=kind, trigger_threshold=thresholds[kind], selection=selection,
+                top_k=config.top_k, **common,
+            ) as s2t:
+                completions, seconds = runner.run(student, test_prompts, s2t, desc=f"{name} {kind}")
+                record(f"{name} ({kind})", completions, seconds, s2t.stats)
+    stages.update()
+
+    # 5. selection data
+    stage("collect selection data")
+    started = time.perf_counter()
+    dataset = collect_selection_data(
+        student, teacher, tokenizer, train_prompts, mode="teacher_forced", top_k=config.collect_top_k,
+        fraction=config.collect_fraction, max_new_tokens=runner.max_new_tokens, batch_size=config.batch_size,
+        chat_template=False, suppress_token_ids=list(range(len(tokenizer), student.get_output_embeddings().weight.shape[0])),
+        save_to=os.path.join(config.output_dir, "selection_data"),
+    )
+    results["timings"]["collect_s"] = time.perf_counter() - started
+    split = dataset.train_test_split(test_size=min(config.num_dev_groups, len(dataset) // 5), seed=config.seed)
+    results["selection_groups"] = {"train": len(split["train"]), "dev": len(split["test"])}
+    stages.update()
+
+    # 6. train the local selector(s)
+    stage("train the selector")
+    selectors = {}
+    for form in config.forms:
+        started = time.perf_counter()
+        selectors[form], results.setdefault("selector_training", {})[form] = _train_selector(
+            config, form, student, tokenizer, split, thresholds["entropy"]
+        )
+        results["timings"][f"train_{form}_s"] = time.perf_counter() - started
+    stages.update()
+
+    # 7. S2T-Local
+    stage("evaluate S2T-Local")
+    for form, selector in selectors.items():
+        model = selector.base_model
+        for kind in ("entropy", "kl"):
+            kwargs = dict(teacher=teacher) if kind == "kl" else {}
+            with S2TLogitsProcessor(
+                model, selector.config, selector=selector, selection="local", trigger=kind,
+                trigger_threshold=thresholds[kind], top_k=config.top_k, **kwargs, **common,
+            ) as s2t:
+                completions, seconds = runner.run(model, test_prompts, s2t, desc=f"S2T-Local {form} {kind}")
+                record(f"S2T-Local {form} ({kind})", completions, seconds, s2t.stats)
+                if kind == "entropy":
+                    methods[f"S2T-Local {form} ({kind})"]["local_path"] = s2t.stats["local_path"]
+        completions, seconds = runner.run(model, test_prompts, desc=f"greedy with {form} adapter")
+        record(f"Greedy with {form} adapter", completions, seconds)
+    stages.update()
+    stages.close()
+
+    results["methods"] = methods
+    with open(os.path.join(config.output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    if config.plots:
+        write_plots(results, config.output_dir)
+    return results
+
+
+def _train_selector(config: DemoConfig, form: str, student, tokenizer, split, entropy_threshold: float):
+    from transformers import EarlyStoppingCallback
+
+    from .selector import S2TSelector
+    from .trainer import S2TTrainer, S2TTrainingArguments
+
+    model = copy.deepcopy(student)
+    selector_config = S2TConfig(
+        selection="local", scoring=form, residual_tau=config.residual_tau, top_k=config.top_k,
+        trigger="entropy", trigger_threshold=entropy_threshold, trigger_rate=config.trigger_rate,
+    )
+    selector = S2TSelector.create(model, tokenizer, num_bins=16, use_lora=True, config=selector_config)
+    output_dir = os.path.join(config.output_dir, f"selector-{form}")
+    steps_per_epoch = max(1, len(split["train"]) // config.selector_batch_size)
+    args = S2TTrainingArguments(
+        output_dir=output_dir,
+        num_train_epochs=config.selector_epochs,
+        per_device_train_batch_size=config.selector_batch_size,
+        per_device_eval_batch_size=64,
+        learning_rate=config.selector_learning_rate,
+        lr_scheduler_type="constant",
+        eval_strategy="steps",
+        eval_steps=max(20, steps_per_epoch // 4),
+        save_strategy="steps",
+        save_steps=max(20, steps_per_epoch // 4),
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_agreement",
+        greater_is_better=True,
+        logging_steps=20,
+        report_to="none",
+        seed=config.seed,
+        use_cpu=True,
+        disable_tqdm=False,
+    )
+    trainer = S2TTrainer(
+        selector=selector,
+        args=args,
+        train_dataset=split["train"],
+        eval_dataset=split["test"],
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=4)],
+    )
+    trainer.train()
+    metrics = trainer.evaluate()
+    trainer.save_model(output_dir)
+    return selector, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The results as a Markdown table, like the paper's."""
+    methods = results["methods"]
+    greedy = methods["Greedy"]
+    lines = ["| method | accuracy | vs greedy | time (s) | x greedy time | trigger rate |", "|---|---|---|---|---|---|"]
+    for name, row in methods.items():
+        gain = row["accuracy"] / greedy["accuracy"] - 1 if greedy["accuracy"] else float("nan")
+        rate = f"{row['trigger_rate']:.3f}" if "trigger_rate" in row else "–"
+        lines.append(
+            f"| {name} | {row['accuracy']:.1%} | {gain:+.1%} | {row['seconds']:.1f} | "
+            f"{row['seconds'] / greedy['seconds']:.2f} | {rate} |"
+        )
+    return "\n".join(lines)
+
+
+def write_plots(results: dict[str, Any], output_dir: str) -> list[str]:
+    """hit@K curve and accuracy/time per method as PNG files; returns their paths."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plots. `pip install s2t-hf[plots]`.")
+        return []
+    paths = []
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for kind, values in results["hit_at_k"].items():
+        ks = sorted(int(k.split("@")[1]) for k in values if k.startswith("hit@"))
+        ax.plot(ks, [values[f"hit@{k}"] for k in ks], marker="o", label=f"{kind} trigger")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("K (student's top-K)")
+    ax.set_ylabel("teacher's top-1 in top-K")
+    ax.set_title("Local sufficiency at trigger steps")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    paths.append(os.path.join(output_dir, "hit_at_k.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    methods = results["methods"]
+    names = list(methods)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.45 * len(names) + 1.5), sharey=True)
+    left.barh(names, [methods[n]["accuracy"] for n in names], color="tab:blue")
+    left.set_xlabel("test accuracy")
+    left.invert_yaxis()
+    right.barh(names, [methods[n]["seconds"] for n in names], color="tab:orange")
+    right.set_xlabel("decode time (s)")
+    fig.tight_layout()
+    paths.append(os.path.join(output_dir, "methods.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
