@@ -1,0 +1,540 @@
+"""`S2TTrainer`: selection distillation of a local selector with the `transformers.Trainer`.
+
+Each training example is a selection group (see [`collect_selection_data`]): a context, the student's K candidates
+and the teacher's probabilities of them. The trainer encodes every context **once** with its K candidates appended
+under a 4-D attention mask (each candidate sees the context and itself, all at the position after the context, as
+at inference on the KV cache), reads the B bin logits at the candidate positions, turns them into candidate logits with
+the same [`~s2t_hf.selection.local_candidate_logits`] the processor uses, and minimises the selection loss of
+[`s2t_hf.losses`] plus the LM-KL term from the same forward's context positions against a no-grad forward with the
+adapter disabled (no second model copy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.utils import logging
+
+from .config import CONFIG_NAME, SCORING_KINDS
+from .data import SelectionGroupCollator
+from .kv import MASK_4D_ATTENTION, candidate_attention_mask, positions_from_attention_mask
+from .losses import lm_kl_divergence, selection_loss, selection_metrics
+from .selection import local_candidate_logits
+
+
+__all__ = ["S2TTrainer", "S2TTrainingArguments"]
+
+logger = logging.get_logger(__name__)
+
+MODEL_CARD_NAME = "README.md"
+
+
+@dataclass
+class S2TTrainingArguments(TrainingArguments):
+    r"""
+    Arguments of [`S2TTrainer`]: every [`~transformers.TrainingArguments`] field, plus the fields below. Defaults follow
+    the paper (AdamW, learning rate 5e-5, 4 groups per batch, 3 epochs, gradient clipping 1.0);
+    `remove_unused_columns` defaults to `False` because the collator reads the dataset's own columns.
+
+    For early stopping and the best checkpoint, use the Trainer's own machinery: `eval_strategy="steps"`,
+    `metric_for_best_model="eval_agreement"`, `load_best_model_at_end=True` and an `EarlyStoppingCallback`.
+
+    Args:
+        candidate_temperature (`float`, *optional*, defaults to `1.0`):
+            `T` in `softmax(s / T)` over the candidate logits `s` (cross-entropy and teacher-KL terms).
+        margin (`float`, *optional*, defaults to `1.0`):
+            `m` of the hinge `max(0, m - (s[c*] - max_{c != c*} s[c]))`; 0 disables the term.
+        teacher_kl_weight (`float`, *optional*, defaults to `0.1`):
+            `lambda`, the weight of `KL(p_T || softmax(s / T))`.
+        lm_kl_weight (`float`, *optional*, defaults to `0.1`):
+            `beta`, the weight of KL(base || adapted) of the next-token distributions on the context positions. 0 skips
+            the term and the adapter-disabled forward it needs.
+        scoring (`str`, *optional*):
+            `"pure"` or `"residual"` candidate logits (see [`S2TConfig`]). Defaults to the selector's config; a value
+            given here is written into the selector's config, so the saved selector decodes as it was trained.
+        residual_tau (`float`, *optional*):
+            Temperature of the residual form's score term. Defaults to the selector's config (written into it if set).
+        packing (`bool`, *optional*, defaults to `True`):
+            Encode each context once with its K candidates under a 4-D mask. `False` re-encodes K copies of every
+            context (slow; kept as a reference). Packing needs `eager` or `sdpa` attention; with another
+            implementation the trainer falls back to copies.
+        max_context_length (`int`, *optional*):
+            Keep only the last `max_context_length` tokens of each context (the paper truncates to 512).
+    """
+
+    candidate_temperature: float = field(
+        default=1.0, metadata={"help": "Temperature T of softmax(s / T) over the candidate logits."}
+    )
+    margin: float = field(default=1.0, metadata={"help": "Margin m of the hinge term (0 disables it)."})
+    teacher_kl_weight: float = field(default=0.1, metadata={"help": "Weight lambda of KL(p_T || softmax(s / T))."})
+    lm_kl_weight: float = field(
+        default=0.1, metadata={"help": "Weight beta of KL(base || adapted) on the context positions (0 skips it)."}
+    )
+    scoring: str | None = field(
+        default=None,
+        metadata={"help": f"Candidate logits, one of {SCORING_KINDS}; defaults to the selector's config."},
+    )
+    residual_tau: float | None = field(
+        default=None, metadata={"help": "Temperature of the residual score term; defaults to the selector's config."}
+    )
+    packing: bool = field(
+        default=True, metadata={"help": "Encode each context once with its K candidates under a 4-D mask."}
+    )
+    max_context_length: int | None = field(
+        default=None, metadata={"help": "Keep only the last tokens of each context (e.g. 512)."}
+    )
+    # changed defaults
+    per_device_train_batch_size: int = field(
+        default=4, metadata={"help": "Selection groups per device and step (the paper uses 4)."}
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Must stay False: the collator reads the selection-group columns."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.label_names is None:
+            self.label_names = []
+        if self.candidate_temperature <= 0:
+            raise ValueError(f"`candidate_temperature` must be positive, got {self.candidate_temperature}.")
+        for name in ("margin", "teacher_kl_weight", "lm_kl_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be non-negative, got {getattr(self, name)}.")
+        if self.scoring is not None and self.scoring not in SCORING_KINDS:
+            raise ValueError(f"`scoring` must be one of {SCORING_KINDS} or None, got {self.scoring!r}.")
+        if self.residual_tau is not None and self.residual_tau <= 0:
+            raise ValueError(f"`residual_tau` must be positive, got {self.residual_tau}.")
+        if self.max_context_length is not None and self.max_context_length < 1:
+            raise ValueError(f"`max_context_length` must be a positive integer or None, got {self.max_context_length}.")
+        if self.remove_unused_columns:
+            raise ValueError(
+                "`remove_unused_columns=True` would drop the selection-group columns (`context_ids`, `cand_ids`, "
+                "`teacher_probs`) that the collator reads; set `remove_unused_columns=False`."
+            )
+
+
+@dataclass
+class _ForwardOutput:
+    candidate_logits: torch.Tensor  # (batch, K, vocab) at the candidate positions
+    last_context_logits: torch.Tensor  # (batch, vocab) at the last context position
+    context_logits: torch.Tensor | None  # (batch, length, vocab) when the LM-KL term needs them
+
+
+class S2TTrainer(Trainer):
+    r"""
+    A [`~transformers.Trainer`] that distils the teacher's selections into an [`S2TSelector`] (LoRA + the B reserved
+    output rows), on selection groups from [`collect_selection_data`].
+
+    The loss of a group, with `p_T` the teacher's probabilities renormalised over the group, `c*` their argmax and `s`
+    the selector's candidate logits (exactly those the processor selects with at inference), is
+    `CE(softmax(s / T), c*) + hinge(m - (s[c*] - max_{c != c*} s[c])) + lambda * KL(p_T || softmax(s / T))` plus
+    `beta * KL_LM`; the batch loss is normalised by the number of groups of the whole accumulated batch, so gradient
+    accumulation is exact.
+
+    Logged metrics (training and evaluation, averaged over groups and processes): `agreement` (selector's choice =
+    teacher's choice), `student_agreement` (the student's own top-1 = teacher's choice, the baseline), `spearman` (rank
+    correlation of `s` with the teacher's probabilities), `lm_kl`, and the loss terms `ce`, `hinge`, `teacher_kl`.
+
+    Checkpoints (`output_dir/checkpoint-N`) and the final model are selector adapters in the
+    [`S2TSelector.save_pretrained`] format (PEFT adapter + `s2t_config.json` + model card), loadable with
+    [`S2TSelector.from_pretrained`] and [`S2TLogitsProcessor.from_pretrained`].
+
+    Args:
+        selector (`S2TSelector`):
+            The trainable selector (from [`S2TSelector.create`], or `from_pretrained(..., is_trainable=True)`). Its
+            `model` is what trains.
+        args (`S2TTrainingArguments`, *optional*):
+            Training arguments; defaults to `S2TTrainingArguments()`.
+        data_collator (*optional*):
+            Defaults to [`SelectionGroupCollator`] (left padding, `max_context_length` from `args`).
+        train_dataset, eval_dataset (`datasets.Dataset`, *optional*):
+            Selection groups (`context_ids`, `cand_ids`, `teacher_probs`, optionally `student_probs`). `eval_dataset`
+            may be a dict of datasets.
+        processing_class (`PreTrainedTokenizerBase`, *optional*):
+            Saved with every checkpoint; its pad token pads contexts.
+        kwargs:
+            Other [`~transformers.Trainer`] arguments (`callbacks`, `optimizers`, `compute_metrics`, ...).
+
+    Examples:
+
+    ```python
+    >>> import tempfile
+    >>> import torch
+    >>> from transformers import AutoModelForCausalLM, LlamaConfig
+    >>> from s2t_hf import S2TSelector, S2TTrainer, S2TTrainingArguments, collect_selection_data
+    >>> config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    ...                      num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, eos_token_id=1)
+    >>> _ = torch.manual_seed(0)
+    >>> student, teacher = AutoModelForCausalLM.from_config(config), AutoModelForCausalLM.from_config(config)
+    >>> groups = collect_selection_data(student, teacher, prompts=[[2, 3, 4], [5, 6]], top_k=4, fraction=0.3,
+    ...                                 max_new_tokens=10, show_progress=False)
+    >>> selector = S2TSelector.create(student, num_bins=4, lora_r=2)
+    >>> args = S2TTrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=2, report_to="none", save_strategy="no",
+    ...                             use_cpu=True)
+    >>> trainer = S2TTrainer(selector=selector, args=args, train_dataset=groups)
+    >>> trainer.train()  # doctest: +ELLIPSIS
+    TrainOutput(global_step=2, ...)
+    >>> sorted(trainer.evaluate(groups))[:3]
+    ['eval_agreement', 'eval_ce', 'eval_hinge']
+
+    ```
+    """
+
+    _tag_names = ["s2t_hf", "select-to-think", "selection-distillation"]
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        selector: Any,
+        args: S2TTrainingArguments | None = None,
+        data_collator: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        **kwargs: Any,
+    ):
+        from .selector import S2TSelector
+
+        if not isinstance(selector, S2TSelector):
+            raise TypeError(
+                f"`selector` must be an `S2TSelector`, got {type(selector).__name__}. Build one with "
+                "`S2TSelector.create(model, tokenizer)` or load one with `S2TSelector.from_pretrained(model, path, "
+                "is_trainable=True)`."
+            )
+        if "model" in kwargs:
+            raise TypeError("`S2TTrainer` trains `selector.model`; pass `selector=` instead of `model=`.")
+        if args is None:
+            args = S2TTrainingArguments(output_dir="s2t-selector")
+        if not isinstance(args, S2TTrainingArguments):
+            raise TypeError(
+                f"`args` must be `S2TTrainingArguments`, got {type(args).__name__}; it adds the loss settings and "
+                "`remove_unused_columns=False`."
+            )
+        if not any(p.requires_grad for p in selector.model.parameters()):
+            raise ValueError(
+                "The selector has no trainable parameter (loaded for inference?). Load it with "
+                "`S2TSelector.from_pretrained(model, path, is_trainable=True)` to continue training."
+            )
+        overrides = {}
+        if args.scoring is not None:
+            overrides["scoring"] = args.scoring
+        if args.residual_tau is not None:
+            overrides["residual_tau"] = args.residual_tau
+        if overrides:
+            selector.config = dataclasses.replace(selector.config, **overrides)
+        self.selector = selector
+        if data_collator is None:
+            pad = getattr(processing_class, "pad_token_id", None)
+            if pad is None:
+                pad = getattr(selector.base_model.config, "pad_token_id", None)
+            data_collator = SelectionGroupCollator(pad_token_id=int(pad or 0), max_context_length=args.max_context_length)
+        attention = getattr(selector.base_model.config, "_attn_implementation", None)
+        self._pack = args.packing and attention in MASK_4D_ATTENTION
+        if args.packing and not self._pack:
+            logger.warning(
+                f"Packing needs `eager` or `sdpa` attention (the model uses {attention!r}); encoding K copies of every "
+                "context instead, which is much slower. Load the model with `attn_implementation='sdpa'`."
+            )
+        self._metrics: dict[str, dict[str, list[float]]] = {
+            "train": defaultdict(lambda: [0.0, 0]),
+            "eval": defaultdict(lambda: [0.0, 0]),
+        }
+        super().__init__(
+            model=selector.model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(self._tag_names)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Loss
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        """The number of selection groups in the accumulated batch (summed over processes), to normalise the loss."""
+        if not batch_samples or "cand_ids" not in batch_samples[0]:
+            return None
+        count = torch.tensor(sum(int(batch["cand_ids"].shape[0]) for batch in batch_samples), device=device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return count
+
+    def _forward(self, model: nn.Module, inputs: dict[str, torch.Tensor], need_context_logits: bool) -> _ForwardOutput:
+        input_ids, attention_mask, cand_ids = inputs["input_ids"], inputs["attention_mask"], inputs["cand_ids"]
+        batch, length = input_ids.shape
+        num_candidates = cand_ids.shape[1]
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError(
+                "Contexts must be padded on the left (every row's last column is a real token); use "
+                "`SelectionGroupCollator`, the default collator."
+            )
+        if self._pack:
+            dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
+            mask = candidate_attention_mask(attention_mask, num_candidates, dtype, causal_prefix=True)
+            context_positions = positions_from_attention_mask(attention_mask)
+            candidate_positions = attention_mask.sum(-1, keepdim=True).expand(batch, num_candidates)
+            logits = model(
+                input_ids=torch.cat([input_ids, cand_ids], dim=1),
+                attention_mask=mask,
+                position_ids=torch.cat([context_positions, candidate_positions], dim=1),
+                use_cache=False,
+                logits_to_keep=0 if need_context_logits else num_candidates + 1,
+            ).logits
+            return _ForwardOutput(
+                candidate_logits=logits[:, -num_candidates:],
+                last_context_logits=logits[:, -num_candidates - 1],
+                context_logits=logits[:, :length] if need_context_logits else None,
+            )
+        # Reference path: K copies of every context, each followed by one candidate, ordinary 2-D mask.
+        ids = torch.cat(
+            [input_ids.repeat_interleave(num_candidates, dim=0), cand_ids.reshape(-1, 1)], dim=1
+        )
+        mask = torch.cat(
+            [attention_mask.repeat_interleave(num_candidates, dim=0), attention_mask.new_ones(batch * num_candidates, 1)],
+            dim=1,
+        )
+        logits = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions_from_attention_mask(mask),
+            use_cache=False,
+            logits_to_keep=0 if need_context_logits else 2,
+        ).logits
+        logits = logits.view(batch, num_candidates, logits.shape[1], logits.shape[2])
+        return _ForwardOutput(
+            candidate_logits=logits[:, :, -1],
+            last_context_logits=logits[:, 0, -2],
+            context_logits=logits[:, 0, :length] if need_context_logits else None,
+        )
+
+    def _base_logits(self, inputs: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
+        """Logits of the base model (adapter disabled, no grad) on the contexts; the last `keep` positions (0: all)."""
+        attention_mask = inputs["attention_mask"]
+        with torch.no_grad(), self.selector.adapter_disabled():
+            return self.selector.model(
+                input_ids=inputs["input_ids"],
+                attention_mask=attention_mask,
+                position_ids=positions_from_attention_mask(attention_mask),
+                use_cache=False,
+                logits_to_keep=keep,
+            ).logits
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """
+        The selection-distillation loss of a batch of groups (see the class docstring), summed over groups and divided
+        by `num_items_in_batch` (the groups of the whole accumulated batch) when given, else averaged.
+
+        Returns:
+            The loss, and with `return_outputs=True` also a dict with `candidate_logits` `(batch, K)` (`-inf` for
+            padding candidates), `teacher_choice` `(batch,)`, the per-group `loss` and (when computed) `lm_kl`.
+        """
+        args = self.args
+        config = self.selector.config
+        cand_ids = inputs["cand_ids"]
+        cand_mask = inputs.get("cand_mask")
+        if cand_mask is None:
+            cand_mask = torch.ones_like(cand_ids, dtype=torch.bool)
+        bins = torch.tensor(self.selector.bin_token_ids, device=cand_ids.device)
+        use_lm_kl = args.lm_kl_weight > 0
+        residual = config.scoring == "residual"
+        base_from_scoring = residual and config.adapter_mode == "scoring"
+
+        base_logits = None
+        if use_lm_kl or base_from_scoring:
+            base_logits = self._base_logits(inputs, keep=0 if use_lm_kl else 1)
+        forward = self._forward(model, inputs, need_context_logits=use_lm_kl)
+
+        student_log_probs = None
+        if residual:
+            # the student's log-probabilities of the candidates, as the processor sees them: bins masked, from the
+            # adapted model (adapter_mode="generate") or the base model (adapter_mode="scoring")
+            last = base_logits[:, -1] if base_from_scoring else forward.last_context_logits
+            last = last.float().index_fill(-1, bins, float("-inf"))
+            student_log_probs = torch.log_softmax(last, dim=-1).gather(-1, cand_ids)
+        bin_logits = forward.candidate_logits.index_select(-1, bins)
+        candidate_logits = local_candidate_logits(
+            bin_logits,
+            self.selector.bin_values.to(bin_logits.device),
+            config.scoring,
+            config.residual_tau,
+            student_log_probs,
+        )
+        terms = selection_loss(
+            candidate_logits,
+            inputs["teacher_probs"],
+            cand_mask,
+            temperature=args.candidate_temperature,
+            margin=args.margin,
+            teacher_kl_weight=args.teacher_kl_weight,
+        )
+        per_group = terms.loss
+        lm_kl = None
+        if use_lm_kl:
+            lm_kl = lm_kl_divergence(
+                base_logits, forward.context_logits, inputs["attention_mask"], ignore_token_ids=bins
+            )
+            per_group = per_group + args.lm_kl_weight * lm_kl
+
+        if num_items_in_batch is not None:
+            loss = per_group.sum() / num_items_in_batch
+            if args.average_tokens_across_devices and args.world_size > 1:
+                loss = loss * self.accelerator.num_processes
+        else:
+            loss = per_group.mean()
+
+        self._record_metrics(model.training, candidate_logits, inputs, cand_mask, terms, lm_kl)
+        if return_outputs:
+            outputs = {
+                "candidate_logits": candidate_logits.detach().masked_fill(~cand_mask, float("-inf")),
+                "teacher_choice": terms.teacher_choice,
+                "loss": per_group.detach(),
+            }
+            if lm_kl is not None:
+                outputs["lm_kl"] = lm_kl.detach()
+            return loss, outputs
+        return loss
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Metrics
+
+    def _record_metrics(self, training: bool, candidate_logits, inputs, cand_mask, terms, lm_kl) -> None:
+        values = selection_metrics(candidate_logits, inputs["teacher_probs"], inputs.get("student_probs"), cand_mask)
+        values.update(ce=terms.cross_entropy, hinge=terms.hinge, teacher_kl=terms.teacher_kl)
+        if lm_kl is not None:
+            values["lm_kl"] = lm_kl
+        names = sorted(values)
+        stacked = torch.stack([values[name].detach().float() for name in names], dim=-1)
+        mode = "train" if training else "eval"
+        gathered = self.accelerator.gather_for_metrics(stacked) if mode == "eval" else self.accelerator.gather(stacked)
+        sums = gathered.sum(0).tolist()
+        for name, total in zip(names, sums):
+            entry = self._metrics[mode][name]
+            entry[0] += total
+            entry[1] += gathered.shape[0]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the averaged selection metrics of the current mode (training or evaluation) to `logs`."""
+        mode = "train" if "loss" in logs else "eval"
+        averaged = {name: total / count for name, (total, count) in self._metrics[mode].items() if count}
+        if mode == "eval":
+            prefix = next((k[: -len("_loss")] for k in logs if k.endswith("_loss") and k != "train_loss"), "eval")
+            averaged = {f"{prefix}_{name}": value for name, value in averaged.items()}
+        logs.update(averaged)
+        self._metrics[mode].clear()
+        super().log(logs, start_time)
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Evaluation step: the loss, and unless `prediction_loss_only` the candidate logits and the teacher's choice."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        return loss.detach(), outputs["candidate_logits"], outputs["teacher_choice"]
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Saving
+
+    def _card_metrics(self) -> dict[str, float] | None:
+        """The latest evaluation results (and the best metric) for the model card."""
+        metrics: dict[str, float] = {}
+        for entry in reversed(self.state.log_history):
+            found = {k: v for k, v in entry.items() if k.startswith("eval_") and isinstance(v, (int, float))}
+            if found:
+                metrics.update(found)
+                metrics["step"] = entry.get("step", self.state.global_step)
+                break
+        if self.state.best_metric is not None and self.args.metric_for_best_model:
+            metrics[f"best_{self.args.metric_for_best_model}"] = self.state.best_metric
+        return metrics or None
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Saves the selector adapter (PEFT adapter + `s2t_config.json` + model card), the tokenizer and the args."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        if state_dict is not None:
+            logger.warning("`S2TTrainer` saves the selector's own adapter weights; the given `state_dict` is ignored.")
+        os.makedirs(output_dir, exist_ok=True)
+        logger.info(f"Saving the S2T selector to {output_dir}")
+        self.selector.save_pretrained(output_dir, metrics=self._card_metrics())
+        self._add_card_tags(output_dir, self._tag_names)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _add_card_tags(self, output_dir: str, tags: list[str] | str | None) -> None:
+        from huggingface_hub import ModelCard
+
+        path = os.path.join(output_dir, MODEL_CARD_NAME)
+        if not tags or not os.path.isfile(path):
+            return
+        card = ModelCard.load(path)
+        existing = list(card.data.tags or [])
+        for tag in [tags] if isinstance(tags, str) else tags:
+            if tag not in existing:
+                existing.append(tag)
+        card.data.tags = existing
+        card.save(path)
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """
+        Writes the selector's model card (usage, settings, latest evaluation metrics) into `output_dir/README.md`, with
+        the trainer's tags plus `tags`, and the Hub repository as the location in the usage snippet.
+        """
+        if not self.is_world_process_zero():
+            return
+        output_dir = self.args.output_dir
+        location = getattr(self, "hub_model_id", None) or self.args.hub_model_id or output_dir
+        card = self.selector._model_card(location, self._card_metrics())
+        with open(os.path.join(output_dir, MODEL_CARD_NAME), "w", encoding="utf-8") as f:
+            f.write(card)
+        extra = [tags] if isinstance(tags, str) else list(tags or [])
+        self._add_card_tags(output_dir, self._tag_names + extra)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # The Trainer copies only the PEFT files of a checkpoint into `output_dir` before pushing; a selector also
+        # needs its `s2t_config.json` and model card.
+        if self.is_world_process_zero():
+            for name in (CONFIG_NAME, MODEL_CARD_NAME):
+                source = os.path.join(checkpoint_folder, name)
+                if os.path.isfile(source) and os.path.abspath(checkpoint_folder) != os.path.abspath(self.args.output_dir):
+                    shutil.copy(source, os.path.join(self.args.output_dir, name))
+        super()._push_from_checkpoint(checkpoint_folder)
+
