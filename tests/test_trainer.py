@@ -210,14 +210,17 @@ def test_gradient_accumulation_is_exact(tmp_path, groups):
     for batch_size, accumulation in ((3, 1), (2, 2)):
         selector = make_selector("llama")
         perturb(selector)
+        initial = trainable_state(selector)
         args = make_args(
             tmp_path, max_steps=1, optim="sgd", learning_rate=1.0, per_device_train_batch_size=batch_size,
             gradient_accumulation_steps=accumulation, max_grad_norm=0.0, lr_scheduler_type="constant",
         )
         S2TTrainer(selector=selector, args=args, train_dataset=subset).train()
-        results.append(trainable_state(selector))
+        results.append({name: initial[name] - value for name, value in trainable_state(selector).items()})  # = grad
     for name in results[0]:
-        torch.testing.assert_close(results[0][name], results[1][name], rtol=1e-5, atol=1e-6, msg=name)
+        scale = results[0][name].abs().max().item()
+        assert scale > 0, name
+        torch.testing.assert_close(results[0][name], results[1][name], rtol=1e-4, atol=1e-5 * scale, msg=name)
 
 
 def test_gradient_checkpointing_trains(tmp_path, groups):

@@ -77,23 +77,23 @@ class _Template:
 
 # Sentences that change counts. `{a}`/`{b}` are people, `{n}` an amount, `{o}` an object.
 TEMPLATES: dict[str, _Template] = {
-    "buys": _Template("{a} buys {n} {o} .", "{a} buys {n} {o}", {"a": ("+", None)}),
-    "finds": _Template("{a} finds {n} more {o} .", "{a} finds {n} {o}", {"a": ("+", None)}),
-    "wins": _Template("{a} wins {n} {o} .", "{a} wins {n} {o}", {"a": ("+", None)}),
-    "gets_from": _Template("{a} gets {n} {o} from {b} .", "{a} gets {n} {o}", {"a": ("+", None), "b": ("-", None)}),
+    "buys": _Template("{a} buys {n} {o} .", "{a} buys", {"a": ("+", None)}),
+    "finds": _Template("{a} finds {n} more {o} .", "{a} finds", {"a": ("+", None)}),
+    "wins": _Template("{a} wins {n} {o} .", "{a} wins", {"a": ("+", None)}),
+    "gets_from": _Template("{a} gets {n} {o} from {b} .", "{a} gets", {"a": ("+", None), "b": ("-", None)}),
     "takes_from": _Template(
-        "{a} takes {n} {o} from {b} .", "{a} takes {n} {o}", {"a": ("+", None), "b": ("-", None)}
+        "{a} takes {n} {o} from {b} .", "{a} takes", {"a": ("+", None), "b": ("-", None)}
     ),
-    "gives_to": _Template("{a} gives {n} {o} to {b} .", "{a} gives {n} {o}", {"a": ("-", None), "b": ("+", None)}),
-    "gives": _Template("{a} gives {b} {n} {o} .", "{a} gives {n} {o}", {"a": ("-", None), "b": ("+", None)}),
-    "sells": _Template("{a} sells {n} {o} .", "{a} sells {n} {o}", {"a": ("-", None)}),
-    "loses": _Template("{a} loses {n} {o} .", "{a} loses {n} {o}", {"a": ("-", None)}),
-    "eats": _Template("{a} uses {n} {o} .", "{a} uses {n} {o}", {"a": ("-", None)}),
-    "doubles": _Template("{a} doubles the {o} .", "{a} doubles {o}", {"a": ("*", 2)}),
-    "triples": _Template("{a} triples the {o} .", "{a} triples {o}", {"a": ("*", 3)}),
-    "twice": _Template("{a} now has twice as many {o} .", "{a} has twice {o}", {"a": ("*", 2)}),
-    "three_times": _Template("{a} now has three times as many {o} .", "{a} has three times {o}", {"a": ("*", 3)}),
-    "four_times": _Template("{a} now has four times as many {o} .", "{a} has four times {o}", {"a": ("*", 4)}),
+    "gives_to": _Template("{a} gives {n} {o} to {b} .", "{a} gives", {"a": ("-", None), "b": ("+", None)}),
+    "gives": _Template("{a} gives {b} {n} {o} .", "{a} gives", {"a": ("-", None), "b": ("+", None)}),
+    "sells": _Template("{a} sells {n} {o} .", "{a} sells", {"a": ("-", None)}),
+    "loses": _Template("{a} loses {n} {o} .", "{a} loses", {"a": ("-", None)}),
+    "eats": _Template("{a} uses {n} {o} .", "{a} uses", {"a": ("-", None)}),
+    "doubles": _Template("{a} doubles the {o} .", "{a} doubles", {"a": ("*", 2)}),
+    "triples": _Template("{a} triples the {o} .", "{a} triples", {"a": ("*", 3)}),
+    "twice": _Template("{a} now has twice as many {o} .", "{a} has twice", {"a": ("*", 2)}),
+    "three_times": _Template("{a} now has three times as many {o} .", "{a} has three times", {"a": ("*", 3)}),
+    "four_times": _Template("{a} now has four times as many {o} .", "{a} has four times", {"a": ("*", 4)}),
 }
 START_TEMPLATES = ("{a} has {n} {o} .", "{a} starts with {n} {o} .", "{a} owns {n} {o} .")
 FILLER_SENTENCES = (

@@ -1,0 +1,241 @@
+"""Tests of selection-group collection (teacher-forced and on-policy), saving / resuming, and the collator."""
+
+from __future__ import annotations
+
+import os
+
+import datasets
+import pytest
+import torch
+
+from conftest import EOS, tiny_model
+from s2t_hf import SelectionGroupCollator, collect_selection_data
+from s2t_hf import data as data_module
+from s2t_hf.selection import top_k_candidates
+from s2t_hf.triggers import kl_signal
+
+
+K = 6
+COLUMNS = {"context_ids", "cand_ids", "teacher_probs", "student_probs", "teacher_top1", "prompt_index", "step", "signal"}
+
+
+def random_prompts(count: int, seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 7, (count,), generator=generator).tolist()
+    return [torch.randint(3, 96, (n,), generator=generator).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return tiny_model("llama", seed=0), tiny_model("qwen2", seed=1)
+
+
+def recompute(model, context: list[int]) -> torch.Tensor:
+    """Log-probabilities of the next token after `context`, from one plain forward of the whole context."""
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([context])).logits[0, -1].float(), -1)
+
+
+def check_groups(dataset, prompts, student, teacher, warmup: int = 3):
+    assert set(dataset.column_names) == COLUMNS and len(dataset) > 0
+    for row in dataset:
+        prompt = prompts[row["prompt_index"]]
+        context = row["context_ids"]
+        assert context[: len(prompt)] == prompt and len(context) == len(prompt) + row["step"]
+        assert row["step"] >= warmup and len(row["cand_ids"]) == K and len(set(row["cand_ids"])) == K
+        student_lp, teacher_lp = recompute(student, context), recompute(teacher, context)
+        ids, log_probs, _ = top_k_candidates(student_lp[None], K)
+        assert row["cand_ids"] == ids[0].tolist()
+        torch.testing.assert_close(torch.tensor(row["student_probs"]), log_probs[0].exp(), rtol=1e-4, atol=1e-6)
+        expected = teacher_lp[row["cand_ids"]].exp()
+        torch.testing.assert_close(torch.tensor(row["teacher_probs"]), expected, rtol=1e-4, atol=1e-6)
+        assert row["teacher_top1"] == int(teacher_lp.argmax())
+        signal = kl_signal(student_lp[None], teacher_lp[None], 64)
+        assert row["signal"] == pytest.approx(float(signal), rel=1e-3, abs=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Teacher-forced
+
+
+def test_teacher_forced_groups_are_the_top_kl_positions(pair):
+    student, teacher = pair
+    prompts = random_prompts(7)
+    dataset = collect_selection_data(
+        student, teacher, prompts=prompts, top_k=K, fraction=0.2, max_new_tokens=12, batch_size=3,
+        show_progress=False,
+    )
+    check_groups(dataset, prompts, student, teacher)
+
+    # independent recomputation, one prompt at a time (no padding): greedy trajectory, KL at every generated position
+    signals, generated = [], 0
+    for index, prompt in enumerate(prompts):
+        out = student.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0)[0]
+        new = out[len(prompt):].tolist()
+        if EOS in new:
+            new = new[: new.index(EOS) + 1]
+        generated += len(new)
+        sequence = torch.tensor([prompt + new])
+        with torch.no_grad():
+            student_logits, teacher_logits = student(sequence).logits[0], teacher(sequence).logits[0]
+        for step in range(3, len(new)):
+            position = len(prompt) + step - 1
+            signal = kl_signal(student_logits[position][None], teacher_logits[position][None], 64)
+            signals.append((float(signal), index, step))
+    assert len(dataset) == round(0.2 * generated)
+    chosen = {(row["prompt_index"], row["step"]) for row in dataset}
+    assert chosen <= {(i, s) for _, i, s in signals}
+    threshold = min(sig for sig, i, s in signals if (i, s) in chosen)
+    assert all(sig <= threshold + 1e-4 for sig, i, s in signals if (i, s) not in chosen)
+    assert [(r["prompt_index"], r["step"]) for r in dataset] == sorted(chosen)
+
+
+def test_chat_template_string_prompts_and_suppressed_rows():
+    from s2t_hf.tasks import build_tokenizer, padded_vocab_size
+
+    tokenizer = build_tokenizer()
+    vocab = padded_vocab_size(len(tokenizer))
+    student, teacher = tiny_model("llama", seed=0, vocab_size=vocab), tiny_model("llama", seed=1, vocab_size=vocab)
+    student.generation_config.eos_token_id = tokenizer.eos_token_id
+    with torch.no_grad():  # make the spare rows attractive: they must still never be generated nor offered
+        student.get_output_embeddings().weight[len(tokenizer):] *= 20
+    prompts = ["tom has 5 apples .", [{"role": "user", "content": "ann has 3 pens ."}]]
+    dataset = collect_selection_data(student, teacher, tokenizer, prompts, top_k=K, fraction=0.5,
+                                     max_new_tokens=8, show_progress=False)
+    templated = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "tom has 5 apples ."}], add_generation_prompt=True, tokenize=False
+    )
+    prompt_ids = tokenizer(templated, add_special_tokens=False)["input_ids"]
+    first = [row for row in dataset if row["prompt_index"] == 0]
+    assert first and first[0]["context_ids"][: len(prompt_ids)] == prompt_ids
+    assert tokenizer.convert_ids_to_tokens(prompt_ids)[-1] == "<assistant>"
+    assert all(max(row["cand_ids"]) < len(tokenizer) and max(row["context_ids"]) < len(tokenizer) for row in dataset)
+    plain = collect_selection_data(student, teacher, tokenizer, prompts[:1], top_k=K, fraction=0.5,
+                                   max_new_tokens=8, chat_template=False, show_progress=False)
+    assert "<assistant>" not in tokenizer.convert_ids_to_tokens(plain[0]["context_ids"])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# On-policy
+
+
+def test_on_policy_groups_follow_the_teachers_choices(pair):
+    student, teacher = pair
+    prompts = random_prompts(6, seed=1)
+    dataset = collect_selection_data(
+        student, teacher, prompts=prompts, mode="on_policy", top_k=K, trigger_rate=0.25, max_new_tokens=12,
+        batch_size=4, show_progress=False,
+    )
+    check_groups(dataset, prompts, student, teacher)
+    # the trajectory continues with the teacher's choice among the candidates at every trigger
+    followed = 0
+    rows = list(dataset)
+    for row in rows:
+        later = [r for r in rows if r["prompt_index"] == row["prompt_index"] and r["step"] > row["step"]]
+        if later:
+            best = row["cand_ids"][max(range(K), key=lambda i: row["teacher_probs"][i])]
+            assert later[0]["context_ids"][len(row["context_ids"])] == best
+            followed += 1
+    assert followed > 0
+    # a fixed threshold skips calibration; a huge one gives no trigger and a clear error
+    with pytest.raises(ValueError, match="No selection group was collected"):
+        collect_selection_data(student, teacher, prompts=prompts, mode="on_policy", top_k=K, trigger_threshold=1e9,
+                               max_new_tokens=6, show_progress=False)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Saving and resuming
+
+
+def test_save_and_resume(pair, tmp_path, monkeypatch):
+    student, teacher = pair
+    prompts = random_prompts(4, seed=2)
+    kwargs = dict(prompts=prompts, top_k=K, fraction=0.3, max_new_tokens=8, shard_size=2, show_progress=False)
+    reference = collect_selection_data(student, teacher, **kwargs)
+
+    calls = []
+    original = data_module._Context.teacher_forced_shard
+
+    def interrupted(self, chunk, bar):
+        calls.append(chunk[0][0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the run stops in the middle of the second shard
+        return original(self, chunk, bar)
+
+    monkeypatch.setattr(data_module._Context, "teacher_forced_shard", interrupted)
+    target = tmp_path / "groups"
+    with pytest.raises(KeyboardInterrupt):
+        collect_selection_data(student, teacher, save_to=target, **kwargs)
+    assert os.path.isdir(target / "shards" / "shard-00000") and not os.path.exists(target / "shards" / "shard-00001")
+
+    calls.clear()
+    monkeypatch.setattr(data_module._Context, "teacher_forced_shard", original)
+    counting = lambda self, chunk, bar: calls.append(chunk[0][0]) or original(self, chunk, bar)  # noqa: E731
+    monkeypatch.setattr(data_module._Context, "teacher_forced_shard", counting)
+    resumed = collect_selection_data(student, teacher, save_to=target, **kwargs)
+    assert calls == [2]  # only the missing shard ran
+    assert resumed.to_dict() == reference.to_dict()
+    assert datasets.load_from_disk(str(target)).to_dict() == reference.to_dict()
+    assert not os.path.exists(target / "shards")
+
+    calls.clear()
+    again = collect_selection_data(student, teacher, save_to=target, **kwargs)  # complete: nothing runs
+    assert calls == [] and again.to_dict() == reference.to_dict()
+
+    with pytest.raises(ValueError, match="resume=False"):
+        collect_selection_data(student, teacher, save_to=target, **{**kwargs, "fraction": 0.5})
+    overwritten = collect_selection_data(student, teacher, save_to=target, resume=False, **{**kwargs, "fraction": 0.5})
+    assert len(overwritten) > len(reference) and calls == [0, 2]
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not written by"):
+        collect_selection_data(student, teacher, save_to=foreign, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_errors(pair):
+    student, teacher = pair
+    prompts = random_prompts(2)
+    with pytest.raises(ValueError, match="No selection group was collected"):
+        collect_selection_data(student, teacher, prompts=prompts, top_k=K, max_new_tokens=2, show_progress=False)
+    with pytest.raises(ValueError, match="`mode`"):
+        collect_selection_data(student, teacher, prompts=prompts, mode="beam")
+    with pytest.raises(ValueError, match="`top_k`"):
+        collect_selection_data(student, teacher, prompts=prompts, top_k=1)
+    with pytest.raises(ValueError, match="`fraction`"):
+        collect_selection_data(student, teacher, prompts=prompts, fraction=0.0)
+    with pytest.raises(ValueError, match="`prompts` is empty"):
+        collect_selection_data(student, teacher, prompts=[])
+    with pytest.raises(ValueError, match="tokenizer"):
+        collect_selection_data(student, teacher, prompts=["text"])
+    with pytest.raises(ValueError, match="output rows"):
+        collect_selection_data(student, tiny_model("llama", vocab_size=128), prompts=prompts)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Collator
+
+
+def test_collator_pads_left_truncates_and_pads_candidates():
+    features = [
+        {"context_ids": [5, 6, 7, 8], "cand_ids": [1, 2, 3], "teacher_probs": [0.1, 0.2, 0.3],
+         "student_probs": [0.5, 0.3, 0.1], "prompt_index": 0},
+        {"context_ids": [9], "cand_ids": [4, 5], "teacher_probs": [0.6, 0.1], "student_probs": [0.7, 0.2]},
+    ]
+    batch = SelectionGroupCollator(pad_token_id=0, max_context_length=3, pad_to_multiple_of=4)(features)
+    assert batch["input_ids"].tolist() == [[0, 6, 7, 8], [0, 0, 0, 9]]
+    assert batch["attention_mask"].tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
+    assert batch["cand_ids"].tolist() == [[1, 2, 3], [4, 5, 0]]
+    assert batch["cand_mask"].tolist() == [[True, True, True], [True, True, False]]
+    torch.testing.assert_close(batch["teacher_probs"], torch.tensor([[0.1, 0.2, 0.3], [0.6, 0.1, 0.0]]))
+    assert batch["student_probs"].dtype == torch.float32 and set(batch) == {
+        "input_ids", "attention_mask", "cand_ids", "cand_mask", "teacher_probs", "student_probs"}
+    with pytest.raises(KeyError, match="remove_unused_columns"):
+        SelectionGroupCollator()([{"context_ids": [1]}])
+    with pytest.raises(ValueError, match="teacher_probs"):
+        SelectionGroupCollator()([{"context_ids": [1], "cand_ids": [1, 2], "teacher_probs": [0.5]}])
