@@ -6,7 +6,7 @@ greedy output, both restricted to the student's top-64 and renormalised, the fir
 often the teacher's argmax is the student's top-1 or within its top-8, and how many of those steps are word choices
 rather than digits.
 
-    python benchmarks/train_pair.py [--seed 0] [--output-dir DIR] [--problems 100] [--overwrite]
+    python benchmarks/train_pair.py [--seed 0] [--output-dir DIR] [--problems 100] [--overwrite | --load]
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
-from s2t_hf.tasks import default_pair_dir, generate_problems, generate_solutions, train_pair
+from s2t_hf.tasks import default_pair_dir, generate_problems, generate_solutions, load_pair, train_pair
 
 
 def step_statistics(teacher, student, tokenizer, problems, support: int = 64, skip: int = 3):
@@ -50,14 +51,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default=None)
     parser.add_argument("--problems", type=int, default=100, help="validation problems for the KL analysis")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="retrain even if the cache holds another pair")
+    parser.add_argument("--load", action="store_true", help="load the pair in the directory whatever its settings")
     args = parser.parse_args()
 
     started = time.monotonic()
-    teacher, student, tokenizer = train_pair(args.output_dir, seed=args.seed, overwrite=args.overwrite)
+    output_dir = Path(args.output_dir or default_pair_dir(args.seed))
+    if args.load:
+        teacher, student, tokenizer = load_pair(output_dir)
+    else:
+        teacher, student, tokenizer = train_pair(output_dir, seed=args.seed, overwrite=args.overwrite)
     elapsed = time.monotonic() - started
-    output_dir = args.output_dir or default_pair_dir(args.seed)
-    info = json.loads((__import__("pathlib").Path(output_dir) / "pair_info.json").read_text())
+    info = json.loads((output_dir / "pair_info.json").read_text())
     print(f"pair in {output_dir} (this call {elapsed:.0f} s; training wall time {info['wall_seconds']:.0f} s)")
     print(f"tokenizer {info['tokenizer_size']} tokens, embedding rows {info['vocab_size']}")
     for role in ("teacher", "student"):

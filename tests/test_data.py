@@ -16,7 +16,9 @@ from s2t_hf.triggers import kl_signal
 
 
 K = 6
-COLUMNS = {"context_ids", "cand_ids", "teacher_probs", "student_probs", "teacher_top1", "prompt_index", "step", "signal"}
+COLUMNS = {
+    "context_ids", "cand_ids", "teacher_probs", "student_probs", "teacher_top1", "prompt_index", "step", "signal",
+}
 
 
 def random_prompts(count: int, seed: int = 0) -> list[list[int]]:

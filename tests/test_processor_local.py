@@ -213,3 +213,27 @@ def test_smollm2_generates_with_a_local_selector_through_its_chat_template():
     # a fresh selector scores every candidate alike (0.5), so it keeps the student's own choice: output == plain
     assert torch.equal(out, plain)
     assert tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def test_generate_without_cache_falls_back_to_recompute():
+    model = tiny_model("llama", seed=0)
+    selector = trained_like_selector(model, seed=4)
+    _, input_ids, attention_mask = left_padded_batch()
+    outputs = {}
+    for use_cache in (True, False):
+        with S2TLogitsProcessor(
+            model, selector=selector, selection="local", trigger="random", trigger_rate=0.5, seed=1, top_k=4
+        ) as s2t:
+            outputs[use_cache] = model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, logits_processor=[s2t], use_cache=use_cache,
+                **GREEDY,
+            )
+            assert s2t.stats["local_path"] == ("cache" if use_cache else "recompute")
+            assert s2t.stats["triggers"] > 0
+    assert torch.equal(outputs[True], outputs[False])
+    with S2TLogitsProcessor(
+        model, selector=selector, selection="local", trigger="always", local_path="cache"
+    ) as s2t:
+        with pytest.raises(ValueError, match="without a cache"):
+            model.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=[s2t],
+                           use_cache=False, **GREEDY)

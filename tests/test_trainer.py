@@ -1,4 +1,4 @@
-"""Tests of `S2TTrainer`: packed vs K-copies encoding, learning, what trains, saving, Trainer features, multi-process."""
+"""Tests of `S2TTrainer`: packed vs K-copies encoding, learning, what trains, saving, Trainer features, processes."""
 
 from __future__ import annotations
 
@@ -164,6 +164,7 @@ def test_training_learns_the_teacher_choice_and_changes_only_lora_and_bins(tmp_p
     frozen_before = {n: p.detach().clone() for n, p in selector.model.named_parameters() if not p.requires_grad}
     trainable_before = trainable_state(selector)
     probe = torch.tensor([[5, 9, 17, 33, 2, 40]])
+    head_before = selector.base_model.get_output_embeddings().weight.detach().clone()
     with torch.no_grad(), selector.adapter_disabled():
         base_logits_before = selector.model(input_ids=probe).logits
     args = make_args(
@@ -196,10 +197,14 @@ def test_training_learns_the_teacher_choice_and_changes_only_lora_and_bins(tmp_p
             assert torch.equal(parameter, frozen_before[name]), name
     with torch.no_grad(), selector.adapter_disabled():
         assert torch.equal(selector.model(input_ids=probe).logits, base_logits_before)
+    # the adapted output head differs from the base head in the B bin rows only
+    head = selector.base_model.get_output_embeddings()
+    hidden = torch.randn(3, head_before.shape[1])
     with torch.no_grad():
-        adapted = selector.model(input_ids=probe).logits
+        adapted, base_rows = head(hidden), hidden @ head_before.T
     ordinary = [i for i in range(adapted.shape[-1]) if i not in selector.bin_token_ids]
-    assert not torch.equal(adapted[..., selector.bin_token_ids], base_logits_before[..., selector.bin_token_ids])
+    assert torch.equal(adapted[:, ordinary], base_rows[:, ordinary])
+    assert not torch.equal(adapted[:, selector.bin_token_ids], base_rows[:, selector.bin_token_ids])
     assert base is selector.base_model
 
 
@@ -277,6 +282,16 @@ def test_checkpoints_early_stopping_and_final_model_are_selectors(tmp_path, grou
     for name, value in trainable_state(reloaded).items():
         torch.testing.assert_close(value, dict(selector.model.named_parameters())[name])
 
+    # training resumes from a selector checkpoint (adapter, optimizer and trainer state)
+    resumed_selector = make_selector("llama")
+    resumed = S2TTrainer(
+        selector=resumed_selector, args=make_args(tmp_path, max_steps=14, per_device_train_batch_size=16,
+                                                  save_strategy="steps", save_steps=4), train_dataset=train,
+    )
+    resumed.train(resume_from_checkpoint=str(output / checkpoints[-1]))
+    assert resumed.state.global_step == 14
+    assert any("eval_agreement" in entry for entry in resumed.state.log_history)  # history of the first run
+
 
 def test_push_to_hub_uploads_a_loadable_selector(tmp_path, groups, monkeypatch):
     import transformers.trainer as trainer_module
@@ -289,8 +304,8 @@ def test_push_to_hub_uploads_a_loadable_selector(tmp_path, groups, monkeypatch):
 
         def upload_folder(self, repo_id, folder_path, **kwargs):
             uploaded["repo_id"] = repo_id
-            uploaded["files"] = {name: open(os.path.join(folder_path, name), "rb").read()
-                                 for name in os.listdir(folder_path) if os.path.isfile(os.path.join(folder_path, name))}
+            paths = {name: os.path.join(folder_path, name) for name in os.listdir(folder_path)}
+            uploaded["files"] = {name: open(path, "rb").read() for name, path in paths.items() if os.path.isfile(path)}
             return "https://hub/commit"
 
     monkeypatch.setattr(trainer_module, "hf_api", lambda: FakeApi())
@@ -362,25 +377,33 @@ def test_accelerate_launch_two_processes(tmp_path, groups):
             args = S2TTrainingArguments(output_dir={str(output_dir)!r}, report_to="none", max_steps=3,
                                         per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1,
                                         eval_strategy="steps", eval_steps=3, save_strategy="steps", save_steps=3,
-                                        disable_tqdm=True)
+                                        disable_tqdm=True, use_cpu=True)
             trainer = S2TTrainer(selector=selector, args=args, train_dataset=data, eval_dataset=data.select(range(10)))
             trainer.train()
             trainer.save_model()
             if trainer.is_world_process_zero():
                 evals = [e for e in trainer.state.log_history if "eval_agreement" in e]
-                print("WORLD", trainer.args.world_size, "EVAL", evals[-1]["eval_agreement"])
+                last = evals[-1]
+                print("WORLD", trainer.args.world_size, "EVAL", last["eval_agreement"], last["eval_spearman"])
             """
         )
     )
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_USE_CPU": "1"}
+    # `accelerate launch --cpu` starts a single process (several CPU processes need mpirun); `--multi_gpu` starts them
+    # with torchrun, and `use_cpu=True` (ACCELERATE_USE_CPU) makes them a gloo process group on the CPU.
     result = subprocess.run(
-        [accelerate, "launch", "--num_processes", "2", "--cpu", "--num_machines", "1", "--mixed_precision", "no",
+        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
          "--dynamo_backend", "no", str(script)],
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "WORLD 2" in result.stdout
-    loaded = S2TSelector.from_pretrained(tiny_model("llama", seed=0), output_dir)
+    agreement, spearman = map(float, result.stdout.split("EVAL")[1].split())
+    loaded = S2TSelector.from_pretrained(tiny_model("llama", seed=0), output_dir, is_trainable=True)
     assert loaded.bin_token_ids == list(range(96, 96 + NUM_BINS))
     assert os.path.isfile(output_dir / "checkpoint-3" / "s2t_config.json")
+    # the metrics gathered over both processes equal a single-process evaluation of the saved selector
+    single = S2TTrainer(selector=loaded, args=make_args(tmp_path)).evaluate(groups.select(range(10)))
+    assert single["eval_agreement"] == pytest.approx(agreement)
+    assert single["eval_spearman"] == pytest.approx(spearman, abs=1e-6)

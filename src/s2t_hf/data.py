@@ -265,7 +265,11 @@ def collect_selection_data(
         from transformers.utils.logging import tqdm
 
         with tqdm(
-            total=len(encoded), initial=done, desc=f"Selection groups ({mode})", unit="prompt", disable=not show_progress
+            total=len(encoded),
+            initial=done,
+            desc=f"Selection groups ({mode})",
+            unit="prompt",
+            disable=not show_progress,
         ) as bar:
             for shard_index in range(num_shards):
                 start = shard_index * shard_size
@@ -291,7 +295,8 @@ def collect_selection_data(
         hint = (
             "raise `fraction`, raise `max_new_tokens`, or lower `warmup_tokens`"
             if mode == "teacher_forced"
-            else "raise `trigger_rate` (or lower `trigger_threshold`), raise `max_new_tokens`, or lower `warmup_tokens`"
+            else "raise `trigger_rate` (or lower `trigger_threshold`), raise `max_new_tokens`, or lower "
+            "`warmup_tokens`"
         )
         raise ValueError(
             f"No selection group was collected from {len(encoded)} prompts in `{mode}` mode: the student generated no "
@@ -304,7 +309,7 @@ def collect_selection_data(
     return dataset
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Collection
 
 
@@ -661,7 +666,7 @@ class _ShardStore:
         return dataset
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Collator
 
 
@@ -706,9 +711,13 @@ class SelectionGroupCollator:
 
     def __post_init__(self) -> None:
         if self.max_context_length is not None and self.max_context_length < 1:
-            raise ValueError(f"`max_context_length` must be a positive integer or None, got {self.max_context_length}.")
+            raise ValueError(
+                f"`max_context_length` must be a positive integer or None, got {self.max_context_length}."
+            )
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
-            raise ValueError(f"`pad_to_multiple_of` must be a positive integer or None, got {self.pad_to_multiple_of}.")
+            raise ValueError(
+                f"`pad_to_multiple_of` must be a positive integer or None, got {self.pad_to_multiple_of}."
+            )
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not features:

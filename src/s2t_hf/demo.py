@@ -34,6 +34,9 @@ class DemoConfig:
     seed: int = field(default=0, metadata={"help": "Seed of the task, the pair and the selector."})
     output_dir: str = field(default="s2t_demo", metadata={"help": "Where results, plots and the selector go."})
     pair_dir: str | None = field(default=None, metadata={"help": "Cache of the trained pair (default: ~/.cache)."})
+    pair_settings: dict[str, Any] | None = field(
+        default=None, metadata={"help": "Fields of `PairTrainingConfig` overriding its defaults (sizes, budget)."}
+    )
     num_test: int = field(default=500, metadata={"help": "Test problems per method."})
     num_calibration: int = field(default=200, metadata={"help": "Validation problems for calibration and hit@K."})
     num_train_problems: int = field(default=3000, metadata={"help": "Training problems for selection data."})
@@ -139,7 +142,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     from .data import collect_selection_data
     from .metrics import load_metric
     from .selector import S2TSelector
-    from .tasks import ArithmeticTaskConfig, default_pair_dir, generate_problems, train_pair
+    from .tasks import ArithmeticTaskConfig, PairTrainingConfig, default_pair_dir, generate_problems, train_pair
 
     config = config or DemoConfig()
     os.makedirs(config.output_dir, exist_ok=True)
@@ -154,7 +157,8 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     stage("teacher/student pair")
     started = time.perf_counter()
     pair_dir = config.pair_dir or str(default_pair_dir(config.seed))
-    teacher, student, tokenizer = train_pair(pair_dir, seed=config.seed)
+    pair_settings = PairTrainingConfig.from_dict(config.pair_settings) if config.pair_settings else None
+    teacher, student, tokenizer = train_pair(pair_dir, seed=config.seed, config=pair_settings)
     results["timings"]["pair_s"] = time.perf_counter() - started
     with open(os.path.join(pair_dir, "pair_info.json")) as f:
         results["pair"] = json.load(f)

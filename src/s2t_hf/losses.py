@@ -155,37 +155,37 @@ def selection_loss(
 
 
 class _LMKLDivergence(torch.autograd.Function):
-    """KL(softmax(base) || softmax(adapted)) per position over the kept columns; memory-lean (chunked, fused backward)."""
+    """
+    KL(softmax(base) || softmax(adapted)) per position over the kept columns, memory-lean: computed in chunks, and the
+    gradient direction `softmax(adapted) - softmax(base)` is formed in the forward and saved instead of both logits, so
+    neither logits tensor has to outlive the forward.
+    """
 
     @staticmethod
     def forward(ctx, adapted: torch.Tensor, base: torch.Tensor, keep: torch.Tensor | None, chunk: int):
         # adapted, base: (batch, length, vocab), possibly non-contiguous views; returns (batch, length) float32
         batch, length, _ = adapted.shape
         out = torch.empty(batch, length, dtype=torch.float32, device=adapted.device)
+        needs_grad = ctx.needs_input_grad[0]
+        direction = torch.empty(adapted.shape, dtype=adapted.dtype, device=adapted.device) if needs_grad else None
         for row, start in _chunks(batch, length, chunk):
             log_q = _masked_log_softmax(adapted[row, start : start + chunk], keep)
             log_p = _masked_log_softmax(base[row, start : start + chunk], keep)
-            terms = log_p.exp() * (log_p - log_q)
+            p = log_p.exp()
+            terms = p * (log_p - log_q)
             if keep is not None:
                 terms = terms.masked_fill(~keep, 0.0)
             out[row, start : start + chunk] = terms.sum(-1)
-        ctx.save_for_backward(adapted, base, keep if keep is not None else torch.empty(0))
-        ctx.has_keep = keep is not None
-        ctx.chunk = chunk
+            if needs_grad:  # d KL(p || q) / d adapted = q - p on the kept columns (both are 0 on the others)
+                direction[row, start : start + chunk] = log_q.exp_().sub_(p)
+        if needs_grad:
+            ctx.save_for_backward(direction)
         return out
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        adapted, base, keep = ctx.saved_tensors
-        keep = keep if ctx.has_keep else None
-        grad = torch.empty(adapted.shape, dtype=adapted.dtype, device=adapted.device)
-        chunk = ctx.chunk
-        for row, start in _chunks(adapted.shape[0], adapted.shape[1], chunk):
-            q = _masked_log_softmax(adapted[row, start : start + chunk], keep).exp()
-            p = _masked_log_softmax(base[row, start : start + chunk], keep).exp()
-            # d KL(p || q) / d adapted = q - p on the kept columns (both are 0 on the others)
-            grad[row, start : start + chunk] = (q - p) * grad_output[row, start : start + chunk, None]
-        return grad, None, None, None
+        (direction,) = ctx.saved_tensors
+        return direction * grad_output[..., None].to(direction.dtype), None, None, None
 
 
 def _chunks(batch: int, length: int, chunk: int):

@@ -41,8 +41,8 @@ MODEL_CARD_NAME = "README.md"
 @dataclass
 class S2TTrainingArguments(TrainingArguments):
     r"""
-    Arguments of [`S2TTrainer`]: every [`~transformers.TrainingArguments`] field, plus the fields below. Defaults follow
-    the paper (AdamW, learning rate 5e-5, 4 groups per batch, 3 epochs, gradient clipping 1.0);
+    Arguments of [`S2TTrainer`]: every [`~transformers.TrainingArguments`] field, plus the fields below. Defaults
+    follow the paper (AdamW, learning rate 5e-5, 4 groups per batch, 3 epochs, gradient clipping 1.0);
     `remove_unused_columns` defaults to `False` because the collator reads the dataset's own columns.
 
     For early stopping and the best checkpoint, use the Trainer's own machinery: `eval_strategy="steps"`,
@@ -114,7 +114,9 @@ class S2TTrainingArguments(TrainingArguments):
         if self.residual_tau is not None and self.residual_tau <= 0:
             raise ValueError(f"`residual_tau` must be positive, got {self.residual_tau}.")
         if self.max_context_length is not None and self.max_context_length < 1:
-            raise ValueError(f"`max_context_length` must be a positive integer or None, got {self.max_context_length}.")
+            raise ValueError(
+                f"`max_context_length` must be a positive integer or None, got {self.max_context_length}."
+            )
         if self.remove_unused_columns:
             raise ValueError(
                 "`remove_unused_columns=True` would drop the selection-group columns (`context_ids`, `cand_ids`, "
@@ -147,6 +149,10 @@ class S2TTrainer(Trainer):
     Checkpoints (`output_dir/checkpoint-N`) and the final model are selector adapters in the
     [`S2TSelector.save_pretrained`] format (PEFT adapter + `s2t_config.json` + model card), loadable with
     [`S2TSelector.from_pretrained`] and [`S2TLogitsProcessor.from_pretrained`].
+
+    Runs like any Trainer script under `accelerate launch` / `torchrun` (several processes: metrics are gathered, the
+    loss normalisation counts the groups of every process). On CPUs, start the processes with `accelerate launch
+    --multi_gpu --num_processes N` and set `use_cpu=True` (`accelerate launch --cpu` starts a single process).
 
     Args:
         selector (`S2TSelector`):
@@ -181,10 +187,12 @@ class S2TTrainer(Trainer):
     >>> args = S2TTrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=2, report_to="none", save_strategy="no",
     ...                             use_cpu=True)
     >>> trainer = S2TTrainer(selector=selector, args=args, train_dataset=groups)
-    >>> trainer.train()  # doctest: +ELLIPSIS
-    TrainOutput(global_step=2, ...)
-    >>> sorted(trainer.evaluate(groups))[:3]
-    ['eval_agreement', 'eval_ce', 'eval_hinge']
+    >>> trainer.train().global_step  # the progress callback prints the final logs  # doctest: +ELLIPSIS
+    {'train_runtime': ...}
+    2
+    >>> metrics = trainer.evaluate(groups)
+    >>> {"eval_agreement", "eval_student_agreement", "eval_spearman", "eval_lm_kl"} <= set(metrics)
+    True
 
     ```
     """
@@ -236,13 +244,15 @@ class S2TTrainer(Trainer):
             pad = getattr(processing_class, "pad_token_id", None)
             if pad is None:
                 pad = getattr(selector.base_model.config, "pad_token_id", None)
-            data_collator = SelectionGroupCollator(pad_token_id=int(pad or 0), max_context_length=args.max_context_length)
+            data_collator = SelectionGroupCollator(
+                pad_token_id=int(pad or 0), max_context_length=args.max_context_length
+            )
         attention = getattr(selector.base_model.config, "_attn_implementation", None)
         self._pack = args.packing and attention in MASK_4D_ATTENTION
         if args.packing and not self._pack:
             logger.warning(
-                f"Packing needs `eager` or `sdpa` attention (the model uses {attention!r}); encoding K copies of every "
-                "context instead, which is much slower. Load the model with `attn_implementation='sdpa'`."
+                f"Packing needs `eager` or `sdpa` attention (the model uses {attention!r}); encoding K copies of "
+                "every context instead, which is much slower. Load the model with `attn_implementation='sdpa'`."
             )
         self._metrics: dict[str, dict[str, list[float]]] = {
             "train": defaultdict(lambda: [0.0, 0]),
@@ -257,10 +267,13 @@ class S2TTrainer(Trainer):
             processing_class=processing_class,
             **kwargs,
         )
+        # the loss is normalised by the groups of the whole accumulated batch (see `_get_num_items_in_batch`); older
+        # releases read this flag instead of `loss_is_scaled_for_ga` to skip their own division
+        self.model_accepts_loss_kwargs = True
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
 
-    # ------------------------------------------------------------------------------------------------------------------
+    # -----------------------------------------------------------------------------------------------------------------
     # Loss
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
@@ -303,7 +316,10 @@ class S2TTrainer(Trainer):
             [input_ids.repeat_interleave(num_candidates, dim=0), cand_ids.reshape(-1, 1)], dim=1
         )
         mask = torch.cat(
-            [attention_mask.repeat_interleave(num_candidates, dim=0), attention_mask.new_ones(batch * num_candidates, 1)],
+            [
+                attention_mask.repeat_interleave(num_candidates, dim=0),
+                attention_mask.new_ones(batch * num_candidates, 1),
+            ],
             dim=1,
         )
         logits = model(
@@ -413,7 +429,7 @@ class S2TTrainer(Trainer):
             return loss, outputs
         return loss
 
-    # ------------------------------------------------------------------------------------------------------------------
+    # -----------------------------------------------------------------------------------------------------------------
     # Metrics
 
     def _record_metrics(self, training: bool, candidate_logits, inputs, cand_mask, terms, lm_kl) -> None:
@@ -449,7 +465,7 @@ class S2TTrainer(Trainer):
         prediction_loss_only: bool,
         ignore_keys: list[str] | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """Evaluation step: the loss, and unless `prediction_loss_only` the candidate logits and the teacher's choice."""
+        """Evaluation step: the loss and, unless `prediction_loss_only`, the candidate logits and teacher's choice."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
@@ -457,7 +473,7 @@ class S2TTrainer(Trainer):
             return loss.detach(), None, None
         return loss.detach(), outputs["candidate_logits"], outputs["teacher_choice"]
 
-    # ------------------------------------------------------------------------------------------------------------------
+    # -----------------------------------------------------------------------------------------------------------------
     # Saving
 
     def _card_metrics(self) -> dict[str, float] | None:
@@ -534,7 +550,8 @@ class S2TTrainer(Trainer):
         if self.is_world_process_zero():
             for name in (CONFIG_NAME, MODEL_CARD_NAME):
                 source = os.path.join(checkpoint_folder, name)
-                if os.path.isfile(source) and os.path.abspath(checkpoint_folder) != os.path.abspath(self.args.output_dir):
+                same = os.path.abspath(checkpoint_folder) == os.path.abspath(self.args.output_dir)
+                if os.path.isfile(source) and not same:
                     shutil.copy(source, os.path.join(self.args.output_dir, name))
         super()._push_from_checkpoint(checkpoint_folder)
 

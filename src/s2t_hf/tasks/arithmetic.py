@@ -2,15 +2,15 @@
 
 A problem tracks how many objects of one kind one person holds while people buy, sell, give, take and multiply
 their things. Distractor sentences move other people's things (or the same person's other things) and filler
-sentences mention unrelated numbers. The worked solution has one step per relevant sentence, restating who acts,
-the verb, the amount and the unit before the equation, then a final answer line:
+sentences mention unrelated numbers. The worked solution has one step per relevant sentence, restating who acts and
+the verb before the equation, then a final answer line (numbers LSD-first, see below):
 
 ```text
-ann gives 3 apples : 5 + 3 = 8 ; tom sells 2 apples : 8 - 2 = 6 ; answer 6
+ann gives : 5 + 3 = 8 ; tom sells : 8 - 2 = 6 ; answer 6
 ```
 
-so decoding involves word-level decisions (which person or sentence comes next, which verb, which unit, which
-operation) as well as digits. Every number is written digit by digit, **least-significant digit first**
+so decoding involves word-level decisions (which sentence and person come next, which verb, whether the tracked
+count goes up or down, when to stop) as well as digits. Every number is written digit by digit, **least-significant digit first**
 (`305` is `5 0 3`): tiny models learn carries far more easily that way.
 
 Splits are disjoint by construction: a problem belongs to `train`, `validation` or `test` according to a hash of its
@@ -246,17 +246,17 @@ class ArithmeticTaskConfig:
             Most operations on the tracked count.
         max_value (`int`, *optional*, defaults to `999`):
             Largest number anywhere in a problem (start, amounts, intermediate results, answer).
-        max_start (`int`, *optional*, defaults to `200`):
+        max_start (`int`, *optional*, defaults to `99`):
             Largest start count.
-        max_amount (`int`, *optional*, defaults to `200`):
+        max_amount (`int`, *optional*, defaults to `99`):
             Largest amount added or removed in one step.
         min_distractors (`int`, *optional*, defaults to `1`):
             Fewest distractor sentences (other people's or other objects' changes and starts).
-        max_distractors (`int`, *optional*, defaults to `3`):
+        max_distractors (`int`, *optional*, defaults to `2`):
             Most distractor sentences.
         max_fillers (`int`, *optional*, defaults to `1`):
             Most filler sentences (no effect on any count).
-        filler_phrase_probability (`float`, *optional*, defaults to `0.25`):
+        filler_phrase_probability (`float`, *optional*, defaults to `0.15`):
             Probability that a sentence after the first starts with a filler phrase such as "after lunch ,".
         multiply_probability (`float`, *optional*, defaults to `0.25`):
             Probability that an operation is a multiplication (when the result stays within `max_value`).
@@ -265,13 +265,13 @@ class ArithmeticTaskConfig:
     min_operations: int = field(default=2, metadata={"help": "Fewest operations on the tracked count."})
     max_operations: int = field(default=4, metadata={"help": "Most operations on the tracked count."})
     max_value: int = field(default=999, metadata={"help": "Largest number anywhere in a problem."})
-    max_start: int = field(default=200, metadata={"help": "Largest start count."})
-    max_amount: int = field(default=200, metadata={"help": "Largest amount added or removed in one step."})
+    max_start: int = field(default=99, metadata={"help": "Largest start count."})
+    max_amount: int = field(default=99, metadata={"help": "Largest amount added or removed in one step."})
     min_distractors: int = field(default=1, metadata={"help": "Fewest distractor sentences."})
-    max_distractors: int = field(default=3, metadata={"help": "Most distractor sentences."})
+    max_distractors: int = field(default=2, metadata={"help": "Most distractor sentences."})
     max_fillers: int = field(default=1, metadata={"help": "Most filler sentences."})
     filler_phrase_probability: float = field(
-        default=0.25, metadata={"help": "Probability of a filler phrase before a sentence."}
+        default=0.15, metadata={"help": "Probability of a filler phrase before a sentence."}
     )
     multiply_probability: float = field(default=0.25, metadata={"help": "Probability of a multiplication step."})
     distractor_placement: str = field(
@@ -315,7 +315,7 @@ class ArithmeticTaskConfig:
     def max_solution_words(self) -> int:
         """An upper bound on the number of words (tokens) of a solution, end-of-sequence excluded."""
         digits = len(str(self.max_value))
-        step = 5 + digits + 1 + 3 * digits + 3 + 1  # head (<= 5 words + amount), ":", x op b = y, ";"
+        step = 4 + 1 + 3 * digits + 3 + 1  # head (<= 4 words), ":", x op b = y, ";"
         return self.max_operations * step + 1 + digits
 
 
@@ -498,13 +498,10 @@ def generate_problem(rng: random.Random, config: ArithmeticTaskConfig | None = N
         events, r, o = [], iter(relevant), iter(others)
         for tag in order:
             events.append(next(r) if tag == "r" else next(o))
-    else:  # distractors before the start or after the last operation; fillers anywhere
-        distractors = [e for e in others if e.kind != "filler"]
-        fillers = [e for e in others if e.kind == "filler"]
-        cut = rng.randint(0, len(distractors))
-        events = [*distractors[:cut], *relevant, *distractors[cut:]]
-        for filler in fillers:
-            events.insert(rng.randint(0, len(events)), filler)
+    else:  # the relevant sentences in one run; distractors and fillers before or after it
+        rng.shuffle(others)
+        cut = rng.randint(0, len(others))
+        events = [*others[:cut], *relevant, *others[cut:]]
     sentences = []
     for i, event in enumerate(events):
         sentence = event.text

@@ -588,7 +588,7 @@ def _run_workers(settings: PairTrainingConfig, output_dir: Path) -> dict[str, di
     for role in ROLES:
         logs[role] = open(output_dir / f"train_{role}.log", "w")
         processes[role] = subprocess.Popen(
-            [sys.executable, "-m", "s2t_hf.tasks.pair", role, str(settings_file), str(output_dir)],
+            [sys.executable, "-m", "s2t_hf.tasks._pair_worker", role, str(settings_file), str(output_dir)],
             stdout=logs[role],
             stderr=subprocess.STDOUT,
             env=env,
@@ -717,8 +717,8 @@ def load_pair(path: str | os.PathLike) -> tuple[PreTrainedModel, PreTrainedModel
     return teacher, student, tokenizer
 
 
-def _main(argv: list[str] | None = None) -> None:
-    """Worker entry point of [`train_pair`]: `python -m s2t_hf.tasks.pair ROLE SETTINGS_JSON OUTPUT_DIR`."""
+def _worker_main(argv: list[str] | None = None) -> None:
+    """Worker entry point of [`train_pair`]: `python -m s2t_hf.tasks._pair_worker ROLE SETTINGS_JSON OUTPUT_DIR`."""
     parser = argparse.ArgumentParser(description="Train one model of the arithmetic pair (used by `train_pair`).")
     parser.add_argument("role", choices=ROLES)
     parser.add_argument("settings")
@@ -736,6 +736,3 @@ def _main(argv: list[str] | None = None) -> None:
     output_dir = Path(args.output_dir)
     _train_one(args.role, settings, output_dir, output_dir / f".progress_{args.role}.json")
 
-
-if __name__ == "__main__":
-    _main()
