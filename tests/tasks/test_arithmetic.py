@@ -43,8 +43,7 @@ PATTERNS = [
     (r"^(\w+) now has (twice|three times|four times) as many (\w+)$", None),
 ]
 MULTIPLIERS = {"twice": 2, "three times": 3, "four times": 4}
-VERBS = {"buys", "wins", "finds", "sells", "loses", "uses", "gets", "takes", "gives", "doubles", "triples"}
-VERBS |= {f"has {m}" for m in MULTIPLIERS}
+HEAD = r"(\w+) (?:buys|wins|finds|sells|loses|uses|doubles|triples|has (?:twice|three times|four times)|(?:gets from|takes from|gives to) (\w+))"
 
 
 def lsd(text: str) -> int:
@@ -98,16 +97,16 @@ def test_lsd_first_round_trip():
 
 
 def test_extract_and_check_answer():
-    assert extract_answer("tom buys 2 apples : 5 + 2 = 7 ; answer 7") == 7
+    assert extract_answer("tom buys : 5 + 2 = 7 ; answer 7") == 7
     assert extract_answer("answer 5 0 3 <eos> junk") == 305
     assert extract_answer("answer 2 1 ; answer 9") == 12  # the first answer commits
-    assert extract_answer("tom buys 3 apples") is None
+    assert extract_answer("tom buys : 5") is None
     assert extract_answer("answer ;") is None
     assert extract_answer("") is None
     assert check_answer("x ; answer 2 1", 12)
     assert not check_answer("x ; answer 2 1", 21)  # digits are least-significant first
     assert not check_answer("x ; answer 3 1", 12)
-    assert not check_answer("tom buys 2 apples", 2)
+    assert not check_answer("tom buys : 5 + 2", 2)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -154,8 +153,9 @@ def test_solution_matches_independent_evaluation(split):
             assert value is None or x == value  # steps chain
             assert y == {"+": x + b, "-": x - b, "*": x * b}[op]
             assert 0 <= y <= config.max_value
-            actor, *verb = head.split()
-            assert actor in problem.text.split() and " ".join(verb) in VERBS
+            found = re.fullmatch(HEAD, head)
+            assert found and found.group(1) == problem.person, head
+            assert found.group(2) is None or found.group(2) in problem.text.split()
             value = y
         assert value == problem.answer
         assert max(len(w) for w in problem.text.split()) <= 9  # numbers are split into digits
@@ -165,14 +165,12 @@ def test_solution_matches_independent_evaluation(split):
 def test_solutions_need_word_level_choices():
     problems = generate_problems(200, "train", seed=0)
     heads = [step.split(" : ")[0] for p in problems for step in p.solution.split(" ; ")[:-1]]
-    actors = {h.split()[0] for h in heads}
-    verbs = {h.split()[1] for h in heads}
-    assert len(actors) > 20 and len(verbs) >= 10
-    # some steps are done by someone other than the person asked about (transfers in both directions)
-    others = [p for p in problems if any(s.split()[0] != p.person for s in p.solution.split(" ; ")[:-1])]
-    assert len(others) > 20
-    # distractors mention the tracked person or object too
-    assert sum(p.text.count(p.person) > len(p.solution.split(" ; ")) for p in problems) > 50
+    assert len({h.split()[1] for h in heads}) >= 10  # verbs
+    others = [h.split()[-1] for h in heads if " from " in h or " to " in h]  # the other person of a transfer
+    assert len(others) > 100 and len(set(others)) > 20
+    # distractors mention the tracked person or the tracked object too
+    assert sum(p.text.count(p.person) > len(p.solution.split(" ; ")) for p in problems) > 20
+    assert sum(p.text.count(p.obj) > len(p.solution.split(" ; ")) + 1 for p in problems) > 20
 
 
 def test_config_validation():
@@ -386,3 +384,19 @@ def test_train_pair_caches_and_loads(tmp_path, parallel):
         train_pair(tmp_path, seed=1, config=PairTrainingConfig(teacher_max_steps=5))
     with pytest.raises(FileNotFoundError, match="`path`"):
         load_pair(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("module", ["arithmetic", "tokenizer", "pair"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    mod = importlib.import_module(f"s2t_hf.tasks.{module}")
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    for test in doctest.DocTestFinder().find(mod, globs=vars(mod).copy()):
+        for example in test.examples:  # the closing fence of a Markdown code block is not output
+            example.want = "\n".join(line for line in example.want.splitlines() if line.strip() != "```")
+            example.want += "\n" if example.want else ""
+        runner.run(test)
+    results = runner.summarize(verbose=False)
+    assert results.attempted > 0 and results.failed == 0

@@ -6,11 +6,11 @@ sentences mention unrelated numbers. The worked solution has one step per releva
 the verb before the equation, then a final answer line (numbers LSD-first, see below):
 
 ```text
-ann gives : 5 + 3 = 8 ; tom sells : 8 - 2 = 6 ; answer 6
+tom gets from ann : 5 + 3 = 8 ; tom sells : 8 - 2 = 6 ; answer 6
 ```
 
-so decoding involves word-level decisions (which sentence and person come next, which verb, whether the tracked
-count goes up or down, when to stop) as well as digits. Every number is written digit by digit, **least-significant digit first**
+so decoding involves word-level decisions (which sentence comes next, which verb, which other person, when to
+stop) as well as digits. Every number is written digit by digit, **least-significant digit first**
 (`305` is `5 0 3`): tiny models learn carries far more easily that way.
 
 Splits are disjoint by construction: a problem belongs to `train`, `validation` or `test` according to a hash of its
@@ -80,12 +80,12 @@ TEMPLATES: dict[str, _Template] = {
     "buys": _Template("{a} buys {n} {o} .", "{a} buys", {"a": ("+", None)}),
     "finds": _Template("{a} finds {n} more {o} .", "{a} finds", {"a": ("+", None)}),
     "wins": _Template("{a} wins {n} {o} .", "{a} wins", {"a": ("+", None)}),
-    "gets_from": _Template("{a} gets {n} {o} from {b} .", "{a} gets", {"a": ("+", None), "b": ("-", None)}),
+    "gets_from": _Template("{a} gets {n} {o} from {b} .", "{a} gets from {b}", {"a": ("+", None), "b": ("-", None)}),
     "takes_from": _Template(
-        "{a} takes {n} {o} from {b} .", "{a} takes", {"a": ("+", None), "b": ("-", None)}
+        "{a} takes {n} {o} from {b} .", "{a} takes from {b}", {"a": ("+", None), "b": ("-", None)}
     ),
-    "gives_to": _Template("{a} gives {n} {o} to {b} .", "{a} gives", {"a": ("-", None), "b": ("+", None)}),
-    "gives": _Template("{a} gives {b} {n} {o} .", "{a} gives", {"a": ("-", None), "b": ("+", None)}),
+    "gives_to": _Template("{a} gives {n} {o} to {b} .", "{a} gives to {b}", {"a": ("-", None), "b": ("+", None)}),
+    "gives": _Template("{a} gives {b} {n} {o} .", "{a} gives to {b}", {"a": ("-", None), "b": ("+", None)}),
     "sells": _Template("{a} sells {n} {o} .", "{a} sells", {"a": ("-", None)}),
     "loses": _Template("{a} loses {n} {o} .", "{a} loses", {"a": ("-", None)}),
     "eats": _Template("{a} uses {n} {o} .", "{a} uses", {"a": ("-", None)}),
@@ -129,9 +129,11 @@ QUESTIONS = (
 ANSWER_WORD = "answer"
 SYMBOLS = (":", ";", "=", "+", "-", "*", ".", ",", "?")
 
-_ADD_TEMPLATES = [(k, r) for k, t in TEMPLATES.items() for r, (op, _) in t.effect.items() if op == "+"]
-_SUB_TEMPLATES = [(k, r) for k, t in TEMPLATES.items() for r, (op, _) in t.effect.items() if op == "-"]
-_MUL_TEMPLATES = [(k, r) for k, t in TEMPLATES.items() for r, (op, _) in t.effect.items() if op == "*"]
+# In a relevant sentence the tracked person is the subject, so the verb alone fixes the operation; transfers name
+# the other person, whom the solution step restates ("tom gives to ann").
+_ADD_TEMPLATES = [(k, "a") for k, t in TEMPLATES.items() if t.effect["a"][0] == "+"]
+_SUB_TEMPLATES = [(k, "a") for k, t in TEMPLATES.items() if t.effect["a"][0] == "-"]
+_MUL_TEMPLATES = [(k, "a") for k, t in TEMPLATES.items() if t.effect["a"][0] == "*"]
 
 
 def encode_number(value: int) -> str:
@@ -609,7 +611,7 @@ def extract_answer(text: str) -> int | None:
     Examples:
 
     ```python
-    >>> extract_answer("tom buys 2 apples : 5 + 2 = 7 ; answer 7")
+    >>> extract_answer("tom buys : 5 + 2 = 7 ; answer 7")
     7
     >>> extract_answer("answer 5 0 3 <eos>")
     305

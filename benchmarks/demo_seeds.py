@@ -1,0 +1,57 @@
+"""Repeats `s2t-hf demo` over several seeds and reports the spread of every method's accuracy and time.
+
+Each seed trains (or loads from the cache) its own teacher/student pair, so the first run costs about 30 minutes per
+seed on 2 CPU cores.
+
+    python benchmarks/demo_seeds.py --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+from s2t_hf.demo import DemoConfig, run_demo
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--num-test", type=int, default=500)
+    parser.add_argument("--output-dir", default="runs/demo_seeds")
+    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "demo_seeds.json"))
+    args = parser.parse_args()
+
+    runs = {}
+    for seed in args.seeds:
+        config = DemoConfig(seed=seed, num_test=args.num_test, output_dir=os.path.join(args.output_dir, f"seed{seed}"))
+        runs[seed] = run_demo(config)
+
+    methods = list(runs[args.seeds[0]]["methods"])
+    summary = {}
+    print(f"{'method':<32}{'accuracy mean':>14}{'min':>8}{'max':>8}{'time x greedy':>15}")
+    for name in methods:
+        accuracies = [runs[s]["methods"][name]["accuracy"] for s in args.seeds]
+        ratios = [runs[s]["methods"][name]["seconds"] / runs[s]["methods"]["Greedy"]["seconds"] for s in args.seeds]
+        summary[name] = {
+            "accuracy_mean": statistics.mean(accuracies),
+            "accuracy_min": min(accuracies),
+            "accuracy_max": max(accuracies),
+            "accuracy_stdev": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+            "time_ratio_mean": statistics.mean(ratios),
+        }
+        row = summary[name]
+        print(
+            f"{name:<32}{row['accuracy_mean']:>14.1%}{row['accuracy_min']:>8.1%}{row['accuracy_max']:>8.1%}"
+            f"{row['time_ratio_mean']:>15.2f}"
+        )
+    hits = {s: runs[s]["hit_at_k"]["entropy"] for s in args.seeds}
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump({"seeds": args.seeds, "summary": summary, "hit_at_k": hits}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
