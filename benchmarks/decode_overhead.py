@@ -84,7 +84,7 @@ def run_speed(args) -> dict:
     student, teacher = build(0), build(1)
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, 2000, (args.batch_size, args.prompt_length), generator=generator)
-    calibration = torch.randint(3, 2000, (16, args.prompt_length), generator=generator).tolist()
+    calibration = torch.randint(3, 2000, (32, args.prompt_length), generator=generator).tolist()
     gen = dict(max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0, min_new_tokens=args.new_tokens)
 
     selector = S2TSelector.create(student, bin_token_ids=BINS, use_lora=True)
@@ -93,7 +93,7 @@ def run_speed(args) -> dict:
     thresholds = {}
     with S2TLogitsProcessor(model, selector=selector, selection="local", trigger="entropy") as p:
         for rate in (0.01, 0.10):
-            thresholds[rate] = p.calibrate(calibration, target_rate=rate, max_new_tokens=args.new_tokens // 2)
+            thresholds[rate] = p.calibrate(calibration, target_rate=rate, max_new_tokens=args.new_tokens)
 
     plain_model = build(0)  # the same weights without the adapter
     # name -> (model, processor factory or None, baseline name); processors are built per run and their hooks removed
