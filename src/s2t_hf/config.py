@@ -41,6 +41,7 @@ class S2TConfig:
     >>> config = S2TConfig(trigger="entropy", trigger_threshold=1.5, top_k=8)
     >>> S2TConfig.from_dict(config.to_dict()) == config
     True
+
     ```
     """
 

@@ -104,6 +104,7 @@ class S2TLogitsProcessor(LogitsProcessor):
     ...                            logits_processor=[s2t])
     ...     s2t.stats["triggers"]
     2
+
     ```
     """
 

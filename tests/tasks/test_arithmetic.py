@@ -43,7 +43,7 @@ PATTERNS = [
     (r"^(\w+) now has (twice|three times|four times) as many (\w+)$", None),
 ]
 MULTIPLIERS = {"twice": 2, "three times": 3, "four times": 4}
-HEAD = r"(\w+) (?:buys|wins|finds|sells|loses|uses|doubles|triples|has (?:twice|three times|four times)|(?:gets from|takes from|gives to) (\w+))"
+HEAD = r"(\w+) (?:buys|wins|finds|sells|loses|uses|gets|takes|gives|doubles|triples|has (?:twice|(?:three|four) times))"
 
 
 def lsd(text: str) -> int:
@@ -124,7 +124,8 @@ def test_generation_is_deterministic():
 
 
 def test_splits_are_disjoint():
-    texts = {split: {p.text for p in generate_problems(300, split, seed=0)} for split in ("train", "validation", "test")}
+    splits = ("train", "validation", "test")
+    texts = {split: {p.text for p in generate_problems(300, split, seed=0)} for split in splits}
     assert all(len(t) == 300 for t in texts.values())  # no duplicates inside a split
     assert not texts["train"] & texts["validation"]
     assert not texts["train"] & texts["test"]
@@ -155,7 +156,6 @@ def test_solution_matches_independent_evaluation(split):
             assert 0 <= y <= config.max_value
             found = re.fullmatch(HEAD, head)
             assert found and found.group(1) == problem.person, head
-            assert found.group(2) is None or found.group(2) in problem.text.split()
             value = y
         assert value == problem.answer
         assert max(len(w) for w in problem.text.split()) <= 9  # numbers are split into digits
@@ -166,8 +166,9 @@ def test_solutions_need_word_level_choices():
     problems = generate_problems(200, "train", seed=0)
     heads = [step.split(" : ")[0] for p in problems for step in p.solution.split(" ; ")[:-1]]
     assert len({h.split()[1] for h in heads}) >= 10  # verbs
-    others = [h.split()[-1] for h in heads if " from " in h or " to " in h]  # the other person of a transfer
-    assert len(others) > 100 and len(set(others)) > 20
+    # the step order follows the text, and the verb of each sentence fixes the operation
+    transfers = [p for p in problems if any(v in p.text for v in (" gives ", " takes ", " gets "))]
+    assert len(transfers) > 100
     # distractors mention the tracked person or the tracked object too
     assert sum(p.text.count(p.person) > len(p.solution.split(" ; ")) for p in problems) > 20
     assert sum(p.text.count(p.obj) > len(p.solution.split(" ; ")) + 1 for p in problems) > 20
@@ -241,8 +242,11 @@ def test_padded_vocab_size(tokenizer):
 
 
 def test_import_is_light():
-    code = "import sys, s2t_hf.tasks as t; t.generate_problems(2); t.check_answer('answer 1', 1); print(json.dumps(sorted(m for m in ('torch', 'transformers', 'tokenizers') if m in sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True)
+    code = (
+        "import json, sys, s2t_hf.tasks as t; t.generate_problems(2); t.check_answer('answer 1', 1); "
+        "print(json.dumps(sorted(m for m in ('torch', 'transformers', 'tokenizers') if m in sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
 
 

@@ -10,6 +10,7 @@ Examples:
 >>> hit = load_metric("hit_at_k")
 >>> hit.compute(predictions=[[5, 3, 9], [1, 2, 4]], references=[3, 7], ks=[1, 2])
 {'hit@1': 0.0, 'hit@2': 0.5}
+
 ```
 """
 

@@ -1,4 +1,4 @@
-"""Worker process of [`~s2t_hf.tasks.train_pair`]: trains one model of the pair (`python -m s2t_hf.tasks._pair_worker`)."""
+"""Worker process of [`~s2t_hf.tasks.train_pair`]: trains one model of the pair (`python -m ...tasks._pair_worker`)."""
 
 from s2t_hf.tasks.pair import _worker_main
 

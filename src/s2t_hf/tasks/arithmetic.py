@@ -6,10 +6,10 @@ sentences mention unrelated numbers. The worked solution has one step per releva
 the verb before the equation, then a final answer line (numbers LSD-first, see below):
 
 ```text
-tom gets from ann : 5 + 3 = 8 ; tom sells : 8 - 2 = 6 ; answer 6
+tom gets : 5 + 3 = 8 ; tom sells : 8 - 2 = 6 ; answer 6
 ```
 
-so decoding involves word-level decisions (which sentence comes next, which verb, which other person, when to
+so decoding involves word-level decisions (which sentence comes next, which verb and so which operation, when to
 stop) as well as digits. Every number is written digit by digit, **least-significant digit first**
 (`305` is `5 0 3`): tiny models learn carries far more easily that way.
 
@@ -80,12 +80,12 @@ TEMPLATES: dict[str, _Template] = {
     "buys": _Template("{a} buys {n} {o} .", "{a} buys", {"a": ("+", None)}),
     "finds": _Template("{a} finds {n} more {o} .", "{a} finds", {"a": ("+", None)}),
     "wins": _Template("{a} wins {n} {o} .", "{a} wins", {"a": ("+", None)}),
-    "gets_from": _Template("{a} gets {n} {o} from {b} .", "{a} gets from {b}", {"a": ("+", None), "b": ("-", None)}),
+    "gets_from": _Template("{a} gets {n} {o} from {b} .", "{a} gets", {"a": ("+", None), "b": ("-", None)}),
     "takes_from": _Template(
-        "{a} takes {n} {o} from {b} .", "{a} takes from {b}", {"a": ("+", None), "b": ("-", None)}
+        "{a} takes {n} {o} from {b} .", "{a} takes", {"a": ("+", None), "b": ("-", None)}
     ),
-    "gives_to": _Template("{a} gives {n} {o} to {b} .", "{a} gives to {b}", {"a": ("-", None), "b": ("+", None)}),
-    "gives": _Template("{a} gives {b} {n} {o} .", "{a} gives to {b}", {"a": ("-", None), "b": ("+", None)}),
+    "gives_to": _Template("{a} gives {n} {o} to {b} .", "{a} gives", {"a": ("-", None), "b": ("+", None)}),
+    "gives": _Template("{a} gives {b} {n} {o} .", "{a} gives", {"a": ("-", None), "b": ("+", None)}),
     "sells": _Template("{a} sells {n} {o} .", "{a} sells", {"a": ("-", None)}),
     "loses": _Template("{a} loses {n} {o} .", "{a} loses", {"a": ("-", None)}),
     "eats": _Template("{a} uses {n} {o} .", "{a} uses", {"a": ("-", None)}),
@@ -129,8 +129,7 @@ QUESTIONS = (
 ANSWER_WORD = "answer"
 SYMBOLS = (":", ";", "=", "+", "-", "*", ".", ",", "?")
 
-# In a relevant sentence the tracked person is the subject, so the verb alone fixes the operation; transfers name
-# the other person, whom the solution step restates ("tom gives to ann").
+# In a relevant sentence the tracked person is the subject, so the verb alone fixes the operation.
 _ADD_TEMPLATES = [(k, "a") for k, t in TEMPLATES.items() if t.effect["a"][0] == "+"]
 _SUB_TEMPLATES = [(k, "a") for k, t in TEMPLATES.items() if t.effect["a"][0] == "-"]
 _MUL_TEMPLATES = [(k, "a") for k, t in TEMPLATES.items() if t.effect["a"][0] == "*"]
@@ -278,7 +277,10 @@ class ArithmeticTaskConfig:
     multiply_probability: float = field(default=0.25, metadata={"help": "Probability of a multiplication step."})
     distractor_placement: str = field(
         default="outside",
-        metadata={"help": "`outside`: distractors before the start or after the last operation; `interleaved`: anywhere."},
+        metadata={
+            "help": "`outside`: distractors and fillers before the start or after the last operation (the relevant "
+            "sentences form one run); `interleaved`: anywhere."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -440,14 +442,16 @@ def _distractor_event(rng: random.Random, person: str, obj: str, people: list[st
         b = _other(rng, {a}, tuple(cast)) if len(cast) > 1 else _other(rng, {a, person}, NAMES)
         if rng.random() < 0.25:
             amount = rng.randint(1, config.max_start)
-            event = Event("start", a=a, obj=other_obj, amount=amount, text=_fill(rng.choice(START_TEMPLATES), a, None, amount, other_obj))
+            text = _fill(rng.choice(START_TEMPLATES), a, None, amount, other_obj)
+            event = Event("start", a=a, obj=other_obj, amount=amount, text=text)
         else:
             kind = rng.choice(list(TEMPLATES))
             template = TEMPLATES[kind]
             if "{b}" not in template.text:
                 b = None
             amount = None if "{n}" not in template.text else rng.randint(1, config.max_amount)
-            event = Event(kind, a=a, b=b, obj=other_obj, amount=amount, text=_fill(template.text, a, b, amount, other_obj))
+            text = _fill(template.text, a, b, amount, other_obj)
+            event = Event(kind, a=a, b=b, obj=other_obj, amount=amount, text=text)
         if apply_event(event, person, obj, None) is None:
             return event
 
@@ -480,7 +484,8 @@ def generate_problem(rng: random.Random, config: ArithmeticTaskConfig | None = N
     people = [person] + rng.sample([n for n in NAMES if n != person], 3)
 
     value = rng.randint(1, config.max_start)
-    start = Event("start", a=person, obj=obj, amount=value, text=_fill(rng.choice(START_TEMPLATES), person, None, value, obj))
+    start_text = _fill(rng.choice(START_TEMPLATES), person, None, value, obj)
+    start = Event("start", a=person, obj=obj, amount=value, text=start_text)
     relevant = [start]
     steps = []
     for _ in range(rng.randint(config.min_operations, config.max_operations)):
@@ -492,7 +497,8 @@ def generate_problem(rng: random.Random, config: ArithmeticTaskConfig | None = N
         relevant.append(event)
         value = new_value
 
-    others = [_distractor_event(rng, person, obj, people, config) for _ in range(rng.randint(config.min_distractors, config.max_distractors))]
+    num_distractors = rng.randint(config.min_distractors, config.max_distractors)
+    others = [_distractor_event(rng, person, obj, people, config) for _ in range(num_distractors)]
     others += [_filler_event(rng, people, config) for _ in range(rng.randint(0, config.max_fillers))]
     if config.distractor_placement == "interleaved":  # relevant events keep their order, the others go anywhere
         order = ["r"] * len(relevant) + ["o"] * len(others)

@@ -76,9 +76,9 @@ class PairTrainingConfig:
         spare_vocab_rows (`int`, *optional*, defaults to `32`):
             Fewest embedding rows above the tokenizer's vocabulary (reserved for S2T-Local bins); the total is rounded
             up to a multiple of 64.
-        teacher_max_steps (`int`, *optional*, defaults to `6000`):
+        teacher_max_steps (`int`, *optional*, defaults to `4000`):
             Teacher optimisation steps (fewer if it reaches `teacher_stop_accuracy` or the time limit first).
-        student_max_steps (`int`, *optional*, defaults to `3000`):
+        student_max_steps (`int`, *optional*, defaults to `4000`):
             Student optimisation steps (fewer once its accuracy has passed the target window).
         batch_size (`int`, *optional*, defaults to `32`):
             Problems per step; every step draws fresh problems.
@@ -92,7 +92,7 @@ class PairTrainingConfig:
             AdamW weight decay.
         eval_steps (`int`, *optional*, defaults to `250`):
             Evaluate greedy validation accuracy every this many teacher steps.
-        student_eval_steps (`int`, *optional*, defaults to `50`):
+        student_eval_steps (`int`, *optional*, defaults to `100`):
             Evaluate the student this often: its useful accuracy window can be short.
         eval_problems (`int`, *optional*, defaults to `200`):
             Validation problems used to select checkpoints.
@@ -115,7 +115,7 @@ class PairTrainingConfig:
             Train teacher and student at once in two worker processes. Execution setting: does not change the cache.
         num_threads (`int`, *optional*):
             Torch threads per training process; defaults to 1 when `parallel` else all cores.
-        max_minutes (`float`, *optional*, defaults to `18.0`):
+        max_minutes (`float`, *optional*, defaults to `16.0`):
             Wall-clock limit of each model's training, in minutes; training stops at the next evaluation past it and
             keeps the best checkpoint so far (`None` for no limit).
     """
@@ -130,15 +130,15 @@ class PairTrainingConfig:
     student_num_heads: int = field(default=4, metadata={"help": "Student attention heads."})
     tie_word_embeddings: bool = field(default=True, metadata={"help": "Share input embedding and output head."})
     spare_vocab_rows: int = field(default=32, metadata={"help": "Fewest embedding rows above the tokenizer."})
-    teacher_max_steps: int = field(default=6000, metadata={"help": "Teacher optimisation steps."})
-    student_max_steps: int = field(default=3000, metadata={"help": "Student optimisation steps."})
+    teacher_max_steps: int = field(default=4000, metadata={"help": "Teacher optimisation steps."})
+    student_max_steps: int = field(default=4000, metadata={"help": "Student optimisation steps."})
     batch_size: int = field(default=32, metadata={"help": "Problems per step."})
     teacher_learning_rate: float = field(default=3e-3, metadata={"help": "Teacher peak learning rate."})
     student_learning_rate: float = field(default=3e-3, metadata={"help": "Student peak learning rate."})
     warmup_steps: int = field(default=100, metadata={"help": "Warm-up steps."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
     eval_steps: int = field(default=250, metadata={"help": "Teacher evaluation interval (steps)."})
-    student_eval_steps: int = field(default=50, metadata={"help": "Student evaluation interval (steps)."})
+    student_eval_steps: int = field(default=100, metadata={"help": "Student evaluation interval (steps)."})
     eval_problems: int = field(default=200, metadata={"help": "Validation problems for checkpoint selection."})
     test_problems: int = field(default=500, metadata={"help": "Test problems for the final report."})
     teacher_stop_accuracy: float = field(default=0.98, metadata={"help": "Stop the teacher at this accuracy."})
@@ -149,7 +149,7 @@ class PairTrainingConfig:
     task: ArithmeticTaskConfig = field(default_factory=ArithmeticTaskConfig, metadata={"help": "Task knobs."})
     parallel: bool = field(default=True, metadata={"help": "Train both models at once in two processes."})
     num_threads: int | None = field(default=None, metadata={"help": "Torch threads per training process."})
-    max_minutes: float | None = field(default=18.0, metadata={"help": "Wall-clock limit per model, in minutes."})
+    max_minutes: float | None = field(default=16.0, metadata={"help": "Wall-clock limit per model, in minutes."})
 
     def __post_init__(self) -> None:
         if isinstance(self.task, dict):

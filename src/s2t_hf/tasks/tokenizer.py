@@ -36,9 +36,9 @@ def build_tokenizer(extra_words: Sequence[str] = (), model_max_length: int = 512
     """
     Build the word-level tokenizer of the arithmetic task as a `transformers.PreTrainedTokenizerFast`.
 
-    The vocabulary is the special tokens (`<pad>`, `<bos>`, `<eos>`, `<unk>`, `<user>`, `<assistant>`) followed by every
-    word of the task, sorted, so it is the same on every machine. Padding is on the left (batched generation), and
-    the tokenizer carries a chat template: `<bos> <user> {problem} <assistant>`, then the solution and `<eos>`.
+    The vocabulary is the special tokens (`<pad>`, `<bos>`, `<eos>`, `<unk>`, `<user>`, `<assistant>`) followed by
+    every word of the task, sorted, so it is the same on every machine. Padding is on the left (batched generation),
+    and the tokenizer carries a chat template: `<bos> <user> {problem} <assistant>`, then the solution and `<eos>`.
 
     Args:
         extra_words (`Sequence[str]`, *optional*, defaults to `()`):
