@@ -53,6 +53,14 @@ class DemoConfig:
     selector_batch_size: int = field(default=32, metadata={"help": "Groups per training step."})
     residual_tau: float = field(default=0.1, metadata={"help": "Temperature of the residual form."})
     forms: tuple[str, ...] = field(default=("pure", "residual"), metadata={"help": "Selector forms to train."})
+    local_adapter_mode: str = field(
+        default="scoring",
+        metadata={
+            "help": "`scoring`: the selector's LoRA is active only while candidates are scored, so untriggered tokens "
+            "stay the student's own (at this scale the adapted student's own generation degraded: see "
+            "docs/benchmarks.md); `generate`: active during generation, as in the paper."
+        },
+    )
     plots: bool = field(default=True, metadata={"help": "Write PNG plots (needs matplotlib)."})
 
 
@@ -283,7 +291,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
             kwargs = dict(teacher=teacher) if kind == "kl" else {}
             with S2TLogitsProcessor(
                 model, selector.config, selector=selector, selection="local", trigger=kind, top_k=config.top_k,
-                **kwargs, **common,
+                adapter_mode=config.local_adapter_mode, **kwargs, **common,
             ) as s2t:
                 threshold = s2t.calibrate(
                     calibration_prompts, target_rate=config.trigger_rate, batch_size=config.batch_size,
@@ -300,7 +308,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
                         metrics={"test accuracy": methods[f"S2T-Local {form} ({kind})"]["accuracy"]},
                     )
         completions, seconds = runner.run(model, test_prompts, desc=f"greedy with {form} adapter")
-        record(f"Greedy with {form} adapter", completions, seconds)
+        record(f"Greedy with {form} adapter (LoRA on)", completions, seconds)
     stages.update()
     stages.close()
 

@@ -1,6 +1,6 @@
 """A teacher/student pair of tiny Llama models trained from scratch on the arithmetic task, cached on disk.
 
-[`train_pair`] trains a ~150K-parameter teacher and a ~46K-parameter student with `transformers.Trainer` on a fresh
+[`train_pair`] trains a ~150K-parameter teacher and a ~62K-parameter student with `transformers.Trainer` on a fresh
 stream of training problems, evaluates greedy accuracy on validation problems as it goes, keeps the teacher's best
 checkpoint and the student checkpoint whose accuracy sits in a target window well below the teacher (so that
 selection has something to fix), and saves both with the tokenizer. A second call with the same settings loads the
@@ -63,9 +63,9 @@ class PairTrainingConfig:
             Teacher decoder layers.
         teacher_num_heads (`int`, *optional*, defaults to `4`):
             Teacher attention heads.
-        student_hidden_size (`int`, *optional*, defaults to `32`):
+        student_hidden_size (`int`, *optional*, defaults to `40`):
             Student hidden size.
-        student_intermediate_size (`int`, *optional*, defaults to `128`):
+        student_intermediate_size (`int`, *optional*, defaults to `160`):
             Student MLP size.
         student_num_layers (`int`, *optional*, defaults to `2`):
             Student decoder layers.
@@ -76,9 +76,9 @@ class PairTrainingConfig:
         spare_vocab_rows (`int`, *optional*, defaults to `32`):
             Fewest embedding rows above the tokenizer's vocabulary (reserved for S2T-Local bins); the total is rounded
             up to a multiple of 64.
-        teacher_max_steps (`int`, *optional*, defaults to `4000`):
+        teacher_max_steps (`int`, *optional*, defaults to `4500`):
             Teacher optimisation steps (fewer if it reaches `teacher_stop_accuracy` or the time limit first).
-        student_max_steps (`int`, *optional*, defaults to `4000`):
+        student_max_steps (`int`, *optional*, defaults to `5000`):
             Student optimisation steps (fewer once its accuracy has passed the target window).
         batch_size (`int`, *optional*, defaults to `32`):
             Problems per step; every step draws fresh problems.
@@ -103,8 +103,10 @@ class PairTrainingConfig:
         student_min_accuracy (`float`, *optional*, defaults to `0.3`):
             Lower end of the student's target validation accuracy.
         student_max_accuracy (`float`, *optional*, defaults to `0.6`):
-            Upper end of the student's target validation accuracy. The latest checkpoint inside the window is kept;
-            training stops after `student_patience` evaluations above it.
+            Upper end of the student's target validation accuracy; training stops after `student_patience`
+            evaluations above it.
+        student_target_accuracy (`float`, *optional*, defaults to `0.45`):
+            Among the checkpoints inside the window, the one closest to this accuracy is kept (the latest on ties).
         student_patience (`int`, *optional*, defaults to `2`):
             Evaluations above `student_max_accuracy` before the student stops.
         seed (`int`, *optional*, defaults to `0`):
@@ -115,7 +117,7 @@ class PairTrainingConfig:
             Train teacher and student at once in two worker processes. Execution setting: does not change the cache.
         num_threads (`int`, *optional*):
             Torch threads per training process; defaults to 1 when `parallel` else all cores.
-        max_minutes (`float`, *optional*, defaults to `16.0`):
+        max_minutes (`float`, *optional*, defaults to `20.0`):
             Wall-clock limit of each model's training, in minutes; training stops at the next evaluation past it and
             keeps the best checkpoint so far (`None` for no limit).
     """
@@ -124,14 +126,14 @@ class PairTrainingConfig:
     teacher_intermediate_size: int = field(default=256, metadata={"help": "Teacher MLP size."})
     teacher_num_layers: int = field(default=2, metadata={"help": "Teacher decoder layers."})
     teacher_num_heads: int = field(default=4, metadata={"help": "Teacher attention heads."})
-    student_hidden_size: int = field(default=32, metadata={"help": "Student hidden size."})
-    student_intermediate_size: int = field(default=128, metadata={"help": "Student MLP size."})
+    student_hidden_size: int = field(default=40, metadata={"help": "Student hidden size."})
+    student_intermediate_size: int = field(default=160, metadata={"help": "Student MLP size."})
     student_num_layers: int = field(default=2, metadata={"help": "Student decoder layers."})
     student_num_heads: int = field(default=4, metadata={"help": "Student attention heads."})
     tie_word_embeddings: bool = field(default=True, metadata={"help": "Share input embedding and output head."})
     spare_vocab_rows: int = field(default=32, metadata={"help": "Fewest embedding rows above the tokenizer."})
-    teacher_max_steps: int = field(default=4000, metadata={"help": "Teacher optimisation steps."})
-    student_max_steps: int = field(default=4000, metadata={"help": "Student optimisation steps."})
+    teacher_max_steps: int = field(default=4500, metadata={"help": "Teacher optimisation steps."})
+    student_max_steps: int = field(default=5000, metadata={"help": "Student optimisation steps."})
     batch_size: int = field(default=32, metadata={"help": "Problems per step."})
     teacher_learning_rate: float = field(default=3e-3, metadata={"help": "Teacher peak learning rate."})
     student_learning_rate: float = field(default=3e-3, metadata={"help": "Student peak learning rate."})
@@ -144,12 +146,13 @@ class PairTrainingConfig:
     teacher_stop_accuracy: float = field(default=0.98, metadata={"help": "Stop the teacher at this accuracy."})
     student_min_accuracy: float = field(default=0.3, metadata={"help": "Student target window, lower end."})
     student_max_accuracy: float = field(default=0.6, metadata={"help": "Student target window, upper end."})
+    student_target_accuracy: float = field(default=0.45, metadata={"help": "Preferred student accuracy."})
     student_patience: int = field(default=2, metadata={"help": "Evaluations above the window before stopping."})
     seed: int = field(default=0, metadata={"help": "Seed."})
     task: ArithmeticTaskConfig = field(default_factory=ArithmeticTaskConfig, metadata={"help": "Task knobs."})
     parallel: bool = field(default=True, metadata={"help": "Train both models at once in two processes."})
     num_threads: int | None = field(default=None, metadata={"help": "Torch threads per training process."})
-    max_minutes: float | None = field(default=16.0, metadata={"help": "Wall-clock limit per model, in minutes."})
+    max_minutes: float | None = field(default=20.0, metadata={"help": "Wall-clock limit per model, in minutes."})
 
     def __post_init__(self) -> None:
         if isinstance(self.task, dict):
@@ -173,6 +176,11 @@ class PairTrainingConfig:
             raise ValueError(
                 "`student_min_accuracy` and `student_max_accuracy` must satisfy 0 <= min <= max <= 1, got "
                 f"{self.student_min_accuracy} and {self.student_max_accuracy}."
+            )
+        if not self.student_min_accuracy <= self.student_target_accuracy <= self.student_max_accuracy:
+            raise ValueError(
+                f"`student_target_accuracy` ({self.student_target_accuracy}) must lie in [student_min_accuracy, "
+                f"student_max_accuracy] = [{self.student_min_accuracy}, {self.student_max_accuracy}]."
             )
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"`max_minutes` must be positive or None, got {self.max_minutes}.")
@@ -480,8 +488,9 @@ class _SelectionCallback(TrainerCallback):
             return max(self.history, key=lambda h: (h["accuracy"], h["step"]))["step"]
         low, high = self.settings.student_min_accuracy, self.settings.student_max_accuracy
         inside = [h for h in self.history if low <= h["accuracy"] <= high]
-        if inside:  # the latest inside the window: the most trained student that still needs help
-            return inside[-1]["step"]
+        if inside:  # the closest to the target inside the window, the latest (most trained) on ties
+            target = self.settings.student_target_accuracy
+            return min(inside, key=lambda h: (round(abs(h["accuracy"] - target), 6), -h["step"]))["step"]
         # Otherwise the closest to the window (latest on ties).
         return min(
             self.history, key=lambda h: (max(low - h["accuracy"], h["accuracy"] - high, 0.0), -h["step"])
@@ -635,8 +644,8 @@ def train_pair(
     Train (or load from the cache) the arithmetic teacher/student pair.
 
     The teacher (~150K parameters) trains until its validation greedy accuracy reaches `teacher_stop_accuracy` and
-    keeps its best checkpoint; the student (~46K parameters) keeps the latest checkpoint whose accuracy lies in
-    `[student_min_accuracy, student_max_accuracy]`. Both are evaluated often on validation problems, saved in
+    keeps its best checkpoint; the student (~62K parameters) keeps, among its checkpoints whose accuracy lies in
+    `[student_min_accuracy, student_max_accuracy]`, the one closest to `student_target_accuracy`. Both are evaluated often on validation problems, saved in
     safetensors with the tokenizer under `output_dir/teacher` and `output_dir/student`, and described in
     `output_dir/pair_info.json` (settings, parameter counts, validation and test accuracy, timings). With the default
     settings both train at once in two processes (one thread each) in about a quarter of an hour on a 2-core CPU.
