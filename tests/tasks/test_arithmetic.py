@@ -136,10 +136,12 @@ def test_splits_are_disjoint():
         generate_problems(1, split="dev")
 
 
-@pytest.mark.parametrize("split", ["train", "test"])
-def test_solution_matches_independent_evaluation(split):
-    config = ArithmeticTaskConfig()
-    for problem in generate_problems(400, split, seed=7):
+@pytest.mark.parametrize(
+    "split, placement", [("train", "before"), ("test", "before"), ("train", "outside"), ("train", "interleaved")]
+)
+def test_solution_matches_independent_evaluation(split, placement):
+    config = ArithmeticTaskConfig(distractor_placement=placement)
+    for problem in generate_problems(300, split, seed=7, config=config):
         assert independent_answer(problem.text) == problem.answer, problem.text
         assert extract_answer(problem.solution) == problem.answer
         assert check_answer(problem.solution, problem.answer)
@@ -177,6 +179,8 @@ def test_solutions_need_word_level_choices():
 def test_config_validation():
     with pytest.raises(ValueError, match="`min_operations`"):
         ArithmeticTaskConfig(min_operations=3, max_operations=2)
+    with pytest.raises(ValueError, match="`distractor_placement`"):
+        ArithmeticTaskConfig(distractor_placement="after")
     with pytest.raises(ValueError, match="`max_amount`"):
         ArithmeticTaskConfig(max_amount=5000)
     easy = ArithmeticTaskConfig(min_operations=1, max_operations=1, max_value=99, max_start=50, max_amount=20)

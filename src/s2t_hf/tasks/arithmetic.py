@@ -128,6 +128,7 @@ QUESTIONS = (
 )
 ANSWER_WORD = "answer"
 SYMBOLS = (":", ";", "=", "+", "-", "*", ".", ",", "?")
+DISTRACTOR_PLACEMENTS = ("before", "outside", "interleaved")
 
 # In a relevant sentence the tracked person is the subject, so the verb alone fixes the operation.
 _ADD_TEMPLATES = [(k, "a") for k, t in TEMPLATES.items() if t.effect["a"][0] == "+"]
@@ -261,6 +262,10 @@ class ArithmeticTaskConfig:
             Probability that a sentence after the first starts with a filler phrase such as "after lunch ,".
         multiply_probability (`float`, *optional*, defaults to `0.25`):
             Probability that an operation is a multiplication (when the result stays within `max_value`).
+        distractor_placement (`str`, *optional*, defaults to `"before"`):
+            Where distractor and filler sentences go: `"before"` the start sentence (the relevant sentences then run
+            up to the question), `"outside"` the run of relevant sentences (before or after it; the solver must then
+            also decide when to stop), or `"interleaved"` anywhere (the hardest).
     """
 
     min_operations: int = field(default=2, metadata={"help": "Fewest operations on the tracked count."})
@@ -276,10 +281,11 @@ class ArithmeticTaskConfig:
     )
     multiply_probability: float = field(default=0.25, metadata={"help": "Probability of a multiplication step."})
     distractor_placement: str = field(
-        default="outside",
+        default="before",
         metadata={
-            "help": "`outside`: distractors and fillers before the start or after the last operation (the relevant "
-            "sentences form one run); `interleaved`: anywhere."
+            "help": "Where distractor and filler sentences go: `before` the start sentence (the relevant sentences "
+            "then run up to the question), `outside` the run of relevant sentences (before or after it), or "
+            "`interleaved` anywhere."
         },
     )
 
@@ -300,9 +306,9 @@ class ArithmeticTaskConfig:
                 f"`min_distractors` and `max_distractors` must satisfy 0 <= min <= max, got {self.min_distractors} "
                 f"and {self.max_distractors}."
             )
-        if self.distractor_placement not in ("outside", "interleaved"):
+        if self.distractor_placement not in DISTRACTOR_PLACEMENTS:
             raise ValueError(
-                f"`distractor_placement` must be 'outside' or 'interleaved', got {self.distractor_placement!r}."
+                f"`distractor_placement` must be one of {DISTRACTOR_PLACEMENTS}, got {self.distractor_placement!r}."
             )
         if self.max_fillers < 0:
             raise ValueError(f"`max_fillers` must be >= 0, got {self.max_fillers}.")
@@ -506,9 +512,9 @@ def generate_problem(rng: random.Random, config: ArithmeticTaskConfig | None = N
         events, r, o = [], iter(relevant), iter(others)
         for tag in order:
             events.append(next(r) if tag == "r" else next(o))
-    else:  # the relevant sentences in one run; distractors and fillers before or after it
+    else:  # the relevant sentences in one run; distractors and fillers before (or after) it
         rng.shuffle(others)
-        cut = rng.randint(0, len(others))
+        cut = len(others) if config.distractor_placement == "before" else rng.randint(0, len(others))
         events = [*others[:cut], *relevant, *others[cut:]]
     sentences = []
     for i, event in enumerate(events):

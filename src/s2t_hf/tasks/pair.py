@@ -648,7 +648,8 @@ def train_pair(
     `[student_min_accuracy, student_max_accuracy]`, the one closest to `student_target_accuracy`. Both are evaluated often on validation problems, saved in
     safetensors with the tokenizer under `output_dir/teacher` and `output_dir/student`, and described in
     `output_dir/pair_info.json` (settings, parameter counts, validation and test accuracy, timings). With the default
-    settings both train at once in two processes (one thread each) in about a quarter of an hour on a 2-core CPU.
+    settings both train at once in two processes (one thread each); `max_minutes` caps each model's training time
+    (20 minutes by default; about 12 minutes are needed on an idle 2-core CPU).
 
     Args:
         output_dir (`str` or `os.PathLike`, *optional*):
