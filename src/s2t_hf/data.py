@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers.utils import logging
 
-from .kv import positions_from_attention_mask
+from .kv import output_rows, positions_from_attention_mask
 from .selection import top_k_candidates
 from .triggers import kl_signal
 from .version import __version__
@@ -213,7 +213,7 @@ def collect_selection_data(
     encoded = _encode_prompts(prompts, tokenizer, chat_template, "prompts")
     if not encoded:
         raise ValueError("`prompts` is empty; give at least one training prompt.")
-    vocab = _output_rows(student)
+    vocab = output_rows(student)
     if suppress_token_ids is None:
         suppress_token_ids = list(range(len(tokenizer), vocab)) if tokenizer is not None else []
     suppress = sorted({int(i) for i in suppress_token_ids})
@@ -313,13 +313,6 @@ def collect_selection_data(
 # Collection
 
 
-def _output_rows(model: torch.nn.Module) -> int:
-    head = model.get_output_embeddings()
-    if head is not None and getattr(head, "weight", None) is not None:
-        return int(head.weight.shape[0])
-    return int(model.config.get_text_config().vocab_size)
-
-
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -334,8 +327,8 @@ class _Context:
         self.settings = settings
         self.extra_generation_kwargs = generation_kwargs
         self.batch_size = batch_size
-        self.vocab = _output_rows(student)
-        teacher_vocab = _output_rows(teacher)
+        self.vocab = output_rows(student)
+        teacher_vocab = output_rows(teacher)
         self.comparable = self.vocab
         if teacher_vocab != self.vocab:
             size = len(tokenizer) if tokenizer is not None else None

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .config import S2TConfig
+from .kv import output_rows
 from .processor import S2TLogitsProcessor
 
 
@@ -81,7 +82,7 @@ class _Generator:
         self.max_new_tokens = max_new_tokens
 
     def generate_kwargs(self, model) -> dict[str, Any]:
-        rows = model.get_output_embeddings().weight.shape[0]
+        rows = output_rows(model)
         return dict(
             max_new_tokens=self.max_new_tokens,
             pad_token_id=self.tokenizer.pad_token_id,
@@ -264,7 +265,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     dataset = collect_selection_data(
         student, teacher, tokenizer, train_prompts, mode="teacher_forced", top_k=config.collect_top_k,
         fraction=config.collect_fraction, max_new_tokens=runner.max_new_tokens, batch_size=config.batch_size,
-        chat_template=False, suppress_token_ids=list(range(len(tokenizer), student.get_output_embeddings().weight.shape[0])),
+        chat_template=False, suppress_token_ids=list(range(len(tokenizer), output_rows(student))),
         save_to=os.path.join(config.output_dir, "selection_data"),
     )
     results["timings"]["collect_s"] = time.perf_counter() - started

@@ -115,6 +115,14 @@ def cache_argument(model: torch.nn.Module) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
+def output_rows(model: torch.nn.Module) -> int:
+    """Number of rows of the model's output layer (the logits' last dimension), padding rows included."""
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.get_text_config().vocab_size)
+
+
 def positions_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids as `generate` makes them with left padding: cumulative count of real tokens minus one."""
     positions = attention_mask.long().cumsum(-1) - 1

@@ -18,6 +18,7 @@ from .kv import (
     GenerationStateHook,
     cache_argument,
     cache_can_roll_back,
+    output_rows,
     positions_from_attention_mask,
     score_candidates_by_recompute,
     score_candidates_on_cache,
@@ -32,13 +33,6 @@ logger = logging.get_logger(__name__)
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside a PEFT wrapper (PEFT modifies it in place, so hooks on it see every forward)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _output_rows(model: torch.nn.Module) -> int:
-    head = model.get_output_embeddings()
-    if head is not None and hasattr(head, "weight"):
-        return int(head.weight.shape[0])
-    return int(model.config.get_text_config().vocab_size)
 
 
 class S2TLogitsProcessor(LogitsProcessor):
@@ -156,7 +150,7 @@ class S2TLogitsProcessor(LogitsProcessor):
                     "The selector is attached to another model than `model`. Load it onto the model you generate with: "
                     "`S2TSelector.from_pretrained(model, path)`."
                 )
-        self.student_vocab = _output_rows(self.student)
+        self.student_vocab = output_rows(self.student)
         self.comparable_vocab = self.student_vocab
         if teacher is not None:
             self._check_teacher_vocab()
@@ -243,7 +237,7 @@ class S2TLogitsProcessor(LogitsProcessor):
         return cls(model, config, teacher=teacher, selector=selector, **kwargs)
 
     def _check_teacher_vocab(self) -> None:
-        teacher_vocab = _output_rows(self.teacher)
+        teacher_vocab = output_rows(self.teacher)
         if teacher_vocab == self.student_vocab:
             return
         size = len(self.tokenizer) if self.tokenizer is not None else None
