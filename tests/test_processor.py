@@ -260,9 +260,12 @@ def test_reserved_rows_are_never_generated():
 class _FakeSelector:
     """Only what the processor reads when it never triggers."""
 
+    preserves_cache = True
+
     def __init__(self, model, bin_token_ids):
         self.model = model
         self.bin_token_ids = bin_token_ids
+        self.config = S2TConfig(selection="local")
 
 
 def test_unsupported_modes_raise():

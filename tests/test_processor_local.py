@@ -111,46 +111,62 @@ def test_head_only_selector_never_changes_untriggered_tokens():
     assert torch.equal(out, expected)
 
 
-def test_scoring_only_adapter_keeps_generation_exact():
-    base = tiny_model("qwen2", seed=0)
-    prompt = [5, 6, 7, 8]
-    model = tiny_model("qwen2", seed=0)
-    selector = trained_like_selector(model, seed=2, use_lora=True)
+@torch.no_grad()
+def reference_scoring_only(model, selector, prompt, max_new_tokens, top_k, bins):
+    """Slow S2T-Local with `adapter_mode="scoring"`: the base model generates, the adapted model scores candidates."""
+    values = torch.linspace(0, 1, len(bins))
+    sequence = list(prompt)
+    for _ in range(max_new_tokens):
+        with selector.adapter_disabled():
+            logits = model(torch.tensor([sequence])).logits[0, -1].float()
+        logits[bins] = float("-inf")
+        candidates = logits.topk(top_k).indices.tolist()
+        scores = []
+        for candidate in candidates:
+            bin_logits = model(torch.tensor([sequence + [candidate]])).logits[0, -1, bins].float()
+            scores.append(float((torch.softmax(bin_logits, -1) * values).sum()))
+        token = candidates[max(range(top_k), key=lambda i: scores[i])]
+        sequence.append(token)
+        if token == EOS:
+            break
+    return sequence[len(prompt) :]
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+@pytest.mark.parametrize("preserve_cache", [False, True])
+def test_scoring_only_adapter_keeps_generation_exact(arch, preserve_cache):
+    model = tiny_model(arch, seed=0)
+    selector = S2TSelector.create(model, bin_token_ids=BINS, preserve_cache=preserve_cache)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, parameter in selector.model.named_parameters():
+            if parameter.requires_grad:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * (0.5 if "lora" in name else 2.0))
+    prompts, input_ids, attention_mask = left_padded_batch()
     with S2TLogitsProcessor(
         model, selector=selector, selection="local", trigger="always", warmup_tokens=0, top_k=4,
         adapter_mode="scoring",
     ) as s2t:
-        out = model.generate(torch.tensor([prompt]), logits_processor=[s2t], **GREEDY)
-        assert s2t.stats["local_path"] == "recompute"
-    # generation ran on the base model, candidates were scored with the adapter
-    with selector.adapter_disabled():
-        expected = reference_local(model, prompt, GREEDY["max_new_tokens"], 4, BINS, base=base)
-    del expected
-    expected = []
-    sequence = list(prompt)
-    with torch.no_grad():
-        for _ in range(GREEDY["max_new_tokens"]):
-            with selector.adapter_disabled():
-                logits = model(torch.tensor([sequence])).logits[0, -1].float()
-            logits[BINS] = float("-inf")
-            candidates = logits.topk(4).indices.tolist()
-            scores = []
-            for candidate in candidates:
-                bin_logits = model(torch.tensor([sequence + [candidate]])).logits[0, -1, BINS]
-                scores.append(float((torch.softmax(bin_logits, -1) * torch.linspace(0, 1, len(BINS))).sum()))
-            token = candidates[max(range(4), key=lambda i: scores[i])]
-            sequence.append(token)
-            expected.append(token)
-            if token == EOS:
-                break
-    assert rows_until_eos(out, len(prompt))[0] == expected
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=[s2t], **GREEDY)
+        # an adapter that leaves keys and values alone lets the selector score on the base model's live cache
+        assert s2t.stats["local_path"] == ("cache" if preserve_cache else "recompute")
+        assert s2t.stats["flips"] > 0
+    for prompt, row in zip(prompts, rows_until_eos(out, input_ids.shape[1])):
+        assert row == reference_scoring_only(model, selector, prompt, GREEDY["max_new_tokens"], 4, BINS)
     # after the processor is closed the adapter is active again
     with torch.no_grad():
-        adapted = model(torch.tensor([prompt])).logits
+        adapted = model(input_ids[:1]).logits
         with selector.adapter_disabled():
-            plain = model(torch.tensor([prompt])).logits
+            plain = model(input_ids[:1]).logits
     assert not torch.allclose(adapted, plain)
-    del base
+
+
+def test_residual_selector_used_with_another_adapter_mode_warns():
+    model = tiny_model("qwen2", seed=0)
+    selector = S2TSelector.create(model, bin_token_ids=BINS)
+    selector.config.scoring = "residual"
+    with pytest.warns(UserWarning, match="trained with `adapter_mode='generate'`"):
+        S2TLogitsProcessor(model, selector.config, selector=selector, selection="local", adapter_mode="scoring").remove_hooks()
 
 
 def test_two_line_loading_reproduces_the_saved_selector(tmp_path):

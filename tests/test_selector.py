@@ -439,3 +439,46 @@ def test_wrong_inputs():
         S2TSelector.create(selector.model)
     with pytest.raises(TypeError, match="must be a `peft.PeftModel`"):
         S2TSelector(make_model("llama", 64, False), selector.config)
+
+
+@pytest.mark.parametrize("name", ["llama-untied-reserved", "qwen2-tied-spare", "gpt2-grow"])
+def test_preserve_cache_leaves_every_key_and_value_as_the_base_models(name):
+    case = CASES[name]
+    _, selector = new_selector(case, preserve_cache=True)
+    perturb(selector, scale=0.5)
+    assert selector.preserves_cache
+    lora_layers = [n for n, m in selector.model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)]
+    assert lora_layers and all(".1." in n and "k_proj" not in n and "v_proj" not in n for n in lora_layers)
+    assert not any(n.endswith("c_attn") for n in lora_layers)
+    with torch.no_grad():
+        adapted = selector.model(INPUT, use_cache=True)
+        with selector.adapter_disabled():
+            plain = selector.model(INPUT, use_cache=True)
+    for layer in range(2):
+        for part in ("keys", "values"):
+            assert torch.equal(
+                getattr(adapted.past_key_values.layers[layer], part), getattr(plain.past_key_values.layers[layer], part)
+            )
+    assert not torch.allclose(adapted.logits, plain.logits)  # the adapter still changes the outputs
+
+
+def test_preserves_cache_is_false_for_lora_on_keys_values_or_earlier_layers():
+    case = CASES["llama-untied-reserved"]
+    assert not new_selector(case)[1].preserves_cache
+    assert not new_selector(case, target_modules=["q_proj"])[1].preserves_cache  # every layer
+    assert new_selector(case, use_lora=False)[1].preserves_cache
+    with pytest.raises(ValueError, match=r"cannot put LoRA on \['v_proj'\]"):
+        new_selector(case, preserve_cache=True, target_modules=["q_proj", "v_proj"])
+    config = new_selector(case, preserve_cache=True)[1].model.peft_config["default"]
+    assert set(config.target_modules) == {"q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert config.layers_to_transform == [1]
+
+
+def test_preserve_cache_survives_save_and_load(tmp_path):
+    case = CASES["qwen2-tied-spare"]
+    _, selector = new_selector(case, preserve_cache=True)
+    perturb(selector)
+    selector.save_pretrained(tmp_path)
+    loaded = S2TSelector.from_pretrained(base_model_for(case), tmp_path)
+    assert loaded.preserves_cache
+    torch.testing.assert_close(logits(loaded.model), logits(selector.model))

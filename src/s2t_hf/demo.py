@@ -62,6 +62,13 @@ class DemoConfig:
             "docs/benchmarks.md); `generate`: active during generation, as in the paper."
         },
     )
+    selector_preserve_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "LoRA only where it leaves the KV cache as the student's (`S2TSelector.create(preserve_cache=True)`), "
+            "so that with `local_adapter_mode='scoring'` candidates are scored on the live cache."
+        },
+    )
     plots: bool = field(default=True, metadata={"help": "Write PNG plots (needs matplotlib)."})
 
 
@@ -349,8 +356,12 @@ def _train_selector(config: DemoConfig, form: str, student, tokenizer, split, en
     selector_config = S2TConfig(
         selection="local", scoring=form, residual_tau=config.residual_tau, top_k=config.top_k,
         trigger="entropy", trigger_threshold=entropy_threshold, trigger_rate=config.trigger_rate,
+        adapter_mode=config.local_adapter_mode,
     )
-    selector = S2TSelector.create(model, tokenizer, num_bins=16, use_lora=True, config=selector_config)
+    selector = S2TSelector.create(
+        model, tokenizer, num_bins=16, use_lora=True, preserve_cache=config.selector_preserve_cache,
+        config=selector_config,
+    )
     output_dir = os.path.join(config.output_dir, f"selector-{form}")
     steps_per_epoch = max(1, len(split["train"]) // config.selector_batch_size)
     args = S2TTrainingArguments(
@@ -359,6 +370,11 @@ def _train_selector(config: DemoConfig, form: str, student, tokenizer, split, en
         per_device_train_batch_size=config.selector_batch_size,
         per_device_eval_batch_size=64,
         learning_rate=config.selector_learning_rate,
+        # the pure score lives in [0, 1]: sharpen its softmax as the residual form does, and scale the margin with it
+        candidate_temperature=config.residual_tau if form == "pure" else 1.0,
+        margin=config.residual_tau if form == "pure" else 1.0,
+        # with the adapter active only while scoring, the student's own generation cannot drift: no LM-KL term
+        lm_kl_weight=0.0 if config.local_adapter_mode == "scoring" else 0.1,
         lr_scheduler_type="constant",
         eval_strategy="steps",
         eval_steps=max(20, steps_per_epoch // 4),

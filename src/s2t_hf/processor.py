@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -150,6 +151,15 @@ class S2TLogitsProcessor(LogitsProcessor):
                     "The selector is attached to another model than `model`. Load it onto the model you generate with: "
                     "`S2TSelector.from_pretrained(model, path)`."
                 )
+            trained_mode = selector.config.adapter_mode
+            if config.scoring == "residual" and trained_mode != config.adapter_mode:
+                warnings.warn(
+                    f"The residual selector was trained with `adapter_mode={trained_mode!r}`: its scores correct the "
+                    f"student's log-probabilities as that mode computes them, but this processor uses "
+                    f"`adapter_mode={config.adapter_mode!r}`, so its choices will not be the trained ones. Pass "
+                    f"`adapter_mode={trained_mode!r}`, or train the selector with the mode you generate with.",
+                    stacklevel=2,
+                )
         self.student_vocab = output_rows(self.student)
         self.comparable_vocab = self.student_vocab
         if teacher is not None:
@@ -178,6 +188,8 @@ class S2TLogitsProcessor(LogitsProcessor):
         self._signals: list[torch.Tensor] = []
         self._generator: torch.Generator | None = None
         self._hook = GenerationStateHook(self.student, on_prefill=self.reset)
+        # whether the adapter leaves the cache as the base model's (checked once: it walks the modules)
+        self._selector_preserves_cache = config.selection == "local" and selector.preserves_cache
         if config.selection == "local" and config.adapter_mode == "scoring":
             selector.model.base_model.disable_adapter_layers()
         self.reset()
@@ -483,8 +495,11 @@ class S2TLogitsProcessor(LogitsProcessor):
         wanted = self.config.local_path
         if wanted == "recompute":
             return "recompute", "requested"
-        if self.config.adapter_mode == "scoring":
-            reason = "the cache was built without the adapter (`adapter_mode='scoring'`)"
+        if self.config.adapter_mode == "scoring" and not self._selector_preserves_cache:
+            reason = (
+                "the cache was built without the adapter (`adapter_mode='scoring'`) and the adapter changes keys and "
+                "values (create the selector with `preserve_cache=True` to score on the cache)"
+            )
         else:
             ok, reason = cache_can_roll_back(self._hook.cache, self.student)
             if ok:
@@ -512,7 +527,10 @@ class S2TLogitsProcessor(LogitsProcessor):
                     next_positions = record.position_ids[:, -1].to(input_ids.device) + 1
                 else:
                     next_positions = positions_from_attention_mask(mask)[:, -1] + 1
-                logits = score_candidates_on_cache(self.student, self._hook.cache, mask, next_positions, candidate_ids)
+                with self._adapter_for_scoring():
+                    logits = score_candidates_on_cache(
+                        self.student, self._hook.cache, mask, next_positions, candidate_ids
+                    )
                 bin_logits = logits[triggered][..., bins]
             else:
                 with self._adapter_for_scoring():

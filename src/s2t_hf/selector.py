@@ -248,6 +248,20 @@ def _shrink(base: nn.Module, num_rows: int) -> None:
         base.resize_token_embeddings(num_rows, mean_resizing=False)
 
 
+# Projections that never write the KV cache: a layer's keys and values depend only on the hidden states entering it and
+# on its key/value projections, so LoRA on these modules of the *last* decoder layer leaves every cached key and value
+# as the base model's (GPT-2's `c_proj` is the attention output or the MLP output; `c_attn` also makes keys/values).
+CACHE_PRESERVING_PROJECTIONS = ("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "c_fc", "c_proj", "fc1", "fc2")
+
+
+def _num_layers(model: nn.Module) -> int:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    num_layers = getattr(config, "num_hidden_layers", None)
+    if not isinstance(num_layers, int):
+        raise ValueError(f"Cannot tell the number of decoder layers of {type(model).__name__} from its config.")
+    return num_layers
+
+
 def _projection_names(base: nn.Module, head: nn.Module) -> tuple[list[str], bool]:
     """Leaf names of every Linear / Conv1D module other than the output head, and whether any is a Conv1D."""
     from transformers.pytorch_utils import Conv1D
@@ -370,6 +384,27 @@ class S2TSelector:
     def num_bins(self) -> int:
         return self.config.num_bins
 
+    @property
+    def preserves_cache(self) -> bool:
+        """
+        Whether the adapter leaves every key and value of the KV cache as the base model's: no LoRA, or LoRA only on
+        the last decoder layer's query, output and MLP projections (`S2TSelector.create(..., preserve_cache=True)`).
+        With `adapter_mode="scoring"` the processor then scores candidates on the live cache instead of recomputing
+        their contexts.
+        """
+        from peft.tuners.lora import LoraLayer
+
+        last = _num_layers(self.base_model) - 1
+        for name, module in self.model.named_modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            layer = re.search(r"\.(\d+)\.", name)
+            if layer is None or int(layer.group(1)) != last:
+                return False
+            if name.rsplit(".", 1)[-1] not in CACHE_PRESERVING_PROJECTIONS:
+                return False
+        return True
+
     def scores_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Expected bin value from full-vocabulary logits `(..., V)`; returns float32 `(...)`."""
         index = torch.tensor(self.config.bin_token_ids, device=logits.device)
@@ -413,6 +448,7 @@ class S2TSelector:
         lora_alpha: int = 32,
         lora_dropout: float = 0.05,
         target_modules: list[str] | None = None,
+        preserve_cache: bool = False,
         config: S2TConfig | None = None,
     ) -> S2TSelector:
         """
@@ -442,6 +478,11 @@ class S2TSelector:
             target_modules (`list[str]`, *optional*):
                 Modules that get LoRA. Defaults to every Linear / Conv1D projection other than the output head
                 (q, k, v, o, gate, up, down for Llama-like models; c_attn, c_proj, c_fc for GPT-2).
+            preserve_cache (`bool`, *optional*, defaults to `False`):
+                Put LoRA only on the last decoder layer's projections that do not make keys or values
+                (`CACHE_PRESERVING_PROJECTIONS`), so that the adapter leaves the KV cache as the base model's (see
+                [`~S2TSelector.preserves_cache`]). Used with `adapter_mode="scoring"`: the student generates as
+                itself and the selector scores candidates on its live cache, as fast as teacher selection.
             config (`S2TConfig`, *optional*):
                 Settings to save with the selector; defaults to `S2TConfig(selection="local")`.
 
@@ -477,6 +518,7 @@ class S2TSelector:
             head_name, head = _head(model)
 
         if use_lora:
+            explicit_targets = target_modules is not None
             if target_modules is None:
                 target_modules, conv1d = _projection_names(model, head)
                 if not target_modules:
@@ -492,11 +534,28 @@ class S2TSelector:
                     isinstance(m, Conv1D) and name.rsplit(".", 1)[-1] in target_modules
                     for name, m in model.named_modules()
                 )
+            layers_to_transform = None
+            if preserve_cache:
+                if explicit_targets:
+                    unsafe = [name for name in target_modules if name not in CACHE_PRESERVING_PROJECTIONS]
+                    if unsafe:
+                        raise ValueError(
+                            f"`preserve_cache=True` cannot put LoRA on {unsafe}: they make keys or values. Use "
+                            f"modules among {CACHE_PRESERVING_PROJECTIONS}, or `preserve_cache=False`."
+                        )
+                target_modules = [name for name in target_modules if name in CACHE_PRESERVING_PROJECTIONS]
+                if not target_modules:
+                    raise ValueError(
+                        f"`preserve_cache=True` found none of {CACHE_PRESERVING_PROJECTIONS} in "
+                        f"{type(model).__name__}; use `use_lora=False` (head only) or `preserve_cache=False`."
+                    )
+                layers_to_transform = [_num_layers(model) - 1]
             peft_config = LoraConfig(
                 r=lora_r,
                 lora_alpha=lora_alpha,
                 lora_dropout=lora_dropout,
                 target_modules=target_modules,
+                layers_to_transform=layers_to_transform,
                 fan_in_fan_out=conv1d,
                 trainable_token_indices={head_name: ids},
                 task_type="CAUSAL_LM",
