@@ -93,3 +93,28 @@ def test_rollback_refuses_what_it_cannot_crop():
     cache = prefill(sliding, input_ids, attention_mask)
     ok, reason = cache_can_roll_back(cache, sliding)
     assert not ok and "sliding" in reason
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma"])
+def test_last_token_is_encoded_again_and_restored_bit_for_bit(arch):
+    model = tiny_model(arch, seed=0)
+    prompts, input_ids, attention_mask = left_padded_batch()
+    cache = prefill(model, input_ids, attention_mask)
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    candidates = torch.tensor([[20, 21, 22], [30, 31, 32], [40, 41, 42]])
+    logits = score_candidates_on_cache(
+        model, cache, attention_mask, attention_mask.sum(-1), candidates, last_token_ids=input_ids[:, -1]
+    )
+    assert logits.shape[:2] == (3, 4)
+    assert cache.get_seq_length() == input_ids.shape[1]
+    for (keys, values), layer in zip(before, cache.layers):
+        assert torch.equal(keys, layer.keys) and torch.equal(values, layer.values)
+    slow = score_candidates_by_recompute(model, input_ids, attention_mask, candidates, pad_token_id=PAD,
+                                         with_last_token=True)
+    assert (logits - slow).abs().max() <= 1e-4
+    with torch.no_grad():
+        for row, prompt in enumerate(prompts):
+            assert (model(torch.tensor([prompt])).logits[0, -1] - logits[row, 0]).abs().max() <= 1e-4
+            for k, candidate in enumerate(candidates[row].tolist()):
+                expected = model(torch.tensor([prompt + [candidate]])).logits[0, -1]
+                assert (expected - logits[row, 1 + k]).abs().max() <= 1e-4

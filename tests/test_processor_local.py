@@ -112,8 +112,9 @@ def test_head_only_selector_never_changes_untriggered_tokens():
 
 
 @torch.no_grad()
-def reference_scoring_only(model, selector, prompt, max_new_tokens, top_k, bins):
-    """Slow S2T-Local with `adapter_mode="scoring"`: the base model generates, the adapted model scores candidates."""
+def reference_scoring_only(model, selector, prompt, max_new_tokens, top_k, bins, scoring="pure", tau=0.1):
+    """Slow S2T-Local with `adapter_mode="scoring"`: the base model generates, the adapted model scores candidates
+    (and, in the residual form, gives their log-probabilities)."""
     values = torch.linspace(0, 1, len(bins))
     sequence = list(prompt)
     for _ in range(max_new_tokens):
@@ -121,10 +122,14 @@ def reference_scoring_only(model, selector, prompt, max_new_tokens, top_k, bins)
             logits = model(torch.tensor([sequence])).logits[0, -1].float()
         logits[bins] = float("-inf")
         candidates = logits.topk(top_k).indices.tolist()
+        adapted = model(torch.tensor([sequence])).logits[0, -1].float()
+        adapted[bins] = float("-inf")
+        adapted_log_probs = torch.log_softmax(adapted, -1)
         scores = []
         for candidate in candidates:
             bin_logits = model(torch.tensor([sequence + [candidate]])).logits[0, -1, bins].float()
-            scores.append(float((torch.softmax(bin_logits, -1) * values).sum()))
+            score = float((torch.softmax(bin_logits, -1) * values).sum())
+            scores.append(score if scoring == "pure" else float(adapted_log_probs[candidate]) + score / tau)
         token = candidates[max(range(top_k), key=lambda i: scores[i])]
         sequence.append(token)
         if token == EOS:
@@ -132,9 +137,10 @@ def reference_scoring_only(model, selector, prompt, max_new_tokens, top_k, bins)
     return sequence[len(prompt) :]
 
 
+@pytest.mark.parametrize("scoring", ["pure", "residual"])
 @pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
 @pytest.mark.parametrize("preserve_cache", [False, True])
-def test_scoring_only_adapter_keeps_generation_exact(arch, preserve_cache):
+def test_scoring_only_adapter_keeps_generation_exact(arch, preserve_cache, scoring):
     model = tiny_model(arch, seed=0)
     selector = S2TSelector.create(model, bin_token_ids=BINS, preserve_cache=preserve_cache)
     generator = torch.Generator().manual_seed(2)
@@ -145,28 +151,20 @@ def test_scoring_only_adapter_keeps_generation_exact(arch, preserve_cache):
     prompts, input_ids, attention_mask = left_padded_batch()
     with S2TLogitsProcessor(
         model, selector=selector, selection="local", trigger="always", warmup_tokens=0, top_k=4,
-        adapter_mode="scoring",
+        adapter_mode="scoring", scoring=scoring,
     ) as s2t:
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=[s2t], **GREEDY)
         # an adapter that leaves keys and values alone lets the selector score on the base model's live cache
         assert s2t.stats["local_path"] == ("cache" if preserve_cache else "recompute")
         assert s2t.stats["flips"] > 0
     for prompt, row in zip(prompts, rows_until_eos(out, input_ids.shape[1])):
-        assert row == reference_scoring_only(model, selector, prompt, GREEDY["max_new_tokens"], 4, BINS)
+        assert row == reference_scoring_only(model, selector, prompt, GREEDY["max_new_tokens"], 4, BINS, scoring)
     # after the processor is closed the adapter is active again
     with torch.no_grad():
         adapted = model(input_ids[:1]).logits
         with selector.adapter_disabled():
             plain = model(input_ids[:1]).logits
     assert not torch.allclose(adapted, plain)
-
-
-def test_residual_selector_used_with_another_adapter_mode_warns():
-    model = tiny_model("qwen2", seed=0)
-    selector = S2TSelector.create(model, bin_token_ids=BINS)
-    selector.config.scoring = "residual"
-    with pytest.warns(UserWarning, match="trained with `adapter_mode='generate'`"):
-        S2TLogitsProcessor(model, selector.config, selector=selector, selection="local", adapter_mode="scoring").remove_hooks()
 
 
 def test_two_line_loading_reproduces_the_saved_selector(tmp_path):

@@ -91,8 +91,8 @@ class S2TConfig:
     scoring: str = field(
         default="pure",
         metadata={
-            "help": "`pure`: score = expected bin value. `residual`: candidate logit = student log-probability + "
-            "score / residual_tau."
+            "help": "`pure`: score = expected bin value. `residual`: candidate logit = the selector's own "
+            "log-probability of the candidate (the student with the adapter on) + score / residual_tau."
         },
     )
     residual_tau: float = field(default=0.1, metadata={"help": "Temperature of the residual form's score term."})
@@ -110,7 +110,8 @@ class S2TConfig:
         default="generate",
         metadata={
             "help": "`generate`: the selector adapter is active during generation (as in the paper). `scoring`: the "
-            "adapter is active only while scoring candidates, so untriggered tokens are exactly the base model's."
+            "adapter is active only while scoring candidates, so untriggered tokens are exactly the base model's "
+            "(fast on the live cache for a selector created with `preserve_cache=True`)."
         },
     )
 

@@ -202,6 +202,7 @@ def score_candidates_on_cache(
     attention_mask: torch.Tensor,
     next_positions: torch.Tensor,
     candidate_ids: torch.Tensor,
+    last_token_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
     Logits at K candidate tokens per row, computed in one forward on the live cache, which is then rolled back.
@@ -212,9 +213,15 @@ def score_candidates_on_cache(
         attention_mask (`torch.Tensor` of shape `(batch, length)`): the 2-D mask of the cached tokens.
         next_positions (`torch.Tensor` of shape `(batch,)`): position id of the next token of each row.
         candidate_ids (`torch.Tensor` of shape `(batch, K)`): the candidates.
+        last_token_ids (`torch.Tensor` of shape `(batch,)`, *optional*):
+            The last cached token of each row. When given, it is encoded again in the same forward, ahead of the
+            candidates, and its logits are returned too: the next-token distribution of `model` as it is now (e.g.
+            with an adapter enabled that the cache was built without, which must leave keys and values unchanged).
+            Its cached keys and values are restored bit for bit afterwards.
 
     Returns:
-        `torch.Tensor` of shape `(batch, K, vocab)`: the logits after each candidate (prefix + candidate).
+        `torch.Tensor` of shape `(batch, K, vocab)`: the logits after each candidate (prefix + candidate); with
+        `last_token_ids`, shape `(batch, 1 + K, vocab)`, the last token's logits first.
     """
     batch, num_candidates = candidate_ids.shape
     length = int(cache.get_seq_length())
@@ -223,11 +230,25 @@ def score_candidates_on_cache(
             f"The cache holds {length} tokens but the attention mask covers {attention_mask.shape[1]}; the fast path "
             "cannot score on this cache. Set `local_path='recompute'`."
         )
-    mask = candidate_attention_mask(attention_mask, num_candidates, _model_dtype(model))
+    dtype = _model_dtype(model)
+    mask = candidate_attention_mask(attention_mask, num_candidates, dtype)
     positions = next_positions.to(candidate_ids.device)[:, None].expand(batch, num_candidates)
+    input_ids = candidate_ids
+    saved = None
+    if last_token_ids is not None:
+        # the last token's query row sees the prefix (itself included), not the candidates
+        padding = attention_mask.new_zeros(batch, num_candidates, dtype=torch.bool)
+        allowed = torch.cat([attention_mask.bool(), padding], dim=-1)
+        last_row = torch.zeros(allowed.shape, dtype=dtype, device=mask.device)
+        last_row.masked_fill_(~allowed, torch.finfo(dtype).min)
+        mask = torch.cat([last_row[:, None, None], mask], dim=2)
+        positions = torch.cat([positions[:, :1] - 1, positions], dim=1)
+        input_ids = torch.cat([last_token_ids.to(candidate_ids.device)[:, None], candidate_ids], dim=1)
+        saved = [(layer.keys[:, :, -1:].clone(), layer.values[:, :, -1:].clone()) for layer in cache.layers]
+        cache.crop(-1)
     try:
         outputs = model(
-            input_ids=candidate_ids,
+            input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
             use_cache=True,
@@ -237,6 +258,10 @@ def score_candidates_on_cache(
         added = int(cache.get_seq_length()) - length
         if added > 0:
             cache.crop(-added)
+        if saved is not None:
+            for layer, (keys, values) in zip(cache.layers, saved):  # the re-encoded last token: originals back
+                layer.keys[:, :, -1:] = keys
+                layer.values[:, :, -1:] = values
     return outputs.logits
 
 
@@ -248,6 +273,7 @@ def score_candidates_by_recompute(
     candidate_ids: torch.Tensor,
     max_context: int | None = None,
     pad_token_id: int = 0,
+    with_last_token: bool = False,
 ) -> torch.Tensor:
     """
     Logits at K candidate tokens per row, re-encoding every prefix + candidate from scratch (no cache, 2-D mask).
@@ -259,9 +285,13 @@ def score_candidates_by_recompute(
         candidate_ids (`torch.Tensor` of shape `(batch, K)`): the candidates.
         max_context (`int`, *optional*): keep only the last `max_context` tokens of each prefix.
         pad_token_id (`int`, *optional*, defaults to 0): id written in padding positions.
+        with_last_token (`bool`, *optional*, defaults to `False`):
+            Also return the logits at the prefix's last token (the next-token distribution), as in
+            [`score_candidates_on_cache`] with `last_token_ids`.
 
     Returns:
-        `torch.Tensor` of shape `(batch, K, vocab)`.
+        `torch.Tensor` of shape `(batch, K, vocab)`; with `with_last_token`, `(batch, 1 + K, vocab)`, the last token's
+        logits first.
     """
     batch, num_candidates = candidate_ids.shape
     if max_context is not None and input_ids.shape[1] > max_context:
@@ -272,5 +302,9 @@ def score_candidates_by_recompute(
     ids = torch.cat([ids.masked_fill(mask == 0, pad_token_id), candidate_ids.reshape(-1, 1)], dim=1)
     mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     positions = positions_from_attention_mask(mask)
-    outputs = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1)
-    return outputs.logits[:, -1].reshape(batch, num_candidates, -1)
+    keep = 2 if with_last_token else 1
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=keep)
+    logits = logits.logits.reshape(batch, num_candidates, keep, -1)
+    if with_last_token:
+        return torch.cat([logits[:, :1, 0], logits[:, :, 1]], dim=1)
+    return logits[:, :, -1]

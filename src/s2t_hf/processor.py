@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -150,15 +149,6 @@ class S2TLogitsProcessor(LogitsProcessor):
                 raise ValueError(
                     "The selector is attached to another model than `model`. Load it onto the model you generate with: "
                     "`S2TSelector.from_pretrained(model, path)`."
-                )
-            trained_mode = selector.config.adapter_mode
-            if config.scoring == "residual" and trained_mode != config.adapter_mode:
-                warnings.warn(
-                    f"The residual selector was trained with `adapter_mode={trained_mode!r}`: its scores correct the "
-                    f"student's log-probabilities as that mode computes them, but this processor uses "
-                    f"`adapter_mode={config.adapter_mode!r}`, so its choices will not be the trained ones. Pass "
-                    f"`adapter_mode={trained_mode!r}`, or train the selector with the mode you generate with.",
-                    stacklevel=2,
                 )
         self.student_vocab = output_rows(self.student)
         self.comparable_vocab = self.student_vocab
@@ -520,35 +510,44 @@ class S2TLogitsProcessor(LogitsProcessor):
         bins = self.selector.bin_token_ids
         self._totals["local_calls"] += 1
         self._totals["local_path"] = path
-        with self._hook.pause():
+        # The residual form adds the selector's own log-probabilities of the candidates. While the adapter generates
+        # they are the scores; with `adapter_mode="scoring"` the last token is encoded again with the adapter on.
+        rescore = self.config.scoring == "residual" and self.config.adapter_mode == "scoring"
+        with self._hook.pause(), self._adapter_for_scoring():
             if path == "cache":
                 record = self._hook.last
                 if record.position_ids is not None:
                     next_positions = record.position_ids[:, -1].to(input_ids.device) + 1
                 else:
                     next_positions = positions_from_attention_mask(mask)[:, -1] + 1
-                with self._adapter_for_scoring():
-                    logits = score_candidates_on_cache(
-                        self.student, self._hook.cache, mask, next_positions, candidate_ids
-                    )
-                bin_logits = logits[triggered][..., bins]
+                logits = score_candidates_on_cache(
+                    self.student, self._hook.cache, mask, next_positions, candidate_ids,
+                    last_token_ids=input_ids[:, -1] if rescore else None,
+                )[triggered]
             else:
-                with self._adapter_for_scoring():
-                    logits = score_candidates_by_recompute(
-                        self.student,
-                        input_ids[triggered],
-                        mask[triggered],
-                        candidate_ids[triggered],
-                        max_context=self.config.max_context,
-                        pad_token_id=self.pad_token_id,
-                    )
-                bin_logits = logits[..., bins]
+                logits = score_candidates_by_recompute(
+                    self.student,
+                    input_ids[triggered],
+                    mask[triggered],
+                    candidate_ids[triggered],
+                    max_context=self.config.max_context,
+                    pad_token_id=self.pad_token_id,
+                    with_last_token=rescore,
+                )
+        if rescore:
+            last = logits[:, 0].float()
+            if self.reserved_ids.numel():
+                last = last.index_fill(-1, self.reserved_ids.to(last.device), float("-inf"))
+            candidate_log_probs = torch.log_softmax(last, dim=-1).gather(-1, candidate_ids[triggered])
+            logits = logits[:, 1:]
+        else:
+            candidate_log_probs = candidate_log_probs[triggered]
         return local_candidate_logits(
-            bin_logits,
+            logits[..., bins],
             self.selector.bin_values,
             self.config.scoring,
             self.config.residual_tau,
-            candidate_log_probs[triggered],
+            candidate_log_probs,
         )
 
     # ------------------------------------------------------------------ records and calibration

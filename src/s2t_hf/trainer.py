@@ -371,20 +371,14 @@ class S2TTrainer(Trainer):
             cand_mask = torch.ones_like(cand_ids, dtype=torch.bool)
         bins = torch.tensor(self.selector.bin_token_ids, device=cand_ids.device)
         use_lm_kl = args.lm_kl_weight > 0
-        residual = config.scoring == "residual"
-        base_from_scoring = residual and config.adapter_mode == "scoring"
-
-        base_logits = None
-        if use_lm_kl or base_from_scoring:
-            base_logits = self._base_logits(inputs, keep=0 if use_lm_kl else 1)
+        base_logits = self._base_logits(inputs, keep=0) if use_lm_kl else None
         forward = self._forward(model, inputs, need_context_logits=use_lm_kl)
 
         student_log_probs = None
-        if residual:
-            # the student's log-probabilities of the candidates, as the processor sees them: bins masked, from the
-            # adapted model (adapter_mode="generate") or the base model (adapter_mode="scoring")
-            last = base_logits[:, -1] if base_from_scoring else forward.last_context_logits
-            last = last.float().index_fill(-1, bins, float("-inf"))
+        if config.scoring == "residual":
+            # the selector's own log-probabilities of the candidates (adapter on, bins masked), as the processor
+            # computes them in both adapter modes
+            last = forward.last_context_logits.float().index_fill(-1, bins, float("-inf"))
             student_log_probs = torch.log_softmax(last, dim=-1).gather(-1, cand_ids)
         bin_logits = forward.candidate_logits.index_select(-1, bins)
         candidate_logits = local_candidate_logits(
