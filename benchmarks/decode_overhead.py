@@ -78,7 +78,7 @@ def published_loop(model, selector, input_ids, max_new_tokens, threshold, top_k=
 
 
 def run_speed(args) -> dict:
-    from s2t_hf import S2TLogitsProcessor, S2TSelector
+    from s2t_hf import S2TConfig, S2TLogitsProcessor, S2TSelector
 
     torch.set_num_threads(args.threads)
     student, teacher = build(0), build(1)
@@ -96,6 +96,13 @@ def run_speed(args) -> dict:
             thresholds[rate] = p.calibrate(calibration, target_rate=rate, max_new_tokens=args.new_tokens)
 
     plain_model = build(0)  # the same weights without the adapter
+    # the demo's S2T-Local: residual form, LoRA only where it leaves the KV cache alone, active only while scoring, so
+    # the student generates as itself (baseline: plain greedy) and candidates are scored on its live cache
+    scoring_model = build(0)
+    scoring_selector = S2TSelector.create(
+        scoring_model, bin_token_ids=BINS, preserve_cache=True,
+        config=S2TConfig(selection="local", scoring="residual", adapter_mode="scoring"),
+    )
     # name -> (model, processor factory or None, baseline name); processors are built per run and their hooks removed
     # afterwards, so baseline runs see a model without hooks.
     methods = {
@@ -121,6 +128,14 @@ def run_speed(args) -> dict:
                 ),
                 "greedy-adapter",
             )
+        methods[f"local-scoring@{tag}"] = (
+            scoring_model,
+            lambda t=threshold: S2TLogitsProcessor(
+                scoring_model, scoring_selector.config, selector=scoring_selector, trigger="entropy",
+                trigger_threshold=t,
+            ),
+            "greedy",
+        )
         if args.batch_size == 1:
             methods[f"published@{tag}"] = (threshold, "published", "greedy-adapter")
 
@@ -156,6 +171,8 @@ def run_speed(args) -> dict:
         if name in last_stats:
             rows[name]["trigger_rate"] = last_stats[name]["trigger_rate"]
             rows[name]["teacher_calls"] = last_stats[name]["teacher_calls"]
+            if "local_path" in last_stats[name]:
+                rows[name]["local_path"] = last_stats[name]["local_path"]
     return {"thresholds": {str(k): v for k, v in thresholds.items()}, "methods": rows}
 
 
@@ -167,7 +184,7 @@ def _rss_mb() -> float:
 
 def memory_child(args) -> None:
     """Prints the peak RSS increase (MB) of one generate call (plain or fast path) at batch 8."""
-    from s2t_hf import S2TLogitsProcessor, S2TSelector
+    from s2t_hf import S2TConfig, S2TLogitsProcessor, S2TSelector
 
     torch.set_num_threads(args.threads)
     student = build(0)
