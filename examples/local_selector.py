@@ -1,5 +1,9 @@
 """S2T-Local: create a local selector, save it as a PEFT adapter, and load it back in two lines.
 
+Then the variant the built-in demo uses: a cache-preserving selector (LoRA only on the last layer's query, output and
+MLP projections) active only while it scores, so the student generates exactly as itself and the selector scores
+candidates on the student's live KV cache.
+
 The selector here is untrained (every candidate scores 0.5, so it keeps the student's choice); train one with
 `examples/train_selector.py` or `s2t-hf train`. Runs offline on CPU with a tiny Qwen2 model whose output layer has
 spare rows above its tokenizer's vocabulary (like the real Qwen2.5 models).
@@ -41,3 +45,14 @@ with tempfile.TemporaryDirectory() as directory:
     print(out)
     print("triggers:", s2t.stats["triggers"], "scored on:", s2t.stats["local_path"])
     s2t.remove_hooks()
+
+# --- a cache-preserving selector used only while scoring ---
+model = base_model()
+config = S2TConfig(
+    selection="local", trigger="entropy", trigger_threshold=3.0, top_k=8, scoring="residual", adapter_mode="scoring"
+)
+selector = S2TSelector.create(model, bin_token_ids=list(range(144, 160)), preserve_cache=True, config=config)
+print("preserves the KV cache:", selector.preserves_cache)
+with S2TLogitsProcessor(model, selector.config, selector=selector) as s2t:
+    out = model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=16, do_sample=False, logits_processor=[s2t])
+    print("triggers:", s2t.stats["triggers"], "scored on:", s2t.stats["local_path"])

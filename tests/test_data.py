@@ -12,7 +12,7 @@ from conftest import EOS, tiny_model
 from s2t_hf import SelectionGroupCollator, collect_selection_data
 from s2t_hf import data as data_module
 from s2t_hf.selection import top_k_candidates
-from s2t_hf.triggers import kl_signal
+from s2t_hf.triggers import entropy_signal, kl_signal
 
 
 K = 6
@@ -38,7 +38,7 @@ def recompute(model, context: list[int]) -> torch.Tensor:
         return torch.log_softmax(model(torch.tensor([context])).logits[0, -1].float(), -1)
 
 
-def check_groups(dataset, prompts, student, teacher, warmup: int = 3):
+def check_groups(dataset, prompts, student, teacher, warmup: int = 3, signal_kind: str = "kl"):
     assert set(dataset.column_names) == COLUMNS and len(dataset) > 0
     for row in dataset:
         prompt = prompts[row["prompt_index"]]
@@ -52,7 +52,10 @@ def check_groups(dataset, prompts, student, teacher, warmup: int = 3):
         expected = teacher_lp[row["cand_ids"]].exp()
         torch.testing.assert_close(torch.tensor(row["teacher_probs"]), expected, rtol=1e-4, atol=1e-6)
         assert row["teacher_top1"] == int(teacher_lp.argmax())
-        signal = kl_signal(student_lp[None], teacher_lp[None], 64)
+        if signal_kind == "kl":
+            signal = kl_signal(student_lp[None], teacher_lp[None], 64)
+        else:
+            signal = entropy_signal(student_lp[None], 64)
         assert row["signal"] == pytest.approx(float(signal), rel=1e-3, abs=1e-5)
 
 
@@ -60,14 +63,15 @@ def check_groups(dataset, prompts, student, teacher, warmup: int = 3):
 # Teacher-forced
 
 
-def test_teacher_forced_groups_are_the_top_kl_positions(pair):
+@pytest.mark.parametrize("signal_kind", ["kl", "entropy"])
+def test_teacher_forced_groups_are_the_top_signal_positions(pair, signal_kind):
     student, teacher = pair
     prompts = random_prompts(7)
     dataset = collect_selection_data(
         student, teacher, prompts=prompts, top_k=K, fraction=0.2, max_new_tokens=12, batch_size=3,
-        show_progress=False,
+        signal=signal_kind, show_progress=False,
     )
-    check_groups(dataset, prompts, student, teacher)
+    check_groups(dataset, prompts, student, teacher, signal_kind=signal_kind)
 
     # independent recomputation, one prompt at a time (no padding): greedy trajectory, KL at every generated position
     signals, generated = [], 0
@@ -82,7 +86,10 @@ def test_teacher_forced_groups_are_the_top_kl_positions(pair):
             student_logits, teacher_logits = student(sequence).logits[0], teacher(sequence).logits[0]
         for step in range(3, len(new)):
             position = len(prompt) + step - 1
-            signal = kl_signal(student_logits[position][None], teacher_logits[position][None], 64)
+            if signal_kind == "kl":
+                signal = kl_signal(student_logits[position][None], teacher_logits[position][None], 64)
+            else:
+                signal = entropy_signal(student_logits[position][None], 64)
             signals.append((float(signal), index, step))
     assert len(dataset) == round(0.2 * generated)
     chosen = {(row["prompt_index"], row["step"]) for row in dataset}
@@ -211,6 +218,10 @@ def test_errors(pair):
         collect_selection_data(student, teacher, prompts=prompts, top_k=1)
     with pytest.raises(ValueError, match="`fraction`"):
         collect_selection_data(student, teacher, prompts=prompts, fraction=0.0)
+    with pytest.raises(ValueError, match="`signal`"):
+        collect_selection_data(student, teacher, prompts=prompts, signal="margin")
+    with pytest.raises(ValueError, match="applies to `mode='teacher_forced'`"):
+        collect_selection_data(student, teacher, prompts=prompts, mode="on_policy", signal="entropy")
     with pytest.raises(ValueError, match="`prompts` is empty"):
         collect_selection_data(student, teacher, prompts=[])
     with pytest.raises(ValueError, match="tokenizer"):

@@ -22,7 +22,7 @@ from transformers.utils import logging
 
 from .kv import output_rows, positions_from_attention_mask
 from .selection import top_k_candidates
-from .triggers import kl_signal
+from .triggers import entropy_signal, kl_signal
 from .version import __version__
 
 
@@ -31,6 +31,7 @@ __all__ = ["COLLECTION_MODES", "SelectionGroupCollator", "collect_selection_data
 logger = logging.get_logger(__name__)
 
 COLLECTION_MODES = ("teacher_forced", "on_policy")
+COLLECTION_SIGNALS = ("kl", "entropy")
 METADATA_NAME = "collection.json"
 SHARDS_DIR = "shards"
 _FORMAT_VERSION = 1
@@ -61,6 +62,7 @@ class _Settings:
     mode: str
     top_k: int
     fraction: float
+    signal: str
     trigger_rate: float
     max_new_tokens: int
     signal_top_k: int
@@ -79,6 +81,7 @@ def collect_selection_data(
     mode: str = "teacher_forced",
     top_k: int = 16,
     fraction: float = 0.1,
+    signal: str = "kl",
     trigger_rate: float | None = None,
     trigger_threshold: float | None = None,
     calibration_prompts: Sequence[Any] | None = None,
@@ -100,10 +103,12 @@ def collect_selection_data(
     Two modes:
 
     - `"teacher_forced"` (fast): the student generates greedy trajectories (batched, left padding); the student and the
-      teacher then score each whole trajectory in one forward each. At every generated position the trigger signal
-      KL(student || teacher) is computed on the student's top-`signal_top_k` support (the `kl` trigger's
-      [`~s2t_hf.triggers.kl_signal`]); the positions with the highest signal, a fraction `fraction` of all generated
-      positions, become groups. The first `warmup_tokens` positions never do.
+      teacher then score each whole trajectory in one forward each. At every generated position a trigger signal is
+      computed on the student's top-`signal_top_k` support: with `signal="kl"`, KL(student || teacher) (the `kl`
+      trigger's [`~s2t_hf.triggers.kl_signal`]: where the teacher disagrees); with `signal="entropy"`, the student's
+      entropy ([`~s2t_hf.triggers.entropy_signal`]: where the teacher-free `entropy` trigger of S2T-Local fires). The
+      positions with the highest signal, a fraction `fraction` of all generated positions, become groups. The first
+      `warmup_tokens` positions never do.
     - `"on_policy"`: the student decodes with collaborative S2T ([`S2TLogitsProcessor`] with `selection="teacher"`,
       `trigger="kl"`), calibrated so that the trigger fires on a fraction `trigger_rate` of the steps; every trigger is
       a group. The trajectories follow the teacher's choices, as S2T-Local decoding will.
@@ -111,7 +116,7 @@ def collect_selection_data(
     Each row holds `context_ids` (prompt + generated tokens before the step, no padding), `cand_ids` (the student's
     top-K, best first), `teacher_probs` (the teacher's *absolute* probabilities of the candidates), `student_probs`,
     `teacher_top1` (the teacher's argmax over the whole vocabulary, for hit@K statistics) and the provenance
-    `prompt_index` (position in `prompts`), `step` (generated tokens before the decision) and `signal` (the KL value).
+    `prompt_index` (position in `prompts`), `step` (generated tokens before the decision) and `signal` (the signal value).
 
     Prompts are processed in shards of `shard_size`; with `save_to`, each finished shard is written to disk and a later
     call with the same arguments resumes after the last finished shard. In `"teacher_forced"` mode the top `fraction`
@@ -134,7 +139,9 @@ def collect_selection_data(
         top_k (`int`, *optional*, defaults to 16):
             Candidates per group (the paper collects K = 16 and selects among K = 8 at inference).
         fraction (`float`, *optional*, defaults to 0.1):
-            Teacher-forced mode: the fraction of generated positions that become groups (the top by KL).
+            Teacher-forced mode: the fraction of generated positions that become groups (the top by `signal`).
+        signal (`str`, *optional*, defaults to `"kl"`):
+            Teacher-forced mode: how positions are ranked, `"kl"` or `"entropy"` (see above).
         trigger_rate (`float`, *optional*):
             On-policy mode: target trigger rate of the calibrated `kl` trigger. Defaults to `fraction`.
         trigger_threshold (`float`, *optional*):
@@ -197,6 +204,10 @@ def collect_selection_data(
         raise ValueError(f"`top_k` must be an integer >= 2 (a group needs a choice), got {top_k!r}.")
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"`fraction` must lie in (0, 1], got {fraction}.")
+    if signal not in COLLECTION_SIGNALS:
+        raise ValueError(f"`signal` must be one of {COLLECTION_SIGNALS}, got {signal!r}.")
+    if signal != "kl" and mode != "teacher_forced":
+        raise ValueError(f"`signal={signal!r}` applies to `mode='teacher_forced'`; on-policy groups come from KL triggers.")
     trigger_rate = fraction if trigger_rate is None else trigger_rate
     if not 0.0 < trigger_rate < 1.0:
         raise ValueError(f"`trigger_rate` must lie in (0, 1), got {trigger_rate}.")
@@ -223,6 +234,7 @@ def collect_selection_data(
         mode=mode,
         top_k=top_k,
         fraction=fraction,
+        signal=signal,
         trigger_rate=trigger_rate,
         max_new_tokens=max_new_tokens,
         signal_top_k=signal_top_k,
@@ -426,7 +438,10 @@ class _Context:
             del student_logits
             flat_teacher = self._teacher_log_probs(teacher_logits).reshape(batch * num_new, -1)
             del teacher_logits
-            signal = kl_signal(flat_student, flat_teacher, settings.signal_top_k).view(batch, num_new)
+            if settings.signal == "entropy":
+                signal = entropy_signal(flat_student, settings.signal_top_k).view(batch, num_new)
+            else:
+                signal = kl_signal(flat_student, flat_teacher, settings.signal_top_k).view(batch, num_new)
             steps = torch.arange(num_new, device=signal.device)
             eligible = (steps[None] >= settings.warmup_tokens) & (steps[None] < lengths[:, None].to(signal.device))
             rows, cols = eligible.nonzero(as_tuple=True)

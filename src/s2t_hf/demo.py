@@ -44,6 +44,13 @@ class DemoConfig:
     num_dev_groups: int = field(default=1000, metadata={"help": "Held-out groups for early stopping."})
     trigger_rate: float = field(default=0.10, metadata={"help": "Target trigger rate at inference."})
     collect_fraction: float = field(default=0.10, metadata={"help": "Fraction of positions kept as groups."})
+    collect_signal: str = field(
+        default="entropy",
+        metadata={
+            "help": "How collection ranks positions: `entropy` (where S2T-Local's teacher-free trigger fires) or `kl` "
+            "(where the teacher disagrees)."
+        },
+    )
     top_k: int = field(default=8, metadata={"help": "Candidates at inference."})
     collect_top_k: int = field(default=16, metadata={"help": "Candidates per selection group."})
     maj_samples: int = field(default=8, metadata={"help": "Sampled paths for majority voting."})
@@ -297,7 +304,8 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     dataset = collect_selection_data(
         student, teacher, tokenizer, train_prompts, mode="teacher_forced", top_k=config.collect_top_k,
-        fraction=config.collect_fraction, max_new_tokens=runner.max_new_tokens, batch_size=config.batch_size,
+        fraction=config.collect_fraction, signal=config.collect_signal, max_new_tokens=runner.max_new_tokens,
+        batch_size=config.batch_size,
         chat_template=False, suppress_token_ids=list(range(len(tokenizer), output_rows(student))),
         save_to=os.path.join(config.output_dir, "selection_data"),
     )
@@ -403,6 +411,8 @@ def _train_selector(config: DemoConfig, form: str, student, tokenizer, split, en
         margin=config.residual_tau if form == "pure" else 1.0,
         # with the adapter active only while scoring, the student's own generation cannot drift: no LM-KL term
         lm_kl_weight=0.0 if config.local_adapter_mode == "scoring" else 0.1,
+        # the teacher's whole distribution over the candidates, not only its choice (+4-6 points on the demo)
+        teacher_kl_weight=1.0,
         lr_scheduler_type="constant",
         eval_strategy="steps",
         eval_steps=max(20, steps_per_epoch // 4),
