@@ -52,7 +52,7 @@ def main() -> None:
         }
         if all("latency_seconds" in runs[s]["methods"][name] for s in args.seeds):
             summary[name]["latency_ratio_mean"] = statistics.mean(
-                ratio(s, name, "latency_seconds") for s in args.seeds
+                runs[s]["methods"][name].get("latency_ratio", ratio(s, name, "latency_seconds")) for s in args.seeds
             )
         row = summary[name]
         latency = f"{row['latency_ratio_mean']:.2f}" if "latency_ratio_mean" in row else "-"

@@ -2,9 +2,11 @@
 
 1. Load (or train, ~15 min on 2 CPU cores, cached afterwards) the tiny teacher/student pair of `s2t_hf.tasks`.
 2. Collect selection groups on training problems: the student's greedy solutions scored by the teacher, the 10% of
-   positions with the highest KL(student || teacher), K = 16 candidates each (`collect_selection_data`).
-3. Train the selector (LoRA + 16 reserved output rows, residual scoring) with `S2TTrainer`, evaluating agreement with
-   the teacher's choice on held-out problems, early stopping and keeping the best checkpoint.
+   positions where the student's entropy is highest (where the entropy trigger will fire), K = 16 candidates each
+   (`collect_selection_data`).
+3. Train the selector (16 reserved output rows + LoRA on the last layer's query, output and MLP projections, residual
+   scoring, active only while scoring) with `S2TTrainer`, evaluating agreement with the teacher's choice on held-out
+   problems, early stopping and keeping the best checkpoint. This is the recipe of `s2t-hf demo`.
 4. Decode test problems greedily and with S2T-Local (entropy trigger calibrated to a 10% rate, K = 8) and compare
    accuracies.
 
@@ -57,6 +59,8 @@ def main() -> None:
         return [p.text for p in generate_problems(count, split=split, seed=args.seed)]
 
     collect = dict(mode=args.mode, top_k=16, fraction=0.1, trigger_rate=0.1, max_new_tokens=64, batch_size=64)
+    if args.mode == "teacher_forced":
+        collect["signal"] = "entropy"
     train_groups = collect_selection_data(
         student, teacher, tokenizer, prompts("train", args.problems),
         save_to=os.path.join(args.output_dir, "groups-train"), **collect,
@@ -68,8 +72,11 @@ def main() -> None:
     print(f"{len(train_groups)} training groups, {len(dev_groups)} held-out groups")
 
     # 3. the selector and its training
-    config = S2TConfig(selection="local", trigger="entropy", top_k=8, scoring="residual", residual_tau=0.1)
-    selector = S2TSelector.create(student, tokenizer, config=config)
+    config = S2TConfig(
+        selection="local", trigger="entropy", top_k=8, scoring="residual", residual_tau=0.1, adapter_mode="scoring"
+    )
+    # the student generates as itself; the selector's LoRA leaves the KV cache alone, so it scores on the live cache
+    selector = S2TSelector.create(student, tokenizer, preserve_cache=True, config=config)
     training_args = S2TTrainingArguments(
         output_dir=args.output_dir,
         max_steps=args.max_steps,
@@ -87,6 +94,8 @@ def main() -> None:
         load_best_model_at_end=True,
         report_to="none",
         seed=args.seed,
+        teacher_kl_weight=1.0,  # learn the teacher's whole distribution over the candidates, not only its choice
+        lm_kl_weight=0.0,  # the adapter never writes tokens itself (adapter_mode="scoring")
     )
     trainer = S2TTrainer(
         selector=selector,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -33,13 +34,16 @@ def test_format_table_reports_gains_and_ratios():
     results = {
         "methods": {
             "Greedy": {"accuracy": 0.5, "seconds": 2.0, "latency_seconds": 4.0},
-            "S2T (entropy)": {"accuracy": 0.75, "seconds": 3.0, "latency_seconds": 5.0, "trigger_rate": 0.1},
+            "S2T (entropy)": {
+                "accuracy": 0.75, "seconds": 3.0, "latency_seconds": 5.0, "latency_ratio": 1.3,
+                "latency_per_token_ratio": 1.1, "trigger_rate": 0.1,
+            },
             "Teacher greedy": {"accuracy": 0.9, "seconds": 2.5},
         }
     }
     lines = format_table(results).splitlines()
-    assert lines[3] == "| S2T (entropy) | 75.0% | +50.0% | 3.0 | 1.50 | 5.0 | 1.25 | 0.100 |"
-    assert lines[4] == "| Teacher greedy | 90.0% | +80.0% | 2.5 | 1.25 | – | – | – |"
+    assert lines[3] == "| S2T (entropy) | 75.0% | +50.0% | 3.0 | 1.50 | 5.0 | 1.30 | 1.10 | 0.100 |"
+    assert lines[4] == "| Teacher greedy | 90.0% | +80.0% | 2.5 | 1.25 | – | – | – | – |"
 
 
 def test_demo_runs_every_stage_at_toy_size(tmp_path):
@@ -56,6 +60,7 @@ def test_demo_runs_every_stage_at_toy_size(tmp_path):
     assert expected <= names
     for row in results["methods"].values():
         assert 0.0 <= row["accuracy"] <= 1.0 and row["seconds"] > 0
+        assert row["latency_seconds"] > 0 and row["latency_ratio"] > 0 and row["latency_per_token_ratio"] > 0
     for name in ("S2T (entropy)", "S2T-Local residual (entropy)"):
         assert 0.0 < results["methods"][name]["trigger_rate"] < 1.0
     # the demo's selector scores on the student's live cache (cache-preserving LoRA, adapter active only to score)
@@ -66,7 +71,8 @@ def test_demo_runs_every_stage_at_toy_size(tmp_path):
 
     out = tmp_path / "out"
     assert json.loads((out / "results.json").read_text())["methods"].keys() == results["methods"].keys()
-    assert (out / "hit_at_k.png").stat().st_size > 0 and (out / "methods.png").stat().st_size > 0
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "hit_at_k.png").stat().st_size > 0 and (out / "methods.png").stat().st_size > 0
 
     # the saved selector loads in two lines and generates
     from s2t_hf.tasks import load_pair
