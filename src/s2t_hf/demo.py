@@ -30,7 +30,10 @@ logger = logging.get_logger(__name__)
 
 @dataclass
 class DemoConfig:
-    """Settings of `s2t-hf demo`; the defaults finish in ~20 minutes on 2 CPU cores, pair training included (~8 minutes with a cached pair)."""
+    """
+    Settings of `s2t-hf demo`; the defaults finish in ~20 minutes on 2 CPU cores, pair training included (~8 minutes
+    with a cached pair).
+    """
 
     seed: int = field(default=0, metadata={"help": "Seed of the task, the pair and the selector."})
     output_dir: str = field(default="s2t_demo", metadata={"help": "Where results, plots and the selector go."})
