@@ -116,7 +116,7 @@ def collect_selection_data(
     Each row holds `context_ids` (prompt + generated tokens before the step, no padding), `cand_ids` (the student's
     top-K, best first), `teacher_probs` (the teacher's *absolute* probabilities of the candidates), `student_probs`,
     `teacher_top1` (the teacher's argmax over the whole vocabulary, for hit@K statistics) and the provenance
-    `prompt_index` (position in `prompts`), `step` (generated tokens before the decision) and `signal` (the signal value).
+    `prompt_index` (position in `prompts`), `step` (generated tokens before the decision) and `signal` (its value).
 
     Prompts are processed in shards of `shard_size`; with `save_to`, each finished shard is written to disk and a later
     call with the same arguments resumes after the last finished shard. In `"teacher_forced"` mode the top `fraction`
@@ -207,7 +207,9 @@ def collect_selection_data(
     if signal not in COLLECTION_SIGNALS:
         raise ValueError(f"`signal` must be one of {COLLECTION_SIGNALS}, got {signal!r}.")
     if signal != "kl" and mode != "teacher_forced":
-        raise ValueError(f"`signal={signal!r}` applies to `mode='teacher_forced'`; on-policy groups come from KL triggers.")
+        raise ValueError(
+            f"`signal={signal!r}` applies to `mode='teacher_forced'`; on-policy groups come from KL triggers."
+        )
     trigger_rate = fraction if trigger_rate is None else trigger_rate
     if not 0.0 < trigger_rate < 1.0:
         raise ValueError(f"`trigger_rate` must lie in (0, 1), got {trigger_rate}.")

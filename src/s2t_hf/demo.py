@@ -85,8 +85,9 @@ class DemoConfig:
     selector_preserve_cache: bool = field(
         default=True,
         metadata={
-            "help": "LoRA only where it leaves the KV cache as the student's (`S2TSelector.create(preserve_cache=True)`), "
-            "so that with `local_adapter_mode='scoring'` candidates are scored on the live cache."
+            "help": "LoRA only where it leaves the KV cache as the student's "
+            "(`S2TSelector.create(preserve_cache=True)`), so that with `local_adapter_mode='scoring'` candidates are "
+            "scored on the live cache."
         },
     )
     plots: bool = field(default=True, metadata={"help": "Write PNG plots (needs matplotlib)."})

@@ -480,7 +480,8 @@ class S2TLogitsProcessor(LogitsProcessor):
             yield
             return
         # Only the flag that `enable_adapters` sets: its requires-grad bookkeeping (PEFT's `set_adapter`) costs a
-        # third of a small model's forward, twice per triggered step. Grads stay off, as `enable_adapters(False)` left them.
+        # third of a small model's forward, twice per triggered step. Grads stay off, as `enable_adapters(False)` left
+        # them.
         for layer in self._adapter_layers:
             layer._disable_adapters = False
         try:
