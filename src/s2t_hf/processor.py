@@ -23,7 +23,13 @@ from .kv import (
     score_candidates_by_recompute,
     score_candidates_on_cache,
 )
-from .selection import local_candidate_logits, takeover_selection, teacher_selection, top_k_candidates
+from .selection import (
+    local_candidate_logits,
+    selector_log_probs,
+    takeover_selection,
+    teacher_selection,
+    top_k_candidates,
+)
 from .triggers import entropy_signal, kl_signal, threshold_for_rate
 
 
@@ -549,10 +555,7 @@ class S2TLogitsProcessor(LogitsProcessor):
                     with_last_token=rescore,
                 )
         if rescore:
-            last = logits[:, 0].float()
-            if self.reserved_ids.numel():
-                last = last.index_fill(-1, self.reserved_ids.to(last.device), float("-inf"))
-            candidate_log_probs = torch.log_softmax(last, dim=-1).gather(-1, candidate_ids[triggered])
+            candidate_log_probs = selector_log_probs(logits[:, 0], candidate_ids[triggered], self.reserved_ids)
             logits = logits[:, 1:]
         else:
             candidate_log_probs = candidate_log_probs[triggered]

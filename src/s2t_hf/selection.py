@@ -94,6 +94,27 @@ def expected_bin_value(bin_logits: torch.Tensor, bin_values: torch.Tensor) -> to
     return probs @ bin_values.to(device=probs.device, dtype=torch.float32)
 
 
+def selector_log_probs(
+    logits: torch.Tensor, candidate_ids: torch.Tensor, blocked_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """
+    Log-probabilities of the candidates under next-token `logits`, with `blocked_ids` (the bins) excluded from the
+    softmax, in float32: the selector's own term of the `residual` form.
+
+    Args:
+        logits (`torch.Tensor` of shape `(batch, vocab)`): next-token logits at the decision step.
+        candidate_ids (`torch.Tensor` of shape `(batch, K)`): the candidates.
+        blocked_ids (`torch.Tensor`, *optional*): ids left out of the softmax.
+
+    Returns:
+        `torch.Tensor` of shape `(batch, K)`, float32.
+    """
+    logits = logits.float()
+    if blocked_ids is not None and blocked_ids.numel():
+        logits = logits.index_fill(-1, blocked_ids.to(logits.device), float("-inf"))
+    return torch.log_softmax(logits, dim=-1).gather(-1, candidate_ids.to(logits.device))
+
+
 def local_candidate_logits(
     bin_logits: torch.Tensor,
     bin_values: torch.Tensor,

@@ -28,7 +28,7 @@ from .config import CONFIG_NAME, SCORING_KINDS
 from .data import SelectionGroupCollator
 from .kv import MASK_4D_ATTENTION, candidate_attention_mask, positions_from_attention_mask
 from .losses import lm_kl_divergence, selection_loss, selection_metrics
-from .selection import local_candidate_logits
+from .selection import local_candidate_logits, selector_log_probs
 
 
 __all__ = ["S2TTrainer", "S2TTrainingArguments"]
@@ -378,8 +378,7 @@ class S2TTrainer(Trainer):
         if config.scoring == "residual":
             # the selector's own log-probabilities of the candidates (adapter on, bins masked), as the processor
             # computes them in both adapter modes
-            last = forward.last_context_logits.float().index_fill(-1, bins, float("-inf"))
-            student_log_probs = torch.log_softmax(last, dim=-1).gather(-1, cand_ids)
+            student_log_probs = selector_log_probs(forward.last_context_logits, cand_ids, bins)
         bin_logits = forward.candidate_logits.index_select(-1, bins)
         candidate_logits = local_candidate_logits(
             bin_logits,
