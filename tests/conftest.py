@@ -6,6 +6,8 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
     GemmaConfig,
     GPT2Config,
     LlamaConfig,
@@ -43,10 +45,22 @@ def tiny_config(arch: str, vocab_size: int = VOCAB, hidden: int = 32, layers: in
         return MistralConfig(**decoder, sliding_window=None, **overrides)
     if arch == "gemma":
         return GemmaConfig(**decoder, head_dim=8, **overrides)
+    # sliding-window and hybrid caches: windows shorter than `long_left_padded_batch`'s prompts
+    if arch == "gemma2":  # alternating sliding and full layers, logit soft-capping
+        return Gemma2Config(**{**decoder, "num_hidden_layers": max(layers, 2)}, head_dim=8, sliding_window=6, **overrides)
+    if arch == "gemma3":
+        overrides.setdefault("layer_types", ["sliding_attention", "full_attention"] * max(1, layers // 2))
+        return Gemma3TextConfig(**{**decoder, "num_hidden_layers": max(layers, 2)}, head_dim=8, sliding_window=6,
+                                **overrides)
+    if arch == "mistral-window":  # every layer slides
+        return MistralConfig(**decoder, sliding_window=6, **overrides)
+    if arch == "qwen2-window":  # sliding layers above `max_window_layers`
+        return Qwen2Config(**decoder, use_sliding_window=True, sliding_window=6, max_window_layers=1, **overrides)
     raise ValueError(arch)
 
 
 ARCHITECTURES = ["llama", "qwen2", "qwen3", "mistral", "gemma", "gpt2"]
+SLIDING_ARCHITECTURES = ["gemma2", "gemma3", "mistral-window", "qwen2-window"]
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, attn: str = "sdpa", dtype=torch.float32, **overrides):
@@ -58,6 +72,15 @@ def tiny_model(arch: str = "llama", seed: int = 0, attn: str = "sdpa", dtype=tor
 def left_padded_batch():
     """Three prompts of different lengths, left padded with PAD."""
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16]]
+    length = max(map(len, prompts))
+    input_ids = torch.tensor([[PAD] * (length - len(p)) + p for p in prompts])
+    attention_mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts])
+    return prompts, input_ids, attention_mask
+
+
+def long_left_padded_batch():
+    """Three prompts longer than the sliding windows of `SLIDING_ARCHITECTURES`, left padded with PAD."""
+    prompts = [list(range(5, 17)), list(range(20, 27)), list(range(30, 40))]
     length = max(map(len, prompts))
     input_ids = torch.tensor([[PAD] * (length - len(p)) + p for p in prompts])
     attention_mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts])

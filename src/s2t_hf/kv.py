@@ -18,6 +18,7 @@ Both return the logits at each candidate's position, shape `(batch, K, vocab)`; 
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import weakref
 from dataclasses import dataclass
@@ -51,11 +52,14 @@ class GenerationStateHook:
     `on_prefill` is called when a forward starts on an empty cache (a new `generate` call).
     """
 
-    def __init__(self, module: torch.nn.Module, on_prefill=None):
+    def __init__(self, module: torch.nn.Module, on_prefill=None, keep_previous_sliding: bool = False):
         self.module = module
         self.on_prefill = on_prefill
         self.paused = False
         self.last: ForwardRecord | None = None
+        # references (no copies) to the sliding-window layers' tensors before the last forward, kept only when asked
+        self.keep_previous_sliding = keep_previous_sliding
+        self.previous_sliding: list | None = None
         self._cache_ref = None
         self._handle = module.register_forward_pre_hook(self, with_kwargs=True)
 
@@ -86,6 +90,8 @@ class GenerationStateHook:
             position_ids=kwargs.get("position_ids"),
         )
         self._cache_ref = weakref.ref(cache) if cache is not None else None
+        if self.keep_previous_sliding and cache is not None and hasattr(cache, "layers"):
+            self.previous_sliding = previous_sliding_state(cache)
         return None
 
     @property
@@ -106,6 +112,7 @@ class GenerationStateHook:
             self._handle.remove()
             self._handle = None
         self.last = None
+        self.previous_sliding = None
         self._cache_ref = None
 
 
@@ -173,19 +180,166 @@ def candidate_attention_mask(
     return mask[:, None]
 
 
-def cache_can_roll_back(cache: Any, model: torch.nn.Module) -> tuple[bool, str]:
-    """Whether the fast path can score on `cache` and crop it back; if not, the reason."""
+# Cache layers whose `update` concatenates new keys and values into new tensors: a shallow copy of such a layer can take
+# a scoring forward while the original layer, and the tensors it holds, stay untouched.
+COPYABLE_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")
+
+
+def cache_scoring_support(cache: Any, model: torch.nn.Module, num_slots: int = 1) -> tuple[bool, str]:
+    """
+    Whether candidates can be scored on `cache` (the fast path and the fused loop); if not, the reason.
+
+    Args:
+        cache: the live cache of `generate`.
+        model (`PreTrainedModel`): the model that owns it.
+        num_slots (`int`, *optional*, defaults to 1): query tokens placed on the cache at once (K, or K + 1 when the
+            last token is encoded again); a sliding window must be longer than that.
+    """
     attention = getattr(model.config, "_attn_implementation", None)
     if attention not in MASK_4D_ATTENTION:
-        return False, f"attention implementation {attention!r} does not take a custom 4-D mask"
+        if attention is not None and "flex" in attention:
+            return False, (
+                f"attention implementation {attention!r} takes a block mask, not the 4-D float mask that places K "
+                "candidates at one position (load the model with `attn_implementation='sdpa'` for the fast path)"
+            )
+        return False, (
+            f"attention implementation {attention!r} does not take a custom 4-D mask (load the model with "
+            "`attn_implementation='sdpa'` or 'eager' for the fast path)"
+        )
     if cache is None:
         return False, "generate runs without a cache (`use_cache=False`)"
     if type(cache).__name__ != "DynamicCache":
-        return False, f"{type(cache).__name__} cannot be cropped back"
+        return False, f"{type(cache).__name__} cannot be scored on (only a `DynamicCache` can)"
+    kinds = set()
     for layer in getattr(cache, "layers", []):
-        if type(layer).__name__ != "DynamicLayer":
-            return False, f"cache layer {type(layer).__name__} (sliding window or linear attention) cannot be cropped"
+        name = type(layer).__name__
+        if name not in COPYABLE_LAYERS:
+            return False, f"cache layer {name} (e.g. linear attention or an offloaded layer) cannot be scored on"
+        window = getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
+        if window is not None and window - 1 < num_slots:
+            return False, f"the sliding window ({window}) is too short for {num_slots} query tokens"
+        kinds.add(window is not None)
+    if len(kinds) > 1 and not _layer_types(model):
+        return False, "the cache mixes sliding and full layers but the model config has no `layer_types`"
     return True, ""
+
+
+def _layer_types(model: torch.nn.Module) -> list[str] | None:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(config, "layer_types", None)
+
+
+def _window(layer: Any) -> int | None:
+    return int(layer.sliding_window) if getattr(layer, "is_sliding", False) else None
+
+
+def previous_sliding_state(cache: Any) -> list[tuple | None]:
+    """
+    References to the tensors of every sliding-window layer of `cache` (no copy), taken before a forward: the tokens a
+    window evicts during that forward stay reachable, so the forward's last token can be encoded again exactly.
+    """
+    state: list[tuple | None] = []
+    for layer in cache.layers:
+        if getattr(layer, "is_sliding", False) and getattr(layer, "is_initialized", False):
+            state.append((layer.keys, layer.values, layer.cumulative_length))
+        else:
+            state.append(None)
+    return state
+
+
+def scoring_view(
+    cache: Any, rows: torch.Tensor | None = None, drop_last: bool = False, previous: list[tuple | None] | None = None
+) -> Any:
+    """
+    A shallow copy of `cache` that a scoring forward may write into while `cache` itself stays untouched.
+
+    Args:
+        cache (`DynamicCache`): the live cache (layers listed in `COPYABLE_LAYERS`).
+        rows (`torch.Tensor`, *optional*): keep only these batch rows (their keys and values are gathered).
+        drop_last (`bool`, *optional*, defaults to `False`): leave out the last cached token, to encode it again.
+            Sliding layers take the state in `previous` (from [`previous_sliding_state`] before the last forward):
+            their window may already have dropped the oldest token the last one attends to.
+        previous (`list`, *optional*): see `drop_last`.
+
+    Returns:
+        An object of the same class as `cache` whose layers hold views or gathered copies of the live tensors.
+    """
+    view = copy.copy(cache)
+    view.layers = []
+    for index, layer in enumerate(cache.layers):
+        new = copy.copy(layer)
+        if getattr(layer, "is_initialized", False):
+            keys, values = layer.keys, layer.values
+            if drop_last:
+                if _window(layer) is not None:
+                    state = previous[index] if previous is not None else None
+                    if state is None:
+                        raise RuntimeError("Encoding the last token again on a sliding layer needs its previous state.")
+                    keys, values, new.cumulative_length = state
+                else:
+                    keys, values = keys[:, :, :-1], values[:, :, :-1]
+            if rows is not None:
+                keys, values = keys.index_select(0, rows), values.index_select(0, rows)
+            new.keys, new.values = keys, values
+        view.layers.append(new)
+    return view
+
+
+def scoring_masks(
+    model: torch.nn.Module,
+    cache: Any,
+    prefix_mask: torch.Tensor,
+    num_candidates: int,
+    with_last_token: bool,
+    dtype: torch.dtype,
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """
+    Additive 4-D masks for K candidates placed at one position on `cache` (a [`scoring_view`]), one per layer kind.
+
+    Column `j` of `prefix_mask` is sequence index `j` (left padding included, as in transformers' own masks). A layer
+    that stores `S` tokens holds the last `S` of the prefix; a sliding layer with window `w` lets a query at index `q`
+    see index `k` only if `q - k < w`. Query rows: the re-encoded last token (index `P`, where `P` is the prefix length)
+    if `with_last_token`, then the K candidates (one index after the prefix and the last token). Each candidate sees the
+    prefix, the re-encoded last token and itself; the last token sees the prefix and itself.
+
+    Returns:
+        One tensor of shape `(batch, 1, queries, S + queries)` when every layer is alike, else a dict from layer type
+        (`"full_attention"`, `"sliding_attention"`) to such a tensor, as models with hybrid layers accept.
+    """
+    batch, prefix = prefix_mask.shape
+    device = prefix_mask.device
+    real = prefix_mask.bool()
+    extra = 1 if with_last_token else 0
+    queries = extra + num_candidates
+    query_index = torch.full((queries,), prefix + extra, device=device)
+    if with_last_token:
+        query_index[0] = prefix
+    new_block = torch.zeros(queries, queries, dtype=torch.bool, device=device)
+    new_block[extra:, extra:] = torch.eye(num_candidates, dtype=torch.bool, device=device)
+    new_block[:, :extra] = True
+    masks: dict[tuple[int, int | None], torch.Tensor] = {}
+    kinds: list[tuple[int, int | None]] = []
+    for layer in cache.layers:
+        stored = int(layer.keys.shape[-2]) if getattr(layer, "is_initialized", False) else 0
+        key = (stored, _window(layer))
+        kinds.append(key)
+        if key in masks:
+            continue
+        columns = torch.arange(prefix - stored, prefix, device=device)
+        allowed = real[:, None, prefix - stored :].expand(batch, queries, stored)
+        if key[1] is not None:
+            allowed = allowed & ((query_index[:, None] - columns[None, :]) < key[1])[None]
+        allowed = torch.cat([allowed, new_block[None].expand(batch, -1, -1)], dim=-1)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        masks[key] = mask[:, None]
+    if len(masks) == 1:
+        return next(iter(masks.values()))
+    by_type: dict[str, torch.Tensor] = {}
+    for layer_type, key in zip(_layer_types(model), kinds):
+        if by_type.setdefault(layer_type, masks[key]) is not masks[key]:
+            raise RuntimeError(f"Layers of type {layer_type!r} hold caches of different shapes; cannot build one mask.")
+    return by_type
 
 
 def _model_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -203,65 +357,62 @@ def score_candidates_on_cache(
     next_positions: torch.Tensor,
     candidate_ids: torch.Tensor,
     last_token_ids: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    previous: list[tuple | None] | None = None,
 ) -> torch.Tensor:
     """
-    Logits at K candidate tokens per row, computed in one forward on the live cache, which is then rolled back.
+    Logits at K candidate tokens per row, computed in one forward on a [`scoring_view`] of the live cache. The live
+    cache is never written to, so sliding-window layers are served as well as full ones.
 
     Args:
         model (`PreTrainedModel`): the model that owns `cache`.
         cache (`DynamicCache`): holds `attention_mask.shape[1]` tokens per row.
         attention_mask (`torch.Tensor` of shape `(batch, length)`): the 2-D mask of the cached tokens.
         next_positions (`torch.Tensor` of shape `(batch,)`): position id of the next token of each row.
-        candidate_ids (`torch.Tensor` of shape `(batch, K)`): the candidates.
+        candidate_ids (`torch.Tensor` of shape `(rows, K)`): the candidates of the scored rows.
         last_token_ids (`torch.Tensor` of shape `(batch,)`, *optional*):
             The last cached token of each row. When given, it is encoded again in the same forward, ahead of the
             candidates, and its logits are returned too: the next-token distribution of `model` as it is now (e.g.
             with an adapter enabled that the cache was built without, which must leave keys and values unchanged).
-            Its cached keys and values are restored bit for bit afterwards.
+        rows (`torch.Tensor`, *optional*):
+            Indices of the rows to score (e.g. the triggered ones); defaults to every row. Only their cache entries
+            are gathered, so the cost grows with the scored rows, not with the batch.
+        previous (`list`, *optional*):
+            [`previous_sliding_state`] taken before the last forward; needed with `last_token_ids` on sliding layers.
 
     Returns:
-        `torch.Tensor` of shape `(batch, K, vocab)`: the logits after each candidate (prefix + candidate); with
-        `last_token_ids`, shape `(batch, 1 + K, vocab)`, the last token's logits first.
+        `torch.Tensor` of shape `(rows, K, vocab)`: the logits after each candidate (prefix + candidate); with
+        `last_token_ids`, shape `(rows, 1 + K, vocab)`, the last token's logits first.
     """
-    batch, num_candidates = candidate_ids.shape
-    length = int(cache.get_seq_length())
-    if attention_mask.shape[1] != length:
+    num_candidates = candidate_ids.shape[1]
+    length = int(attention_mask.shape[1])
+    full_layers = [layer for layer in cache.layers if _window(layer) is None and getattr(layer, "is_initialized", 0)]
+    if full_layers and int(full_layers[0].keys.shape[-2]) != length:
         raise RuntimeError(
-            f"The cache holds {length} tokens but the attention mask covers {attention_mask.shape[1]}; the fast path "
-            "cannot score on this cache. Set `local_path='recompute'`."
+            f"The cache holds {int(full_layers[0].keys.shape[-2])} tokens but the attention mask covers {length}; the "
+            "fast path cannot score on this cache. Set `local_path='recompute'`."
         )
-    dtype = _model_dtype(model)
-    mask = candidate_attention_mask(attention_mask, num_candidates, dtype)
-    positions = next_positions.to(candidate_ids.device)[:, None].expand(batch, num_candidates)
+    if rows is not None:
+        rows = rows.to(attention_mask.device)
+        attention_mask, next_positions = attention_mask[rows], next_positions.to(rows.device)[rows]
+        if last_token_ids is not None:
+            last_token_ids = last_token_ids.to(rows.device)[rows]
+    with_last = last_token_ids is not None
+    view = scoring_view(cache, rows=rows, drop_last=with_last, previous=previous)
+    prefix_mask = attention_mask[:, :-1] if with_last else attention_mask
+    mask = scoring_masks(model, view, prefix_mask, num_candidates, with_last, _model_dtype(model))
+    positions = next_positions.to(candidate_ids.device)[:, None].expand(-1, num_candidates)
     input_ids = candidate_ids
-    saved = None
-    if last_token_ids is not None:
-        # the last token's query row sees the prefix (itself included), not the candidates
-        padding = attention_mask.new_zeros(batch, num_candidates, dtype=torch.bool)
-        allowed = torch.cat([attention_mask.bool(), padding], dim=-1)
-        last_row = torch.zeros(allowed.shape, dtype=dtype, device=mask.device)
-        last_row.masked_fill_(~allowed, torch.finfo(dtype).min)
-        mask = torch.cat([last_row[:, None, None], mask], dim=2)
+    if with_last:
         positions = torch.cat([positions[:, :1] - 1, positions], dim=1)
         input_ids = torch.cat([last_token_ids.to(candidate_ids.device)[:, None], candidate_ids], dim=1)
-        saved = [(layer.keys[:, :, -1:].clone(), layer.values[:, :, -1:].clone()) for layer in cache.layers]
-        cache.crop(-1)
-    try:
-        outputs = model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            **{cache_argument(model): cache},
-        )
-    finally:
-        added = int(cache.get_seq_length()) - length
-        if added > 0:
-            cache.crop(-added)
-        if saved is not None:
-            for layer, (keys, values) in zip(cache.layers, saved):  # the re-encoded last token: originals back
-                layer.keys[:, :, -1:] = keys
-                layer.values[:, :, -1:] = values
+    outputs = model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        **{cache_argument(model): view},
+    )
     return outputs.logits
 
 

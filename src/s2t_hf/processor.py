@@ -17,7 +17,7 @@ from .config import S2TConfig
 from .kv import (
     GenerationStateHook,
     cache_argument,
-    cache_can_roll_back,
+    cache_scoring_support,
     output_rows,
     positions_from_attention_mask,
     score_candidates_by_recompute,
@@ -34,6 +34,19 @@ from .triggers import entropy_signal, kl_signal, threshold_for_rate
 
 
 logger = logging.get_logger(__name__)
+
+
+@dataclasses.dataclass
+class PendingSelection:
+    """A step whose triggered rows wait for their candidates' scores (local selection)."""
+
+    input_ids: torch.Tensor
+    mask: torch.Tensor
+    signal: torch.Tensor | None
+    triggered: torch.Tensor
+    candidate_ids: torch.Tensor
+    candidate_log_probs: torch.Tensor
+    valid: torch.Tensor
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -183,7 +196,14 @@ class S2TLogitsProcessor(LogitsProcessor):
         self._calibrating = False
         self._signals: list[torch.Tensor] = []
         self._generator: torch.Generator | None = None
-        self._hook = GenerationStateHook(self.student, on_prefill=self.reset)
+        # The residual form with `adapter_mode="scoring"` encodes the step's last token again (adapter on); on a
+        # sliding-window layer that needs the layer's state from before the step's forward.
+        self._rescore = config.selection == "local" and config.scoring == "residual" and config.adapter_mode == "scoring"
+        self._hook = GenerationStateHook(self.student, on_prefill=self.reset, keep_previous_sliding=self._rescore)
+        # set by the fused decoding loop (`s2t_hf.generate`) while it runs: local selection is then deferred to its
+        # decoding forward instead of a forward of its own
+        self._fused = False
+        self.pending: PendingSelection | None = None
         # whether the adapter leaves the cache as the base model's (checked once: it walks the modules)
         self._selector_preserves_cache = config.selection == "local" and selector.preserves_cache
         # the adapter's layers, switched directly at each scoring call (walking the whole model each time costs as
@@ -289,6 +309,8 @@ class S2TLogitsProcessor(LogitsProcessor):
         self._teacher_logits: torch.Tensor | None = None
         self._row_stats: dict[str, torch.Tensor] = {}
         self._totals: dict[str, Any] = {"teacher_calls": 0, "teacher_tokens": 0, "local_calls": 0, "local_path": None}
+        self._scoring_path: tuple[str, str] | None = None
+        self.pending = None
         self.records: list[dict[str, Any]] = []
         if self.config.seed is not None:
             self._generator = torch.Generator().manual_seed(self.config.seed)
@@ -346,11 +368,20 @@ class S2TLogitsProcessor(LogitsProcessor):
             # a new generate call without a cache: start over
             self.reset()
             return
-        if not torch.equal(input_ids[:, :-1], previous):
+        # O(batch) and no host sync here: checked at the step's one sync (`_any_triggered`)
+        self._reordered = (input_ids[:, -2] != previous[:, -1]).any()
+
+    def _any_triggered(self, triggered: torch.Tensor) -> bool:
+        """The step's one host sync: whether any row triggered (and whether rows were reordered since the last step)."""
+        if self._reordered is None:
+            return bool(triggered.any())
+        any_triggered, reordered = torch.stack([triggered.any(), self._reordered]).tolist()
+        if reordered:
             raise ValueError(
                 "S2TLogitsProcessor supports greedy search and sampling only: rows were reordered between steps, as "
                 "beam search does. Use `num_beams=1`."
             )
+        return bool(any_triggered)
 
     def _attention_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         record = self._hook.last
@@ -414,6 +445,7 @@ class S2TLogitsProcessor(LogitsProcessor):
 
     @add_start_docstrings(LOGITS_PROCESSOR_INPUTS_DOCSTRING)
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self._reordered = None
         self._check_step(input_ids)
         if self._prompt_length is None:
             if bool((torch.logsumexp(scores.float(), dim=-1).abs() < 1e-4).all()):
@@ -433,6 +465,11 @@ class S2TLogitsProcessor(LogitsProcessor):
             self._finished |= torch.isin(input_ids[:, -1], self.eos_token_ids.to(input_ids.device))
         active = ~self._finished
         eligible = active & (generated >= self.config.warmup_tokens)
+        if self.config.trigger == "never" and not self._calibrating:
+            # nothing to decide: a few element-wise ops, no host sync, nothing that grows with the length
+            self._row_stats["steps"] += active
+            self._row_stats["eligible_steps"] += eligible
+            return scores
         mask = self._attention_mask(input_ids)
         signal = self._signal(scores, input_ids, mask)
         if self._teacher_logits is None and self.teacher is not None and not self.lazy_teacher and active.any():
@@ -443,7 +480,7 @@ class S2TLogitsProcessor(LogitsProcessor):
         self._row_stats["steps"] += active
         self._row_stats["eligible_steps"] += eligible
         self._row_stats["triggers"] += triggered
-        if not bool(triggered.any()):
+        if not self._any_triggered(triggered):
             return scores
 
         candidate_ids, candidate_log_probs, valid = top_k_candidates(
@@ -453,17 +490,33 @@ class S2TLogitsProcessor(LogitsProcessor):
         if teacher_log_probs is None and self.config.selection in ("teacher", "takeover"):
             teacher_log_probs = self._teacher_log_probs(input_ids, mask)
         selection = self.config.selection
-        local_logits = None
         if selection == "teacher":
             chosen = candidate_ids.gather(-1, teacher_selection(candidate_ids, valid, teacher_log_probs)[:, None])[:, 0]
         elif selection == "takeover":
             chosen = takeover_selection(teacher_log_probs)
         else:
-            local_logits = self._local_candidate_logits(input_ids, mask, candidate_ids, candidate_log_probs, triggered)
-            chosen = torch.full_like(candidate_ids[:, 0], -1)
-            position = local_logits.masked_fill(~valid[triggered], float("-inf")).argmax(-1)
-            chosen[triggered] = candidate_ids[triggered].gather(-1, position[:, None])[:, 0]
+            pending = PendingSelection(input_ids, mask, signal, triggered, candidate_ids, candidate_log_probs, valid)
+            if self._fused and self.config.adapter_mode == "generate":
+                # the fused loop scores the candidates in its next decoding forward and calls `complete_selection`;
+                # until then the triggered rows may emit only their valid candidates
+                self.pending = pending
+                allowed = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, candidate_ids, valid)
+                return torch.where(triggered[:, None] & ~allowed, float("-inf"), scores)
+            logits = self._score_candidates(input_ids, mask, candidate_ids[triggered], triggered)
+            chosen, _ = self.complete_selection(pending, logits)  # accounts for the step itself
+        if selection != "local":
+            self._account(
+                input_ids, mask, signal, triggered, candidate_ids, candidate_log_probs, teacher_log_probs, chosen, None
+            )
+        forced = torch.full_like(scores, float("-inf"))
+        forced.scatter_(-1, chosen.clamp_min(0)[:, None], 0.0)
+        return torch.where(triggered[:, None], forced, scores)
 
+    def _account(
+        self, input_ids, mask, signal, triggered, candidate_ids, candidate_log_probs, teacher_log_probs, chosen,
+        local_logits,
+    ) -> None:
+        """Statistics and records of a step whose triggered rows have been decided."""
         self._row_stats["flips"] += triggered & (chosen != candidate_ids[:, 0])
         if teacher_log_probs is not None:
             hit = (candidate_ids == teacher_log_probs.argmax(-1, keepdim=True)).any(-1)
@@ -474,9 +527,41 @@ class S2TLogitsProcessor(LogitsProcessor):
                 local_logits,
             )
 
-        forced = torch.full_like(scores, float("-inf"))
-        forced.scatter_(-1, chosen.clamp_min(0)[:, None], 0.0)
-        return torch.where(triggered[:, None], forced, scores)
+    def complete_selection(self, pending: PendingSelection, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Local selection of a step from the logits at the candidates of its triggered rows.
+
+        Args:
+            pending (`PendingSelection`): the step's triggered rows and candidates.
+            logits (`torch.Tensor` of shape `(triggered, K, vocab)`): the selector's logits after each candidate
+                (`(triggered, 1 + K, vocab)` when the last token was encoded again, its logits first).
+
+        Returns:
+            `(chosen, positions)`: the chosen token of every row (-1 where not triggered), shape `(batch,)`, and the
+            chosen candidate's position (0..K-1) in each triggered row, shape `(triggered,)`.
+        """
+        triggered = pending.triggered
+        candidate_ids = pending.candidate_ids[triggered]
+        if self._rescore:
+            candidate_log_probs = selector_log_probs(logits[:, 0], candidate_ids, self.reserved_ids)
+            logits = logits[:, 1:]
+        else:
+            candidate_log_probs = pending.candidate_log_probs[triggered]
+        local_logits = local_candidate_logits(
+            logits[..., self.selector.bin_token_ids],
+            self.selector.bin_values,
+            self.config.scoring,
+            self.config.residual_tau,
+            candidate_log_probs,
+        )
+        positions = local_logits.masked_fill(~pending.valid[triggered], float("-inf")).argmax(-1)
+        chosen = torch.full_like(pending.candidate_ids[:, 0], -1)
+        chosen[triggered] = candidate_ids.gather(-1, positions[:, None])[:, 0]
+        self._account(
+            pending.input_ids, pending.mask, pending.signal, triggered, pending.candidate_ids,
+            pending.candidate_log_probs, None, chosen, local_logits,
+        )
+        return chosen, positions
 
     # ------------------------------------------------------------------ local selection
 
@@ -501,7 +586,16 @@ class S2TLogitsProcessor(LogitsProcessor):
             layer.enable_adapters(enabled)
 
     def local_scoring_path(self) -> tuple[str, str]:
-        """The path S2T-Local scores candidates on in the current `generate` call (`cache` or `recompute`) and why."""
+        """
+        The path S2T-Local scores candidates on in the current `generate` call and why: `("cache", reason)` (one forward
+        of the triggered rows on the live cache, sliding-window layers included) or `("recompute", reason)` (every
+        prefix encoded again, the last resort). Decided once per `generate` call.
+        """
+        if self._scoring_path is None:
+            self._scoring_path = self._decide_scoring_path()
+        return self._scoring_path
+
+    def _decide_scoring_path(self) -> tuple[str, str]:
         wanted = self.config.local_path
         if wanted == "recompute":
             return "recompute", "requested"
@@ -511,61 +605,46 @@ class S2TLogitsProcessor(LogitsProcessor):
                 "values (create the selector with `preserve_cache=True` to score on the cache)"
             )
         else:
-            ok, reason = cache_can_roll_back(self._hook.cache, self.student)
+            ok, reason = cache_scoring_support(self._hook.cache, self.student)
             if ok:
-                return "cache", "live cache can be rolled back"
+                return "cache", "the live cache can be scored on"
         if wanted == "cache":
             raise ValueError(f"`local_path='cache'` was requested but {reason}. Use `local_path='auto'` or 'recompute'.")
+        logger.info(f"S2T-Local scores candidates by recomputing their prefixes: {reason}.")
         return "recompute", reason
 
-    def _local_candidate_logits(
-        self,
-        input_ids: torch.Tensor,
-        mask: torch.Tensor,
-        candidate_ids: torch.Tensor,
-        candidate_log_probs: torch.Tensor,
-        triggered: torch.Tensor,
+    def _score_candidates(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, candidate_ids: torch.Tensor, triggered: torch.Tensor
     ) -> torch.Tensor:
+        """The selector's logits after each candidate of the triggered rows (one extra forward of those rows only)."""
         path, _ = self.local_scoring_path()
-        bins = self.selector.bin_token_ids
         self._totals["local_calls"] += 1
         self._totals["local_path"] = path
+        rows = triggered.nonzero()[:, 0]
         # The residual form adds the selector's own log-probabilities of the candidates. While the adapter generates
         # they are the scores; with `adapter_mode="scoring"` the last token is encoded again with the adapter on.
-        rescore = self.config.scoring == "residual" and self.config.adapter_mode == "scoring"
         with self._hook.pause(), self._adapter_for_scoring():
             if path == "cache":
                 record = self._hook.last
-                if record.position_ids is not None:
-                    next_positions = record.position_ids[:, -1].to(input_ids.device) + 1
+                if record.position_ids is not None and record.position_ids.shape[-1] >= 1:
+                    next_positions = record.position_ids.reshape(input_ids.shape[0], -1)[:, -1].to(input_ids.device) + 1
                 else:
                     next_positions = positions_from_attention_mask(mask)[:, -1] + 1
-                logits = score_candidates_on_cache(
+                return score_candidates_on_cache(
                     self.student, self._hook.cache, mask, next_positions, candidate_ids,
-                    last_token_ids=input_ids[:, -1] if rescore else None,
-                )[triggered]
-            else:
-                logits = score_candidates_by_recompute(
-                    self.student,
-                    input_ids[triggered],
-                    mask[triggered],
-                    candidate_ids[triggered],
-                    max_context=self.config.max_context,
-                    pad_token_id=self.pad_token_id,
-                    with_last_token=rescore,
+                    last_token_ids=input_ids[:, -1] if self._rescore else None,
+                    rows=rows if rows.numel() < input_ids.shape[0] else None,
+                    previous=self._hook.previous_sliding,
                 )
-        if rescore:
-            candidate_log_probs = selector_log_probs(logits[:, 0], candidate_ids[triggered], self.reserved_ids)
-            logits = logits[:, 1:]
-        else:
-            candidate_log_probs = candidate_log_probs[triggered]
-        return local_candidate_logits(
-            logits[..., bins],
-            self.selector.bin_values,
-            self.config.scoring,
-            self.config.residual_tau,
-            candidate_log_probs,
-        )
+            return score_candidates_by_recompute(
+                self.student,
+                input_ids[rows],
+                mask[rows],
+                candidate_ids,
+                max_context=self.config.max_context,
+                pad_token_id=self.pad_token_id,
+                with_last_token=self._rescore,
+            )
 
     # ------------------------------------------------------------------ records and calibration
 
