@@ -19,6 +19,7 @@ _LAZY_ATTRIBUTES = {
     "S2TTrainingArguments": "trainer",
     "collect_selection_data": "data",
     "SelectionGroupCollator": "data",
+    "generate": "generation",
 }
 
 __all__ = sorted([*_LAZY_ATTRIBUTES, "__version__"])
@@ -26,6 +27,7 @@ __all__ = sorted([*_LAZY_ATTRIBUTES, "__version__"])
 if TYPE_CHECKING:
     from .config import S2TConfig
     from .data import SelectionGroupCollator, collect_selection_data
+    from .generation import generate
     from .processor import S2TLogitsProcessor
     from .selector import S2TSelector
     from .trainer import S2TTrainer, S2TTrainingArguments

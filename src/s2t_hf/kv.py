@@ -83,16 +83,27 @@ class GenerationStateHook:
             new_generation = self.last is None or input_length != self.last.input_length + 1
         if new_generation and self.on_prefill is not None:
             self.on_prefill()
-        self.last = ForwardRecord(
-            input_length=input_length,
-            cache_length_before=cache_length,
-            attention_mask=attention_mask,
-            position_ids=kwargs.get("position_ids"),
-        )
-        self._cache_ref = weakref.ref(cache) if cache is not None else None
         if self.keep_previous_sliding and cache is not None and hasattr(cache, "layers"):
             self.previous_sliding = previous_sliding_state(cache)
+        self.note(input_length, cache, attention_mask, kwargs.get("position_ids"), cache_length)
         return None
+
+    def note(
+        self,
+        input_length: int,
+        cache: Any,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        cache_length_before: int = 0,
+    ) -> None:
+        """Records a forward; the fused decoding loop calls it for the forwards it runs with the hook paused."""
+        self.last = ForwardRecord(
+            input_length=input_length,
+            cache_length_before=cache_length_before,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+        )
+        self._cache_ref = weakref.ref(cache) if cache is not None else None
 
     @property
     def cache(self):
