@@ -46,16 +46,16 @@ def tiny_config(arch: str, vocab_size: int = VOCAB, hidden: int = 32, layers: in
     if arch == "gemma":
         return GemmaConfig(**decoder, head_dim=8, **overrides)
     # sliding-window and hybrid caches: windows shorter than `long_left_padded_batch`'s prompts
+    window = {"sliding_window": overrides.pop("sliding_window", 6)}
     if arch == "gemma2":  # alternating sliding and full layers, logit soft-capping
-        return Gemma2Config(**{**decoder, "num_hidden_layers": max(layers, 2)}, head_dim=8, sliding_window=6, **overrides)
+        return Gemma2Config(**{**decoder, "num_hidden_layers": max(layers, 2)}, head_dim=8, **window, **overrides)
     if arch == "gemma3":
         overrides.setdefault("layer_types", ["sliding_attention", "full_attention"] * max(1, layers // 2))
-        return Gemma3TextConfig(**{**decoder, "num_hidden_layers": max(layers, 2)}, head_dim=8, sliding_window=6,
-                                **overrides)
+        return Gemma3TextConfig(**{**decoder, "num_hidden_layers": max(layers, 2)}, head_dim=8, **window, **overrides)
     if arch == "mistral-window":  # every layer slides
-        return MistralConfig(**decoder, sliding_window=6, **overrides)
+        return MistralConfig(**decoder, **window, **overrides)
     if arch == "qwen2-window":  # sliding layers above `max_window_layers`
-        return Qwen2Config(**decoder, use_sliding_window=True, sliding_window=6, max_window_layers=1, **overrides)
+        return Qwen2Config(**decoder, use_sliding_window=True, max_window_layers=1, **window, **overrides)
     raise ValueError(arch)
 
 

@@ -61,7 +61,13 @@ class GenerationStateHook:
         self.keep_previous_sliding = keep_previous_sliding
         self.previous_sliding: list | None = None
         self._cache_ref = None
-        self._handle = module.register_forward_pre_hook(self, with_kwargs=True)
+        self._handle = None
+        self.attach()
+
+    def attach(self) -> None:
+        """Registers the hook on the module (again, after [`remove`]); a no-op while it is registered."""
+        if self._handle is None:
+            self._handle = self.module.register_forward_pre_hook(self, with_kwargs=True)
 
     def __call__(self, module, args, kwargs):
         if self.paused:

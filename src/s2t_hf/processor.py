@@ -292,6 +292,10 @@ class S2TLogitsProcessor(LogitsProcessor):
         self._enable_adapter(True)
 
     def __enter__(self) -> S2TLogitsProcessor:
+        """Opens the processor: its hook is registered again if an earlier `with` block (or `remove_hooks`) removed it."""
+        self._hook.attach()
+        if self._adapter_layers:
+            self._enable_adapter(False)
         return self
 
     def __exit__(self, *exc_info) -> None:
