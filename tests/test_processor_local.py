@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, EOS, GREEDY, PAD, left_padded_batch, tiny_model
+from conftest import ARCHITECTURES, EOS, GREEDY, PAD, left_padded_batch, long_left_padded_batch, tiny_model
 
 from s2t_hf import S2TLogitsProcessor, S2TSelector
 
@@ -251,3 +251,50 @@ def test_generate_without_cache_falls_back_to_recompute():
         with pytest.raises(ValueError, match="without a cache"):
             model.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=[s2t],
                            use_cache=False, **GREEDY)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "mistral-window", "qwen2-window"])
+@pytest.mark.parametrize("mode", ["generate", "scoring"])
+def test_sliding_window_models_score_on_the_cache(arch, mode):
+    """Prompts longer than the window: S2T-Local scores on the live cache and equals the slow references."""
+    model = tiny_model(arch, seed=0, attn="eager")
+    prompts, input_ids, attention_mask = long_left_padded_batch()
+    if mode == "generate":
+        selector, scoring = trained_like_selector(model, seed=1), "pure"
+    else:  # the demo's recipe: the residual form, the last token encoded again with the adapter on
+        selector, scoring = S2TSelector.create(model, bin_token_ids=BINS, preserve_cache=True), "residual"
+        generator = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for name, parameter in selector.model.named_parameters():
+                if parameter.requires_grad:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * (0.5 if "lora" in name else 2.0))
+    with S2TLogitsProcessor(
+        model, selector=selector, selection="local", trigger="always", warmup_tokens=0, top_k=4, scoring=scoring,
+        adapter_mode=mode,
+    ) as s2t:
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=[s2t], **GREEDY)
+        assert s2t.local_scoring_path() == ("cache", "the live cache can be scored on")
+        assert s2t.stats["flips"] > 0 and s2t.stats["local_path"] == "cache"
+    for prompt, row in zip(prompts, rows_until_eos(out, input_ids.shape[1])):
+        if mode == "generate":
+            expected = reference_local(model, prompt, GREEDY["max_new_tokens"], 4, BINS, scoring=scoring)
+        else:
+            expected = reference_scoring_only(model, selector, prompt, GREEDY["max_new_tokens"], 4, BINS, scoring)
+        assert row == expected
+
+
+def test_recompute_says_why_it_was_taken():
+    model = tiny_model("llama", seed=0, attn="eager")
+    selector = trained_like_selector(model)
+    _, input_ids, attention_mask = left_padded_batch()
+    model.config._attn_implementation = "flex_attention"  # takes a block mask: the fast path cannot serve it
+    try:
+        with S2TLogitsProcessor(model, selector=selector, selection="local", trigger="always", top_k=4) as s2t:
+            path, reason = s2t.local_scoring_path()
+    finally:
+        model.config._attn_implementation = "eager"
+    assert path == "recompute" and "block mask" in reason
+    with S2TLogitsProcessor(
+        model, selector=selector, selection="local", trigger="always", top_k=4, local_path="recompute"
+    ) as s2t:
+        assert s2t.local_scoring_path() == ("recompute", "requested")

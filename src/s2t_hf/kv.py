@@ -264,6 +264,22 @@ def previous_sliding_state(cache: Any) -> list[tuple | None]:
     return state
 
 
+def can_drop_last(cache: Any, previous: list[tuple | None] | None) -> bool:
+    """
+    Whether [`scoring_view`] can leave out the last cached token: every sliding layer either has its state from before
+    the last forward in `previous`, or has not yet dropped a token the last one attends to. (After the prefill of a
+    prompt longer than the window there is no such state: the prompt was encoded in one forward.)
+    """
+    for index, layer in enumerate(cache.layers):
+        window = _window(layer)
+        if window is None or not getattr(layer, "is_initialized", False):
+            continue
+        has_previous = previous is not None and index < len(previous) and previous[index] is not None
+        if not has_previous and layer.cumulative_length >= window:
+            return False
+    return True
+
+
 def scoring_view(
     cache: Any, rows: torch.Tensor | None = None, drop_last: bool = False, previous: list[tuple | None] | None = None
 ) -> Any:
@@ -288,13 +304,18 @@ def scoring_view(
         if getattr(layer, "is_initialized", False):
             keys, values = layer.keys, layer.values
             if drop_last:
-                if _window(layer) is not None:
-                    state = previous[index] if previous is not None else None
-                    if state is None:
-                        raise RuntimeError("Encoding the last token again on a sliding layer needs its previous state.")
+                state = previous[index] if previous is not None and index < len(previous) else None
+                if _window(layer) is not None and state is not None:
                     keys, values, new.cumulative_length = state
+                elif _window(layer) is not None and layer.cumulative_length >= layer.sliding_window:
+                    raise RuntimeError(
+                        "Encoding the last token again on a sliding layer that has dropped tokens needs its state from "
+                        "before the last forward (`previous`); check `can_drop_last` first."
+                    )
                 else:
                     keys, values = keys[:, :, :-1], values[:, :, :-1]
+                    if _window(layer) is not None:
+                        new.cumulative_length = layer.cumulative_length - 1
             if rows is not None:
                 keys, values = keys.index_select(0, rows), values.index_select(0, rows)
             new.keys, new.values = keys, values

@@ -18,6 +18,7 @@ from .kv import (
     GenerationStateHook,
     cache_argument,
     cache_scoring_support,
+    can_drop_last,
     output_rows,
     positions_from_attention_mask,
     score_candidates_by_recompute,
@@ -622,6 +623,10 @@ class S2TLogitsProcessor(LogitsProcessor):
     ) -> torch.Tensor:
         """The selector's logits after each candidate of the triggered rows (one extra forward of those rows only)."""
         path, _ = self.local_scoring_path()
+        if path == "cache" and self._rescore and not can_drop_last(self._hook.cache, self._hook.previous_sliding):
+            # right after the prefill of a prompt longer than a sliding window, the window has already dropped tokens
+            # the prompt's last token attends to: this one step re-encodes its prefixes
+            path = "recompute"
         self._totals["local_calls"] += 1
         self._totals["local_path"] = path
         rows = triggered.nonzero()[:, 0]
