@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .config import S2TConfig
+from .generation import generate as fused_generate
 from .kv import output_rows
 from .processor import S2TLogitsProcessor
 
@@ -90,6 +91,14 @@ class DemoConfig:
             "scored on the live cache."
         },
     )
+    fused: bool = field(
+        default=True,
+        metadata={
+            "help": "Decode S2T methods with the fused loop (`s2t_hf.generate`), which scores S2T-Local candidates "
+            "inside the decoding forward where the adapter mode allows it; `False`: the drop-in processor path. Both "
+            "give the same tokens."
+        },
+    )
     plots: bool = field(default=True, metadata={"help": "Write PNG plots (needs matplotlib)."})
 
 
@@ -104,10 +113,11 @@ def _encode(tokenizer, problems) -> list[list[int]]:
 class _Generator:
     """Batched, left-padded generation of the task's solutions, with answer extraction and timing."""
 
-    def __init__(self, tokenizer, batch_size: int, max_new_tokens: int):
+    def __init__(self, tokenizer, batch_size: int, max_new_tokens: int, fused: bool = True):
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
+        self.fused = fused
 
     def generate_kwargs(self, model) -> dict[str, Any]:
         rows = output_rows(model)
@@ -135,12 +145,15 @@ class _Generator:
             length = max(map(len, batch))
             input_ids = torch.tensor([[pad] * (length - len(p)) + p for p in batch])
             attention_mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in batch])
-            output = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                logits_processor=[processor] if processor is not None else None,
-                **gen,
-            )
+            if processor is not None and self.fused:
+                output = fused_generate(model, processor, input_ids=input_ids, attention_mask=attention_mask, **gen)
+            else:
+                output = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    logits_processor=[processor] if processor is not None else None,
+                    **gen,
+                )
             new = output[:, length:]
             is_eos = new == self.tokenizer.eos_token_id
             self.last_new_tokens += int(((is_eos.long().cumsum(-1) - is_eos.long()) == 0).sum())
@@ -217,7 +230,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         _encode(tokenizer, calibration),
         _encode(tokenizer, train),
     )
-    runner = _Generator(tokenizer, config.batch_size, ArithmeticTaskConfig().max_solution_words + 1)
+    runner = _Generator(tokenizer, config.batch_size, ArithmeticTaskConfig().max_solution_words + 1, config.fused)
     common = dict(eos_token_id=tokenizer.eos_token_id, tokenizer=tokenizer)
 
     # 2. calibration
