@@ -6,13 +6,14 @@ the position ids; when the processor runs, the cache already holds the step's to
 
 Candidates are scored in one of two ways:
 
-- `score_candidates_on_cache` (fast path): the K candidates of every row are fed at the *same* position on top of the
-  live cache, in one forward, with a 4-D mask that lets each candidate see the prefix and itself only; the cache is
-  then cropped back to its length before the call.
+- `score_candidates_on_cache` (fast path): the K candidates of the scored rows are fed at the *same* position in one
+  forward, on a `scoring_view` of the live cache (a shallow copy holding the live tensors, or the scored rows gathered
+  from them), with 4-D masks (`scoring_masks`, one per kind of layer: full or sliding window) that let each candidate
+  see the prefix and itself only. Cache layers concatenate into new tensors, so the live cache is never written to.
 - `score_candidates_by_recompute` (fallback): every row's prefix + candidate is re-encoded from scratch, K copies in
   one batch, with an ordinary 2-D mask (works with any attention implementation and any cache).
 
-Both return the logits at each candidate's position, shape `(batch, K, vocab)`; they agree to float precision.
+Both return the logits at each candidate's position, shape `(rows, K, vocab)`; they agree to float precision.
 """
 
 from __future__ import annotations
