@@ -332,3 +332,32 @@ def test_padded_teacher_vocabulary_is_compared_on_tokenizer_ids():
             if sequence[-1] == EOS:
                 break
     assert out[0, : len(sequence)].tolist() == sequence
+
+
+@pytest.mark.parametrize("trigger, syncs_per_step", [("never", 0), ("random", 1)])
+def test_host_syncs_per_step(trigger, syncs_per_step, monkeypatch):
+    """`never` costs no host synchronisation per step, other triggers one (and nothing that grows with the length)."""
+    model = tiny_model("llama", seed=0)
+    teacher = tiny_model("llama", seed=1)
+    _, input_ids, attention_mask = left_padded_batch()
+    processor = S2TLogitsProcessor(model, teacher=teacher, trigger=trigger, trigger_rate=0.0, seed=0)
+    with processor:
+        model.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=[processor], **GREEDY)
+        counts = {"syncs": 0, "steps": 0}
+        for name in ("__bool__", "item", "tolist"):
+            original = getattr(torch.Tensor, name)
+
+            def counted(self, *args, _original=original, **kwargs):
+                counts["syncs"] += 1
+                return _original(self, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+        scores = torch.randn(3, model.config.vocab_size)
+        sequence = input_ids
+        processor(sequence, scores)  # the first step of a generation (its one-off checks are not counted)
+        counts["syncs"] = 0
+        for _ in range(5):
+            sequence = torch.cat([sequence, torch.randint(3, 50, (3, 1))], dim=-1)
+            processor(sequence, scores)
+        monkeypatch.undo()
+    assert counts["syncs"] == 5 * syncs_per_step
