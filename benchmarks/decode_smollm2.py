@@ -57,6 +57,7 @@ import threading  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
+from transformers import LogitsProcessor  # noqa: E402
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -248,27 +249,44 @@ def generate_kwargs(new_tokens: int, pad_token_id: int) -> dict:
     return dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_token_id)
 
 
-def run_method(method: dict, inputs: dict, gen: dict) -> tuple[float, dict | None, torch.Tensor]:
-    """One timed generate call; the processor (if any) is built before the clock starts and removed after it."""
+class Clock(LogitsProcessor):
+    """Records when `generate` first calls the logits processors: the prefill is done then. Every method, greedy
+    included, carries one, so the decode time (first call to the end: `new_tokens - 1` decoding steps) can be told
+    apart from the prefill."""
+
+    def __init__(self):
+        self.first: float | None = None
+
+    def __call__(self, input_ids, scores):
+        if self.first is None:
+            self.first = time.perf_counter()
+        return scores
+
+
+def run_method(method: dict, inputs: dict, gen: dict) -> tuple[float, float, dict | None, torch.Tensor]:
+    """One timed generate call: (total seconds, decode seconds after the prefill, S2T stats, output). The processor (if
+    any) is built before the clock starts and removed after it."""
     import s2t_hf
 
     model = method["model"]
     kwargs = {**inputs, **gen, **method.get("extra", {})}
+    clock = Clock()
     if method["factory"] is None:
         start = time.perf_counter()
-        out = model.generate(**kwargs)
-        return time.perf_counter() - start, None, out
+        out = model.generate(**kwargs, logits_processor=[clock])
+        end = time.perf_counter()
+        return end - start, end - clock.first, None, out
     with method["factory"]() as processor:
         start = time.perf_counter()
         if method["fused"]:
-            out = s2t_hf.generate(model, processor, **kwargs)
+            out = s2t_hf.generate(model, processor, **kwargs, logits_processor=[clock])
         else:
-            out = model.generate(**kwargs, logits_processor=[processor])
-        elapsed = time.perf_counter() - start
+            out = model.generate(**kwargs, logits_processor=[clock, processor])
+        end = time.perf_counter()
         stats = processor.stats
     keep = ("steps", "eligible_steps", "triggers", "trigger_rate", "flips", "teacher_calls", "teacher_tokens",
             "local_calls", "local_path")
-    return elapsed, {k: stats.get(k) for k in keep}, out
+    return end - start, end - clock.first, {k: stats.get(k) for k in keep}, out
 
 
 # --------------------------------------------------------------------------------------------------------- floors
@@ -444,28 +462,35 @@ def calibrate_thresholds(scoring_selector, generate_selector, tokenizer, calibra
     return thresholds
 
 
-def summarise(methods, timings, stats, args) -> dict:
+def summarise(methods, timings, decode_timings, stats, args) -> dict:
+    """Per method and batch: the per-token decode ratio to its baseline within each round (decode time after the
+    prefill; every method decodes the same number of tokens), its median and min/max over rounds; the same for the
+    total `generate` time (prefill included)."""
     rows = {}
     for batch in args.batch_sizes:
         for name, method in methods.items():
-            values = timings[batch][name]
-            base_values = timings[batch][method["baseline"]]
-            ratios = [v / b for v, b in zip(values, base_values)]
+            values, decode = timings[batch][name], decode_timings[batch][name]
+            baseline = method["baseline"]
+            ratios = [v / b for v, b in zip(decode, decode_timings[batch][baseline])]
+            total_ratios = [v / b for v, b in zip(values, timings[batch][baseline])]
             row = {
                 "batch_size": batch,
-                "baseline": method["baseline"],
+                "baseline": baseline,
                 "kind": method["kind"],
                 "target_rate": method["rate"],
                 "times_s": values,
+                "decode_times_s": decode,
                 "median_s": statistics.median(values),
-                "per_token_ms": statistics.median(values) / (batch * args.new_tokens) * 1000,
+                "per_token_ms": statistics.median(decode) / (batch * (args.new_tokens - 1)) * 1000,
                 "ratios": ratios,
                 "ratio_median": statistics.median(ratios),
                 "ratio_min": min(ratios),
                 "ratio_max": max(ratios),
+                "total_ratios": total_ratios,
+                "total_ratio_median": statistics.median(total_ratios),
             }
-            if method["baseline"] != "greedy":
-                plain = [v / b for v, b in zip(values, timings[batch]["greedy"])]
+            if baseline != "greedy":
+                plain = [v / b for v, b in zip(decode, decode_timings[batch]["greedy"])]
                 row["ratio_to_greedy_median"] = statistics.median(plain)
             runs = stats[batch].get(name)
             if runs:
@@ -492,9 +517,12 @@ def format_table(result: dict) -> str:
         f"{result['settings']['new_tokens']} new tokens per row, median of {result['settings']['repeats']} "
         "interleaved rounds (min-max over rounds)",
         "",
-        "| method | batch | target rate | measured trigger rate | flips | time / baseline (median) | min-max | "
-        "baseline | / greedy | ms per token | target | met |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "Ratios: per-token decode time (after the prefill) of the method / of its baseline in the same round; "
+        "'total' includes the prefill.",
+        "",
+        "| method | batch | target rate | measured trigger rate | flips | per-token ratio (median) | min-max | "
+        "baseline | ratio / greedy | total ratio | ms per token | target | met |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in result["speed"].items():
         method = name.rsplit(" (batch", 1)[0]
@@ -507,7 +535,7 @@ def format_table(result: dict) -> str:
         lines.append(
             f"| {method} | {row['batch_size']} | {rate} | {measured} | {flips} | {row['ratio_median']:.3f} | "
             f"{row['ratio_min']:.3f}-{row['ratio_max']:.3f} | {row['baseline']} | {to_greedy} | "
-            f"{row['per_token_ms']:.1f} | {target} | {met} |"
+            f"{row['total_ratio_median']:.3f} | {row['per_token_ms']:.1f} | {target} | {met} |"
         )
     lines += ["", "Single forwards (median, ms): what a step and a trigger step cost", "",
               "| batch | prefill | decode forward (1 token/row) | K=8 forward, all rows | K=8 forward, 1 row of the batch |",
@@ -571,6 +599,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the per-round method order")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 16 new tokens, 32 for memory")
     parser.add_argument("--output", default=os.path.join(RESULTS, "decode_smollm2.json"))
+    parser.add_argument("--partial", help="also write the raw timings here after every round")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--memory-threshold", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -609,8 +638,9 @@ def main() -> None:
     # warm-up: every method once, a few tokens
     for batch in args.batch_sizes:
         for name, method in methods.items():
-            run_method(method, left_pad(timed_ids[:batch], pad), generate_kwargs(4, pad))
+            run_method(method, left_pad(timed_ids[:batch], pad), generate_kwargs(3, pad))
     timings = {b: {name: [] for name in methods} for b in args.batch_sizes}
+    decode_timings = {b: {name: [] for name in methods} for b in args.batch_sizes}
     stats = {b: {} for b in args.batch_sizes}
     order = random.Random(args.seed)
     loadavg["rounds"] = []
@@ -623,13 +653,17 @@ def main() -> None:
             first = (round_index * batch) % len(timed_ids)
             rows = [timed_ids[(first + i) % len(timed_ids)] for i in range(batch)]
             inputs = left_pad(rows, pad)
-            elapsed, run_stats, out = run_method(methods[name], inputs, gen)
+            elapsed, decode, run_stats, out = run_method(methods[name], inputs, gen)
             if out.shape[1] != inputs["input_ids"].shape[1] + args.new_tokens:
                 raise RuntimeError(f"{name} generated {out.shape[1] - inputs['input_ids'].shape[1]} tokens")
             timings[batch][name].append(elapsed)
+            decode_timings[batch][name].append(decode)
             if run_stats is not None:
                 stats[batch].setdefault(name, []).append(run_stats)
         loadavg["rounds"].append(os.getloadavg())
+        if args.partial:
+            with open(args.partial, "w") as f:
+                json.dump({"timings": timings, "decode_timings": decode_timings, "stats": stats}, f)
         print(f"round {round_index + 1}/{args.repeats}: {time.perf_counter() - round_start:.0f} s, "
               f"load {os.getloadavg()[0]:.1f}", flush=True)
 
@@ -653,9 +687,12 @@ def main() -> None:
         "load_s": load_s,
         "thresholds": {k: {str(r): t for r, t in v.items()} for k, v in thresholds.items()},
         "floors": {str(b): v for b, v in floors.items()},
-        "speed": summarise(methods, timings, stats, args),
+        "speed": summarise(methods, timings, decode_timings, stats, args),
     }
     loadavg["after_speed"] = os.getloadavg()
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output, "w") as f:  # the speed part, in case the memory part fails
+        json.dump({**result, "loadavg": loadavg}, f, indent=2)
     if not args.no_memory:
         result["memory"] = run_memory(args, thresholds)
     loadavg["end"] = os.getloadavg()
