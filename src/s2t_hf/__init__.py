@@ -19,6 +19,9 @@ _LAZY_ATTRIBUTES = {
     "S2TTrainingArguments": "trainer",
     "collect_selection_data": "data",
     "SelectionGroupCollator": "data",
+    "LocalTeacher": "teachers",
+    "RemoteTeacher": "teachers",
+    "Teacher": "teachers",
 }
 
 __all__ = sorted([*_LAZY_ATTRIBUTES, "__version__"])
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
     from .data import SelectionGroupCollator, collect_selection_data
     from .processor import S2TLogitsProcessor
     from .selector import S2TSelector
+    from .teachers import LocalTeacher, RemoteTeacher, Teacher
     from .trainer import S2TTrainer, S2TTrainingArguments
 
 
