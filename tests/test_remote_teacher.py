@@ -144,6 +144,8 @@ def models(engine):
     teacher = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=torch.float32).eval()
     torch.manual_seed(0)
     student = AutoModelForCausalLM.from_config(teacher.config).eval()
+    student.save_pretrained(engine.model_dir.parent / "student")  # for lm-eval
+    tokenizer.save_pretrained(engine.model_dir.parent / "student")
     return student, teacher, tokenizer
 
 
@@ -283,6 +285,30 @@ def test_remote_teacher_clear_errors(engine, models, remote):
         RemoteTeacher(engine.url, tokenizer=tokenizer, model="other")
     with pytest.raises(RemoteTeacherError, match="did not answer"):
         RemoteTeacher(f"http://127.0.0.1:{free_port()}", tokenizer=tokenizer, max_retries=1, backoff=0.01)
+
+
+def test_lm_eval_s2t_model_with_the_served_teacher_equals_the_local_teacher(engine, models):
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 's2t-hf[lm-eval]')")
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    import s2t_hf.integrations.lm_eval  # noqa: F401  (registers `s2t`)
+
+    student_dir = engine.model_dir.parent / "student"
+    questions = ["tom has 5 apples .", "ann gets 3 books and 2 boxes ?", "bob", "how many buttons ?"]
+    requests = [
+        Instance("generate_until", {}, (q, {"until": ["<eos>"], "max_gen_toks": 12, "do_sample": False}), i)
+        for i, q in enumerate(questions)
+    ]
+    answers = {}
+    for name, teacher in (("local", str(engine.model_dir)), ("remote", engine.url)):
+        model = get_model("s2t")(
+            pretrained=str(student_dir), teacher=teacher, trigger="random", trigger_rate=0.5, seed=0, top_k=4,
+            warmup_tokens=0, device="cpu", dtype="float32", batch_size=4,
+        )
+        answers[name] = model.generate_until(requests)
+        assert model.s2t_stats["triggers"] > 0
+    assert answers["remote"] == answers["local"]
 
 
 class _KillServerAt(LogitsProcessor):

@@ -138,3 +138,58 @@ def test_bad_teachers_and_remote_arguments_raise_clear_errors():
     student, other = tiny_model("llama", seed=0), tiny_model("llama", seed=1, vocab_size=128)
     with pytest.raises(ValueError, match="same tokenizer"):
         LocalTeacher(other).prepare(student)
+
+
+class _PlainCompletionsServer:
+    """An OpenAI-compatible `/v1/completions` server *without* vLLM's extensions (it ignores `allowed_token_ids` and
+    has no `/tokenize`), on loopback: what the remote teacher must refuse at construction. Not a stand-in for vLLM,
+    which `test_remote_teacher.py` runs for real."""
+
+    def __init__(self):
+        import http.server
+        import json
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, status, payload):
+                body = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                self._send(200, {"data": [{"id": "plain", "max_model_len": 64}]})
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                if self.path != "/v1/completions":
+                    return self._send(404, {"detail": "Not Found"})
+                logprobs = {"tokens": ["token_id:2"], "token_logprobs": [-0.1], "top_logprobs": [{"token_id:2": -0.1}]}
+                self._send(200, {"choices": [{"index": 0, "text": "x", "logprobs": logprobs}]})
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_server_without_the_needed_parameters_is_refused_at_construction():
+    from s2t_hf.tasks import build_tokenizer
+
+    server = _PlainCompletionsServer()
+    try:
+        with pytest.warns(UserWarning, match="no `/tokenize` endpoint"):
+            with pytest.raises(RemoteTeacherError, match="ignores `allowed_token_ids`"):
+                RemoteTeacher(server.url, tokenizer=build_tokenizer(), max_retries=0)
+        with pytest.raises(RemoteTeacherError, match="does not serve `model='big'`"):
+            RemoteTeacher(server.url, model="big", check=False)
+    finally:
+        server.close()
