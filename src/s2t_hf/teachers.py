@@ -517,9 +517,11 @@ class RemoteTeacher(Teacher):
         payload = json.dumps(body).encode() if body is not None else None
         url = f"{self.base_url}{path}"
         cause = None
-        for attempt in range(self.max_retries + 1):
+        attempt = 0
+        while attempt <= self.max_retries:
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
+            reused = getattr(self._local, "connection", None) is not None
             try:
                 connection = self._connection()
                 connection.request(method, self._prefix + path, body=payload, headers=headers)
@@ -528,10 +530,14 @@ class RemoteTeacher(Teacher):
             except (OSError, http.client.HTTPException) as error:  # refused, reset, timeout, closed
                 self._drop_connection()
                 cause = f"{type(error).__name__}: {error}"
+                if not (reused and isinstance(error, (ConnectionError, http.client.RemoteDisconnected))):
+                    attempt += 1
+                # a kept-alive connection the server closed while idle: try again at once on a new one
                 continue
             self.requests += 1
             if response.status == 429 or response.status >= 500:
                 cause = f"HTTP {response.status}: {data[:300].decode(errors='replace')}"
+                attempt += 1
                 continue
             if response.status >= 400:
                 raise RemoteTeacherError(
@@ -548,6 +554,13 @@ class RemoteTeacher(Teacher):
             f"The teacher server at {self.base_url} did not answer `{method} {path}` after {self.max_retries + 1} "
             f"tries ({cause}). Is it running and reachable? Check `base_url`, or raise `timeout` / `max_retries`."
         )
+
+    def close(self) -> None:
+        """Stops the request threads (their connections close with them)."""
+        self._pool.shutdown(wait=False)
+
+    def __repr__(self) -> str:
+        return f"RemoteTeacher(base_url={self.base_url!r}, model={self.model!r})"
 
     def _complete(self, prompt: list[int], **params: Any) -> dict:
         """One `/v1/completions` request for one token-id prompt (or a list of them); returns the answer."""
