@@ -43,7 +43,9 @@ def engine_python() -> str | None:
     path = os.environ.get("S2T_ENGINE_PYTHON")
     if path:
         if not os.path.exists(path):
-            raise FileNotFoundError(f"S2T_ENGINE_PYTHON={path} does not exist; build it with `bash scripts/engine_venv.sh`.")
+            raise FileNotFoundError(
+                f"S2T_ENGINE_PYTHON={path} does not exist; build it with `bash scripts/engine_venv.sh`."
+            )
         return path
     default = REPO / ".venv-engine" / "bin" / "python"
     if default.exists():
@@ -193,7 +195,8 @@ def run(student, teacher, input_ids, attention_mask, tokenizer, **kwargs):
 def assert_same_records(local_records, remote_records):
     assert len(local_records) == len(remote_records) > 0
     for a, b in zip(local_records, remote_records):
-        assert (a["row"], a["step"], a["cand_ids"], a["chosen_id"]) == (b["row"], b["step"], b["cand_ids"], b["chosen_id"])
+        for key in ("row", "step", "cand_ids", "chosen_id"):
+            assert a[key] == b[key], key
         assert a["teacher_top1"] == b["teacher_top1"]
         # vLLM's CPU kernels and transformers' differ in float32 rounding only
         torch.testing.assert_close(torch.tensor(b["teacher_probs"]), torch.tensor(a["teacher_probs"]), rtol=1e-4,

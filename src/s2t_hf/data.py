@@ -451,7 +451,8 @@ class _Context:
                 # --- a teacher without the whole distribution (RemoteTeacher): score the candidates only; the
                 # signal is the student's entropy (checked in `collect_selection_data`)
                 trajectories = [prompts[b] + generated_lists[b][: int(lengths[b])] for b in range(batch)]
-                targets = torch.stack([rows.cpu(), cols.cpu() + torch.tensor([len(prompts[b]) for b in rows.tolist()])], 1)
+                prompt_lengths = torch.tensor([len(prompts[b]) for b in rows.tolist()])
+                targets = torch.stack([rows.cpu(), cols.cpu() + prompt_lengths], 1)
                 teacher_log_probs, teacher_top1 = self.scorer.score_trajectories(trajectories, targets, cand_ids)
                 teacher_probs = teacher_log_probs.exp()
                 # ---

@@ -80,9 +80,9 @@ class Teacher(abc.ABC):
     included), `rows` (a `torch.LongTensor` of the triggered rows' indices), and per triggered row `candidate_ids` and
     `valid` of shape `(n, K)`. Tensors out live on `input_ids`' device.
 
-    Per-generation state (a cache) is cleared by [`~Teacher.reset`], which the processor calls whenever a new `generate`
-    call starts. `calls` and `tokens` count the teacher's work since the last reset (the processor's `teacher_calls`
-    and `teacher_tokens` statistics).
+    Per-generation state (a cache) is cleared by [`~Teacher.reset`], which the processor calls whenever a new
+    `generate` call starts. `calls` and `tokens` count the teacher's work since the last reset (the processor's
+    `teacher_calls` and `teacher_tokens` statistics).
     """
 
     #: Whether [`~Teacher.next_log_probs`] is available (the whole-vocabulary distribution at every row).
@@ -321,7 +321,9 @@ class LocalTeacher(Teacher):
         return self.next_log_probs(input_ids, attention_mask)[rows].gather(-1, candidate_ids)
 
     @torch.no_grad()
-    def trajectory_log_probs(self, sequences: torch.Tensor, attention_mask: torch.Tensor, num_new: int) -> torch.Tensor:
+    def trajectory_log_probs(
+        self, sequences: torch.Tensor, attention_mask: torch.Tensor, num_new: int
+    ) -> torch.Tensor:
         """
         Teacher-forced log-probabilities at the last `num_new` positions of `sequences` (one forward, no cache), on
         the student's indexing, shape `(batch, num_new, vocab)` (float32, on `sequences`' device).
@@ -354,7 +356,8 @@ class LocalTeacher(Teacher):
         log_probs = self.trajectory_log_probs(sequences, mask, width)
         batch_rows = torch.tensor([index[int(b)] for b in positions[:, 0].tolist()], device=device)
         # after the first t tokens of a row of length n: column width - n + t - 1 of the padded batch
-        cols = torch.tensor([width - lengths[index[int(b)]] + int(t) - 1 for b, t in positions.tolist()], device=device)
+        cols = [width - lengths[index[int(b)]] + int(t) - 1 for b, t in positions.tolist()]
+        cols = torch.tensor(cols, device=device)
         selected = log_probs[batch_rows, cols]
         return selected.gather(-1, candidate_ids), selected.argmax(-1)
 
@@ -388,10 +391,10 @@ class RemoteTeacher(Teacher):
       (vLLM's default `raw_logprobs` mode) the log-probabilities of its top tokens over the *whole* vocabulary, whose
       first is the teacher's top-1 (the `teacher_hits` statistic is exact).
     - [`~RemoteTeacher.takeover`]: plain greedy, one token (`logit_bias=-100` on blocked rows).
-    - [`~RemoteTeacher.candidate_log_probs`] and `with_log_probs=True` (the processor's `records`): the candidates among
-      the returned top `top_logprobs` are read from the answer; every other candidate costs one more one-token request
-      constrained to it (`allowed_token_ids=[c]`, `logprobs=0`), which returns its raw log-probability. All values are
-      exact; the extra requests reuse the server's prefix cache.
+    - [`~RemoteTeacher.candidate_log_probs`] and `with_log_probs=True` (the processor's `records`): the candidates
+      among the returned top `top_logprobs` are read from the answer; every other candidate costs one more one-token
+      request constrained to it (`allowed_token_ids=[c]`, `logprobs=0`), which returns its raw log-probability. All
+      values are exact; the extra requests reuse the server's prefix cache.
     - [`~RemoteTeacher.score_trajectories`] (teacher-forced collection): one request carrying every trajectory as a
       prompt with `prompt_logprobs=top_logprobs`; candidates outside the returned top-N are scored as above.
 
@@ -460,7 +463,9 @@ class RemoteTeacher(Teacher):
     ):
         super().__init__()
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"`base_url` must be an http(s) address such as 'http://127.0.0.1:8000', got {base_url!r}.")
+            raise ValueError(
+                f"`base_url` must be an http(s) address such as 'http://127.0.0.1:8000', got {base_url!r}."
+            )
         for name, value in (("max_concurrency", max_concurrency), ("top_logprobs", top_logprobs)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
@@ -647,8 +652,8 @@ class RemoteTeacher(Teacher):
             )
         if greedy["token"] not in parsed["top"]:
             raise RemoteTeacherError(
-                f"The teacher server at {self.base_url} returns log-probabilities after `allowed_token_ids` is applied "
-                "(a processed log-probability mode), so the teacher's top-1 and the candidates' absolute "
+                f"The teacher server at {self.base_url} returns log-probabilities after `allowed_token_ids` is "
+                "applied (a processed log-probability mode), so the teacher's top-1 and the candidates' absolute "
                 "probabilities cannot be read. Serve it with vLLM's default `--logprobs-mode raw_logprobs`."
             )
 
@@ -673,8 +678,8 @@ class RemoteTeacher(Teacher):
         super().prepare(student, tokenizer, blocked_ids)
         if tokenizer is not None and self.tokenizer is not None and len(tokenizer) != len(self.tokenizer):
             raise ValueError(
-                f"The processor's `tokenizer` ({len(tokenizer)} tokens) is not the one the `RemoteTeacher` was checked "
-                f"with ({len(self.tokenizer)} tokens). S2T compares token ids, so both must use one tokenizer."
+                f"The processor's `tokenizer` ({len(tokenizer)} tokens) is not the one the `RemoteTeacher` was "
+                f"checked with ({len(self.tokenizer)} tokens). S2T compares token ids, so both must use one tokenizer."
             )
 
     def _contexts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor) -> list[list[int]]:
@@ -690,7 +695,9 @@ class RemoteTeacher(Teacher):
         self.tokens += sum(len(c) for c in contexts)
         return contexts
 
-    def _fill_log_probs(self, contexts: list[list[int]], candidate_ids: torch.Tensor, tops: list[dict]) -> torch.Tensor:
+    def _fill_log_probs(
+        self, contexts: list[list[int]], candidate_ids: torch.Tensor, tops: list[dict]
+    ) -> torch.Tensor:
         """Candidate log-probabilities from the returned top log-probabilities, the rest by constrained requests."""
         candidates = candidate_ids.tolist()
         values = [[tops[n].get(c) for c in row] for n, row in enumerate(candidates)]
@@ -792,7 +799,8 @@ class RemoteTeacher(Teacher):
 
 
 def as_teacher(teacher: Any, tokenizer: Any = None) -> Teacher | None:
-    """A [`Teacher`] from a `Teacher` (returned as is), a transformers model (wrapped in a [`LocalTeacher`]) or `None`."""
+    """A [`Teacher`] from a `Teacher` (returned as is), a transformers model (wrapped in a [`LocalTeacher`]), or
+    `None`."""
     if teacher is None or isinstance(teacher, Teacher):
         return teacher
     if isinstance(teacher, torch.nn.Module):

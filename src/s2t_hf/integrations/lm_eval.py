@@ -4,9 +4,8 @@ Install with `pip install "s2t-hf[lm-eval]"`, then run lm-eval's command line th
 arguments as `lm_eval`; it registers the `s2t` model type first, since lm-eval 0.4 discovers no model plugins):
 
 ```bash
-s2t-lm-eval --model s2t \\
-    --model_args pretrained=Qwen/Qwen2.5-1.5B-Instruct,teacher=http://127.0.0.1:8000,trigger=entropy,trigger_rate=0.01 \\
-    --tasks gsm8k --batch_size 16
+s2t-lm-eval --model s2t --tasks gsm8k --batch_size 16 \\
+    --model_args pretrained=Qwen/Qwen2.5-1.5B-Instruct,teacher=http://127.0.0.1:8000,trigger=entropy,trigger_rate=0.01
 ```
 
 From Python, import this module (which registers the model type) and call `lm_eval.simple_evaluate(model="s2t", ...)`.
@@ -38,7 +37,8 @@ try:
     from lm_eval.models.huggingface import HFLM
 except ImportError as error:  # pragma: no cover - depends on the extra
     raise ImportError(
-        "The `s2t` model type of lm-evaluation-harness needs `lm-eval`; install it with `pip install \"s2t-hf[lm-eval]\"`."
+        "The `s2t` model type of lm-evaluation-harness needs `lm-eval`; install it with "
+        '`pip install "s2t-hf[lm-eval]"`.'
     ) from error
 
 from ..config import S2TConfig
@@ -102,10 +102,9 @@ class S2TLM(HFLM):
                                            **s2t_kwargs)
         self.s2t = processor
         config = processor.config
-        self._needs_calibration = (
-            config.trigger in ("entropy", "kl") and config.trigger_threshold is None and config.trigger_rate is not None
-        )
-        if config.trigger in ("entropy", "kl") and config.trigger_threshold is None and config.trigger_rate is None:
+        without_threshold = config.trigger in ("entropy", "kl") and config.trigger_threshold is None
+        self._needs_calibration = without_threshold and config.trigger_rate is not None
+        if without_threshold and config.trigger_rate is None:
             raise ValueError(
                 f"The `{config.trigger}` trigger needs `trigger_threshold=...` or `trigger_rate=...` (a threshold is "
                 "then calibrated on the first prompts) in `--model_args`."
@@ -130,9 +129,10 @@ class S2TLM(HFLM):
             prompts = [self.tok_encode(request.args[0]) for request in requests[: self.calibration_size]]
             gen_kwargs = dict(requests[0].args[1]) if len(requests[0].args) > 1 else {}
             max_new_tokens = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
+            batch_size = self.batch_size if isinstance(self.batch_size, int) else 8
             threshold = self.s2t.calibrate(
-                prompts, tokenizer=self.tokenizer, batch_size=self.batch_size if isinstance(self.batch_size, int) else 8,
-                max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                prompts, tokenizer=self.tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                pad_token_id=self.tokenizer.pad_token_id,
             )
             logger.info(f"Calibrated the S2T trigger on {len(prompts)} prompts: threshold {threshold:.4f}.")
             self._needs_calibration = False
