@@ -626,9 +626,11 @@ class RemoteTeacher(Teacher):
                 f"{answer.get('tokens')} on the server and to {expected} here. S2T compares token ids, so the teacher "
                 "must use the student's tokenizer (serve a teacher of the same model family)."
             )
-        # the ends of the vocabulary: same size and order
-        last = len(tokenizer) - 1
-        for token_id in sorted({0, last // 2, last}):
+        # the ends of the vocabulary: same size and order (ordinary tokens: servers may skip special ones in decoding)
+        special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        ordinary = [i for i in range(len(tokenizer)) if i not in special]
+        probes = sorted({ordinary[0], ordinary[len(ordinary) // 2], ordinary[-1]}) if ordinary else []
+        for token_id in probes:
             answer = self._request("POST", "/detokenize", {"model": self.model, "tokens": [token_id]})
             local = tokenizer.decode([token_id])
             if answer.get("prompt") != local:
