@@ -545,9 +545,16 @@ class RemoteTeacher(Teacher):
                 attempt += 1
                 continue
             if response.status >= 400:
+                text = data[:500].decode(errors="replace")
+                hint = ""
+                if "logprobs" in text:
+                    hint = (
+                        f" Lower `top_logprobs` (now {self.top_logprobs}) or start the server with a larger "
+                        "`--max-logprobs`."
+                    )
                 raise RemoteTeacherError(
                     f"The teacher server at {self.base_url} rejected `{method} {path}` with HTTP {response.status}: "
-                    f"{data[:500].decode(errors='replace')}"
+                    f"{text}{hint}"
                 )
             try:
                 return json.loads(data)
