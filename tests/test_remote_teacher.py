@@ -288,6 +288,11 @@ def test_remote_teacher_clear_errors(engine, models, remote):
         RemoteTeacher(engine.url, tokenizer=tokenizer, model="other")
     with pytest.raises(RemoteTeacherError, match="did not answer"):
         RemoteTeacher(f"http://127.0.0.1:{free_port()}", tokenizer=tokenizer, max_retries=1, backoff=0.01)
+    wide = RemoteTeacher(engine.url, tokenizer=tokenizer, top_logprobs=50)  # the server allows 20
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(RemoteTeacherError, match="--max-logprobs"):
+        wide.select(ids, torch.ones_like(ids), torch.tensor([0]), torch.tensor([[8, 9]]),
+                    torch.ones(1, 2, dtype=torch.bool), with_log_probs=True)
 
 
 def test_lm_eval_s2t_model_with_the_served_teacher_equals_the_local_teacher(engine, models):
