@@ -16,7 +16,6 @@ from transformers.utils import add_start_docstrings, logging
 from .config import S2TConfig
 from .kv import (
     GenerationStateHook,
-    cache_argument,
     cache_can_roll_back,
     output_rows,
     positions_from_attention_mask,

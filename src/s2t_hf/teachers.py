@@ -26,7 +26,6 @@ from __future__ import annotations
 import abc
 import http.client
 import json
-import socket
 import threading
 import time
 import urllib.parse
