@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import EOS, GREEDY, PAD, left_padded_batch, long_left_padded_batch, tiny_model
+from conftest import GREEDY, PAD, left_padded_batch, long_left_padded_batch, tiny_model
 from test_processor import generated_rows, reference_s2t
 from test_processor_local import BINS, reference_local, trained_like_selector
 

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, EOS, GREEDY, PAD, left_padded_batch, long_left_padded_batch, tiny_model
+from conftest import ARCHITECTURES, EOS, GREEDY, left_padded_batch, long_left_padded_batch, tiny_model
 
 from s2t_hf import S2TLogitsProcessor, S2TSelector
 

@@ -20,6 +20,9 @@ _LAZY_ATTRIBUTES = {
     "collect_selection_data": "data",
     "SelectionGroupCollator": "data",
     "generate": "generation",
+    "LocalTeacher": "teachers",
+    "RemoteTeacher": "teachers",
+    "Teacher": "teachers",
 }
 
 __all__ = sorted([*_LAZY_ATTRIBUTES, "__version__"])
@@ -30,6 +33,7 @@ if TYPE_CHECKING:
     from .generation import generate
     from .processor import S2TLogitsProcessor
     from .selector import S2TSelector
+    from .teachers import LocalTeacher, RemoteTeacher, Teacher
     from .trainer import S2TTrainer, S2TTrainingArguments
 
 

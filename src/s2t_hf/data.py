@@ -22,6 +22,7 @@ from transformers.utils import logging
 
 from .kv import output_rows, positions_from_attention_mask
 from .selection import top_k_candidates
+from .teachers import Teacher, as_teacher
 from .triggers import entropy_signal, kl_signal
 from .version import __version__
 
@@ -74,7 +75,7 @@ class _Settings:
 
 def collect_selection_data(
     student: torch.nn.Module,
-    teacher: torch.nn.Module,
+    teacher: torch.nn.Module | Teacher,
     tokenizer: Any = None,
     prompts: Iterable[Any] = (),
     *,
@@ -125,8 +126,10 @@ def collect_selection_data(
     Args:
         student (`PreTrainedModel`):
             The student (the base model the selector will be trained on; collect before `S2TSelector.create`).
-        teacher (`PreTrainedModel`):
-            The teacher, sharing the student's tokenizer. It may live on another device or dtype.
+        teacher (`PreTrainedModel` or `Teacher`):
+            The teacher, sharing the student's tokenizer. It may live on another device or dtype, or behind a server
+            ([`~s2t_hf.teachers.RemoteTeacher`]: teacher-forced mode with `signal="entropy"` only, since the KL signal
+            and the on-policy `kl` trigger need the teacher's whole distribution at every position).
         tokenizer (`PreTrainedTokenizerBase`, *optional*):
             Needed for string prompts. Rows of the output layer at or above `len(tokenizer)` (padded vocabularies)
             are never generated nor offered as candidates.
@@ -218,6 +221,14 @@ def collect_selection_data(
             raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
     if student is None or teacher is None:
         raise ValueError("`student` and `teacher` are both required: groups compare the teacher with the student.")
+    # --- remote teachers (s2t_hf.teachers): no whole-vocabulary distribution, so no KL signal
+    if isinstance(teacher, Teacher) and not teacher.full_distribution and (mode != "teacher_forced" or signal == "kl"):
+        raise ValueError(
+            f"A `{type(teacher).__name__}` gives the teacher's probabilities of the candidates, not its whole "
+            f"distribution, which `mode={mode!r}` with `signal={signal!r}` needs (the KL signal). Use "
+            "`mode='teacher_forced', signal='entropy'`, or a local teacher model."
+        )
+    # ---
     generation_kwargs = dict(generation_kwargs or {})
     for key in ("max_new_tokens", "logits_processor", "input_ids", "attention_mask"):
         if key in generation_kwargs:
@@ -337,22 +348,14 @@ class _Context:
     def __init__(self, student, teacher, tokenizer, settings: _Settings, generation_kwargs: dict, batch_size: int):
         self.student = student
         self.teacher = teacher
+        # the teacher behind the `Teacher` interface (checks the vocabularies; suppressed rows left out)
+        self.scorer = as_teacher(teacher, tokenizer)
+        self.scorer.prepare(student, tokenizer, settings.suppress_token_ids)
         self.tokenizer = tokenizer
         self.settings = settings
         self.extra_generation_kwargs = generation_kwargs
         self.batch_size = batch_size
         self.vocab = output_rows(student)
-        teacher_vocab = output_rows(teacher)
-        self.comparable = self.vocab
-        if teacher_vocab != self.vocab:
-            size = len(tokenizer) if tokenizer is not None else None
-            if size is None or size > min(teacher_vocab, self.vocab):
-                raise ValueError(
-                    f"The teacher has {teacher_vocab} output rows but the student has {self.vocab}. Selection groups "
-                    "compare their probabilities token by token, so both must use the same tokenizer; if they do and "
-                    "only the padding of the output layer differs, pass `tokenizer=`."
-                )
-            self.comparable = size
         generation_config = getattr(student, "generation_config", None)
         eos = getattr(generation_config, "eos_token_id", None)
         if eos is None and tokenizer is not None:
@@ -386,15 +389,6 @@ class _Context:
             attention_mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=device)
             yield indices, prompts, input_ids, attention_mask
 
-    def _teacher_log_probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """The teacher's log-probabilities on the student's indexing, suppressed rows excluded (float32)."""
-        logits = logits.float()
-        full = torch.full((*logits.shape[:-1], self.vocab), float("-inf"), device=logits.device)
-        full[..., : self.comparable] = logits[..., : self.comparable]
-        if self.suppress.numel():
-            full.index_fill_(-1, self.suppress.to(full.device), float("-inf"))
-        return torch.log_softmax(full, dim=-1)
-
     @torch.no_grad()
     def teacher_forced_shard(self, chunk: list[tuple[int, list[int]]], bar) -> list[dict[str, Any]]:
         settings = self.settings
@@ -425,21 +419,17 @@ class _Context:
                 input_ids=sequence, attention_mask=mask, position_ids=positions, use_cache=False,
                 logits_to_keep=num_new,
             ).logits.float()
-            teacher_device = _device(self.teacher)
-            teacher_logits = self.teacher(
-                input_ids=sequence.to(teacher_device),
-                attention_mask=mask.to(teacher_device),
-                position_ids=positions.to(teacher_device),
-                use_cache=False,
-                logits_to_keep=num_new,
-            ).logits.to(student_logits.device)
+            if self.scorer.full_distribution:
+                teacher_log_probs = self.scorer.trajectory_log_probs(sequence, mask, num_new)
             if self.suppress.numel():
                 student_logits.index_fill_(-1, self.suppress.to(student_logits.device), float("-inf"))
             batch = len(indices)
             flat_student = student_logits.reshape(batch * num_new, -1)
             del student_logits
-            flat_teacher = self._teacher_log_probs(teacher_logits).reshape(batch * num_new, -1)
-            del teacher_logits
+            flat_teacher = None
+            if self.scorer.full_distribution:
+                flat_teacher = teacher_log_probs.to(flat_student.device).reshape(batch * num_new, -1)
+                del teacher_log_probs
             if settings.signal == "entropy":
                 signal = entropy_signal(flat_student, settings.signal_top_k).view(batch, num_new)
             else:
@@ -451,11 +441,21 @@ class _Context:
                 continue
             flat_index = rows * num_new + cols
             cand_ids, cand_log_probs, _ = top_k_candidates(flat_student[flat_index], settings.top_k)
-            teacher_selected = flat_teacher[flat_index]
-            teacher_probs = teacher_selected.gather(-1, cand_ids).exp()
-            teacher_top1 = teacher_selected.argmax(-1)
             signal_values = signal[rows, cols]
             generated_lists = generated.tolist()
+            if flat_teacher is not None:
+                teacher_selected = flat_teacher[flat_index]
+                teacher_probs = teacher_selected.gather(-1, cand_ids).exp()
+                teacher_top1 = teacher_selected.argmax(-1)
+            else:
+                # --- a teacher without the whole distribution (RemoteTeacher): score the candidates only; the
+                # signal is the student's entropy (checked in `collect_selection_data`)
+                trajectories = [prompts[b] + generated_lists[b][: int(lengths[b])] for b in range(batch)]
+                prompt_lengths = torch.tensor([len(prompts[b]) for b in rows.tolist()])
+                targets = torch.stack([rows.cpu(), cols.cpu() + prompt_lengths], 1)
+                teacher_log_probs, teacher_top1 = self.scorer.score_trajectories(trajectories, targets, cand_ids)
+                teacher_probs = teacher_log_probs.exp()
+                # ---
             for n, (row, step) in enumerate(zip(rows.tolist(), cols.tolist())):
                 record = {
                     "cand_ids": cand_ids[n].tolist(),
@@ -581,6 +581,11 @@ def _fingerprint(settings: _Settings, encoded: list[list[int]], student, teacher
     digest = hashlib.sha256()
     digest.update(json.dumps(asdict(settings), sort_keys=True).encode())
     for role, model in (("student", student), ("teacher", teacher)):
+        if isinstance(model, Teacher):  # a `Teacher`: its model, or the server and model name of a remote one
+            model = getattr(model, "model", None)
+        if not isinstance(model, torch.nn.Module):
+            digest.update(f"{role}:{getattr(teacher, 'base_url', '')}:{model}".encode())
+            continue
         digest.update(f"{role}:{vocab_fingerprint(model)}".encode())
     for ids in encoded:
         digest.update(json.dumps(ids).encode())

@@ -9,14 +9,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
-from transformers import DynamicCache, LogitsProcessor, PreTrainedModel
+from transformers import LogitsProcessor, PreTrainedModel
 from transformers.generation.logits_process import LOGITS_PROCESSOR_INPUTS_DOCSTRING
 from transformers.utils import add_start_docstrings, logging
 
 from .config import S2TConfig
 from .kv import (
     GenerationStateHook,
-    cache_argument,
     cache_scoring_support,
     can_drop_last,
     output_rows,
@@ -24,13 +23,8 @@ from .kv import (
     score_candidates_by_recompute,
     score_candidates_on_cache,
 )
-from .selection import (
-    local_candidate_logits,
-    selector_log_probs,
-    takeover_selection,
-    teacher_selection,
-    top_k_candidates,
-)
+from .selection import local_candidate_logits, selector_log_probs, top_k_candidates
+from .teachers import Teacher, TeacherChoice, as_teacher
 from .triggers import entropy_signal, kl_signal, threshold_for_rate
 
 
@@ -48,6 +42,7 @@ class PendingSelection:
     candidate_ids: torch.Tensor
     candidate_log_probs: torch.Tensor
     valid: torch.Tensor
+    teacher_log_probs: torch.Tensor | None = None
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -83,9 +78,10 @@ class S2TLogitsProcessor(LogitsProcessor):
             The student: the model whose `generate` you call (a PEFT model is unwrapped).
         config (`S2TConfig`, *optional*):
             Decoding settings; keyword arguments in `config_kwargs` override its fields.
-        teacher (`PreTrainedModel`, *optional*):
-            The teacher, needed by `selection="teacher"`/`"takeover"` and `trigger="kl"`. It may sit on another device
-            and dtype; probabilities are compared in float32 on the student's device.
+        teacher (`PreTrainedModel` or `Teacher`, *optional*):
+            The teacher, needed by `selection="teacher"`/`"takeover"` and `trigger="kl"`: a transformers model (it
+            may sit on another device and dtype; probabilities are compared in float32 on the student's device) or a
+            [`~s2t_hf.teachers.Teacher`], e.g. a [`~s2t_hf.teachers.RemoteTeacher`] served by vLLM (not with `kl`).
         selector (`S2TSelector`, *optional*):
             The local selector, needed by `selection="local"`.
         tokenizer (`PreTrainedTokenizerBase`, *optional*):
@@ -127,7 +123,7 @@ class S2TLogitsProcessor(LogitsProcessor):
         model: PreTrainedModel,
         config: S2TConfig | None = None,
         *,
-        teacher: PreTrainedModel | None = None,
+        teacher: PreTrainedModel | Teacher | None = None,
         selector: Any = None,
         tokenizer: Any = None,
         eos_token_id: int | Sequence[int] | None = None,
@@ -149,6 +145,7 @@ class S2TLogitsProcessor(LogitsProcessor):
         self.model = model
         self.student = _unwrap(model)
         self.teacher = teacher
+        self._teacher = as_teacher(teacher, tokenizer)
         self.selector = selector
         self.tokenizer = tokenizer
         self.lazy_teacher = lazy_teacher and config.trigger != "kl"
@@ -171,9 +168,13 @@ class S2TLogitsProcessor(LogitsProcessor):
                     "`S2TSelector.from_pretrained(model, path)`."
                 )
         self.student_vocab = output_rows(self.student)
-        self.comparable_vocab = self.student_vocab
-        if teacher is not None:
-            self._check_teacher_vocab()
+        if self._teacher is not None and not self._teacher.full_distribution and not self.lazy_teacher:
+            reason = "the `kl` trigger" if config.trigger == "kl" else "`lazy_teacher=False`"
+            raise ValueError(
+                f"{reason} needs the teacher's distribution over the whole vocabulary at every step, which a "
+                f"`{type(self._teacher).__name__}` cannot give. Use the `entropy` or `random` trigger (calibrated "
+                "without a teacher), or a local teacher model."
+            )
 
         reserved: list[int] = []
         if selector is not None:
@@ -187,6 +188,8 @@ class S2TLogitsProcessor(LogitsProcessor):
                 f"Reserved bin rows {bad} lie outside the model's {self.student_vocab} output rows. Was the selector "
                 "saved for another model?"
             )
+        if self._teacher is not None:
+            self._teacher.prepare(self.student, tokenizer, reserved)
         if eos_token_id is None:
             eos_token_id = getattr(getattr(self.student, "generation_config", None), "eos_token_id", None)
         if isinstance(eos_token_id, int):
@@ -225,7 +228,7 @@ class S2TLogitsProcessor(LogitsProcessor):
         path_or_repo_id: str | os.PathLike,
         model: PreTrainedModel,
         *,
-        teacher: PreTrainedModel | None = None,
+        teacher: PreTrainedModel | Teacher | None = None,
         revision: str | None = None,
         token: str | None = None,
         cache_dir: str | None = None,
@@ -271,22 +274,6 @@ class S2TLogitsProcessor(LogitsProcessor):
         config = dataclasses.replace(selector.config, **overrides)
         return cls(model, config, teacher=teacher, selector=selector, **kwargs)
 
-    def _check_teacher_vocab(self) -> None:
-        teacher_vocab = output_rows(self.teacher)
-        if teacher_vocab == self.student_vocab:
-            return
-        size = len(self.tokenizer) if self.tokenizer is not None else None
-        if size is not None and size <= min(teacher_vocab, self.student_vocab):
-            # Padded vocabularies of one tokenizer (e.g. Qwen2.5-1.5B with 151936 rows and 32B with 152064):
-            # compare on the tokenizer's ids only.
-            self.comparable_vocab = size
-            return
-        raise ValueError(
-            f"The teacher has {teacher_vocab} output rows but the student has {self.student_vocab}. S2T compares their "
-            "probabilities token by token, so both must use the same tokenizer. If they do and only the padding of "
-            "the output layer differs, pass `tokenizer=` so only the tokenizer's ids are compared."
-        )
-
     def remove_hooks(self) -> None:
         """Removes the forward pre-hook from the model (and re-enables a selector adapter disabled for scoring)."""
         self._hook.remove()
@@ -309,8 +296,8 @@ class S2TLogitsProcessor(LogitsProcessor):
         self._prompt_length: int | None = None
         self._previous_ids: torch.Tensor | None = None
         self._finished: torch.Tensor | None = None
-        self._teacher_cache = None
-        self._teacher_seen = 0
+        if self._teacher is not None:
+            self._teacher.reset()
         self._teacher_logits: torch.Tensor | None = None
         self._row_stats: dict[str, torch.Tensor] = {}
         self._totals: dict[str, Any] = {"teacher_calls": 0, "teacher_tokens": 0, "local_calls": 0, "local_path": None}
@@ -333,6 +320,8 @@ class S2TLogitsProcessor(LogitsProcessor):
         - `local_calls`: extra student forwards that scored candidates; `local_path`: `cache` or `recompute`.
         """
         out: dict[str, Any] = dict(self._totals)
+        if self._teacher is not None:
+            out["teacher_calls"], out["teacher_tokens"] = self._teacher.calls, self._teacher.tokens
         names = ("steps", "eligible_steps", "triggers", "flips", "teacher_hits")
         for name in names:
             values = self._row_stats.get(name)
@@ -395,40 +384,12 @@ class S2TLogitsProcessor(LogitsProcessor):
             return torch.ones_like(input_ids)
         return mask.to(input_ids.device)
 
-    def _teacher_log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Advances the teacher's cache to the current prefix and returns its log-probabilities (float32)."""
-        teacher = _unwrap(self.teacher)
-        device = teacher.device
-        if self._teacher_cache is None:
-            self._teacher_cache = DynamicCache(config=teacher.config)
-            self._teacher_seen = 0
-        new_ids = input_ids[:, self._teacher_seen :]
-        positions = positions_from_attention_mask(attention_mask)[:, self._teacher_seen :]
-        with torch.no_grad():
-            logits = teacher(
-                input_ids=new_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                position_ids=positions.to(device),
-                use_cache=True,
-                logits_to_keep=1,
-                **{cache_argument(teacher): self._teacher_cache},
-            ).logits[:, -1]
-        self._totals["teacher_calls"] += 1
-        self._totals["teacher_tokens"] += int(new_ids.shape[1])
-        self._teacher_seen = input_ids.shape[1]
-        logits = logits.to(device=input_ids.device, dtype=torch.float32)
-        full = torch.full((logits.shape[0], self.student_vocab), float("-inf"), device=logits.device)
-        full[:, : self.comparable_vocab] = logits[:, : self.comparable_vocab]
-        if self.reserved_ids.numel():
-            full.index_fill_(-1, self.reserved_ids.to(full.device), float("-inf"))
-        return torch.log_softmax(full, dim=-1)
-
     def _signal(self, scores: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
         kind = self.config.trigger
         if kind == "entropy":
             return entropy_signal(scores, self.config.signal_top_k)
         if kind == "kl":
-            self._teacher_logits = self._teacher_log_probs(input_ids, mask)
+            self._teacher_logits = self._teacher.next_log_probs(input_ids, mask)
             return kl_signal(scores, self._teacher_logits, self.config.signal_top_k)
         return None
 
@@ -477,8 +438,8 @@ class S2TLogitsProcessor(LogitsProcessor):
             return scores
         mask = self._attention_mask(input_ids)
         signal = self._signal(scores, input_ids, mask)
-        if self._teacher_logits is None and self.teacher is not None and not self.lazy_teacher and active.any():
-            self._teacher_logits = self._teacher_log_probs(input_ids, mask)
+        if self._teacher_logits is None and self._teacher is not None and not self.lazy_teacher and active.any():
+            self._teacher_logits = self._teacher.next_log_probs(input_ids, mask)
         if self._calibrating and signal is not None:
             self._signals.append(signal[eligible].detach().cpu())
         triggered = self._trigger(signal, eligible)
@@ -491,16 +452,25 @@ class S2TLogitsProcessor(LogitsProcessor):
         candidate_ids, candidate_log_probs, valid = top_k_candidates(
             scores, self.config.top_k, self.config.candidate_ratio
         )
-        teacher_log_probs = self._teacher_logits
-        if teacher_log_probs is None and self.config.selection in ("teacher", "takeover"):
-            teacher_log_probs = self._teacher_log_probs(input_ids, mask)
+        # the teacher answers for the triggered rows only (a remote teacher is asked about nothing else)
+        rows = triggered.nonzero()[:, 0]
         selection = self.config.selection
+        teacher_choice: TeacherChoice | None = None
+        chosen = torch.full_like(candidate_ids[:, 0], -1)
         if selection == "teacher":
-            chosen = candidate_ids.gather(-1, teacher_selection(candidate_ids, valid, teacher_log_probs)[:, None])[:, 0]
+            teacher_choice = self._teacher.select(
+                input_ids, mask, rows, candidate_ids[rows], valid[rows], with_log_probs=self.record_triggers
+            )
+            chosen[rows] = teacher_choice.token_ids
         elif selection == "takeover":
-            chosen = takeover_selection(teacher_log_probs)
+            teacher_choice = self._teacher.takeover(
+                input_ids, mask, rows, candidate_ids[rows], with_log_probs=self.record_triggers
+            )
+            chosen[rows] = teacher_choice.token_ids
         else:
-            pending = PendingSelection(input_ids, mask, signal, triggered, candidate_ids, candidate_log_probs, valid)
+            pending = PendingSelection(
+                input_ids, mask, signal, triggered, candidate_ids, candidate_log_probs, valid, self._teacher_logits
+            )
             if self._fused and self.config.adapter_mode == "generate":
                 # the fused loop scores the candidates in its next decoding forward and calls `complete_selection`;
                 # until then the triggered rows may emit only their valid candidates
@@ -511,24 +481,33 @@ class S2TLogitsProcessor(LogitsProcessor):
             chosen, _ = self.complete_selection(pending, logits)  # accounts for the step itself
         if selection != "local":
             self._account(
-                input_ids, mask, signal, triggered, candidate_ids, candidate_log_probs, teacher_log_probs, chosen, None
+                input_ids, mask, signal, triggered, candidate_ids, candidate_log_probs, teacher_choice, chosen, None
             )
         forced = torch.full_like(scores, float("-inf"))
         forced.scatter_(-1, chosen.clamp_min(0)[:, None], 0.0)
         return torch.where(triggered[:, None], forced, scores)
 
     def _account(
-        self, input_ids, mask, signal, triggered, candidate_ids, candidate_log_probs, teacher_log_probs, chosen,
-        local_logits,
+        self, input_ids, mask, signal, triggered, candidate_ids, candidate_log_probs, teacher_choice, chosen,
+        local_logits, teacher_log_probs=None,
     ) -> None:
         """Statistics and records of a step whose triggered rows have been decided."""
+        rows = triggered.nonzero()[:, 0]
+        if teacher_choice is None and teacher_log_probs is not None:
+            # local selection under the `kl` trigger: the teacher's distribution is already there
+            teacher_rows = teacher_log_probs[rows]
+            teacher_choice = TeacherChoice(
+                token_ids=teacher_rows.argmax(-1),
+                top1=teacher_rows.argmax(-1),
+                candidate_log_probs=teacher_rows.gather(-1, candidate_ids[rows]),
+            )
         self._row_stats["flips"] += triggered & (chosen != candidate_ids[:, 0])
-        if teacher_log_probs is not None:
-            hit = (candidate_ids == teacher_log_probs.argmax(-1, keepdim=True)).any(-1)
-            self._row_stats["teacher_hits"] += triggered & hit
+        if teacher_choice is not None and teacher_choice.top1 is not None:
+            hit = (candidate_ids[rows] == teacher_choice.top1[:, None]).any(-1)
+            self._row_stats["teacher_hits"][rows] += hit.long()
         if self.record_triggers:
             self._record(
-                input_ids, mask, signal, triggered, candidate_ids, candidate_log_probs, teacher_log_probs, chosen,
+                input_ids, mask, signal, triggered, candidate_ids, candidate_log_probs, teacher_choice, chosen,
                 local_logits,
             )
 
@@ -564,7 +543,7 @@ class S2TLogitsProcessor(LogitsProcessor):
         chosen[triggered] = candidate_ids.gather(-1, positions[:, None])[:, 0]
         self._account(
             pending.input_ids, pending.mask, pending.signal, triggered, pending.candidate_ids,
-            pending.candidate_log_probs, None, chosen, local_logits,
+            pending.candidate_log_probs, None, chosen, local_logits, pending.teacher_log_probs,
         )
         return chosen, positions
 
@@ -658,7 +637,7 @@ class S2TLogitsProcessor(LogitsProcessor):
     # ------------------------------------------------------------------ records and calibration
 
     def _record(
-        self, input_ids, mask, signal, triggered, candidate_ids, candidate_log_probs, teacher_log_probs, chosen,
+        self, input_ids, mask, signal, triggered, candidate_ids, candidate_log_probs, teacher_choice, chosen,
         local_logits,
     ):
         step = input_ids.shape[1] - self._prompt_length
@@ -673,9 +652,11 @@ class S2TLogitsProcessor(LogitsProcessor):
                 "student_probs": candidate_log_probs[row].exp().tolist(),
                 "chosen_id": int(chosen[row]),
             }
-            if teacher_log_probs is not None:
-                record["teacher_probs"] = teacher_log_probs[row].gather(-1, candidate_ids[row]).exp().tolist()
-                record["teacher_top1"] = int(teacher_log_probs[row].argmax())
+            if teacher_choice is not None:
+                if teacher_choice.candidate_log_probs is not None:
+                    record["teacher_probs"] = teacher_choice.candidate_log_probs[index].exp().tolist()
+                if teacher_choice.top1 is not None:
+                    record["teacher_top1"] = int(teacher_choice.top1[index])
             if local_logits is not None:
                 record["local_scores"] = local_logits[index].tolist()
             self.records.append(record)

@@ -1,0 +1,168 @@
+"""The `s2t` model type of lm-evaluation-harness: lm-eval's Hugging Face model with S2T decoding in its generate calls.
+
+Install with `pip install "s2t-hf[lm-eval]"`, then run lm-eval's command line through `s2t-lm-eval` (the same
+arguments as `lm_eval`; it registers the `s2t` model type first, since lm-eval 0.4 discovers no model plugins):
+
+```bash
+s2t-lm-eval --model s2t --tasks gsm8k --batch_size 16 \\
+    --model_args pretrained=Qwen/Qwen2.5-1.5B-Instruct,teacher=http://127.0.0.1:8000,trigger=entropy,trigger_rate=0.01
+```
+
+From Python, import this module (which registers the model type) and call `lm_eval.simple_evaluate(model="s2t", ...)`.
+
+Model arguments beyond those of lm-eval's `hf` model:
+
+- `selector`: a trained local selector (directory or Hub id), for S2T-Local (`selection=local`, no teacher);
+- `teacher`: a teacher model (directory or Hub id, loaded like the student) or the address of a vLLM server
+  (`http://...`; see `docs/serving.md`); `teacher_model` names the served model if the server has several;
+- `selection` (`teacher`, `takeover` or `local`; defaults to `local` with a selector, else `teacher`), `trigger`,
+  `trigger_threshold`, `trigger_rate`, `top_k`, `warmup_tokens`, and any other [`S2TConfig`] field;
+- `calibration_size` (default 32): with an `entropy`/`kl` trigger, a `trigger_rate` and no threshold (neither given
+  nor saved with the selector), the threshold is calibrated on the first `calibration_size` prompts of the first
+  `generate_until` batch of requests (the student's own greedy decoding, no labels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from transformers.utils import logging
+
+
+try:
+    import lm_eval.models  # noqa: F401  (registers lm-eval's own model types first)
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.huggingface import HFLM
+except ImportError as error:  # pragma: no cover - depends on the extra
+    raise ImportError(
+        "The `s2t` model type of lm-evaluation-harness needs `lm-eval`; install it with "
+        '`pip install "s2t-hf[lm-eval]"`.'
+    ) from error
+
+from ..config import S2TConfig
+from ..processor import S2TLogitsProcessor
+
+
+__all__ = ["S2TLM", "main"]
+
+logger = logging.get_logger(__name__)
+
+_CONFIG_FIELDS = {f.name for f in dataclasses.fields(S2TConfig)}
+
+
+@register_model("s2t")
+class S2TLM(HFLM):
+    """
+    lm-eval's Hugging Face causal LM (`hf`) whose `generate` calls decode with an [`S2TLogitsProcessor`]: S2T with a
+    teacher (local or served by vLLM), Takeover, or S2T-Local with a trained selector. Log-likelihood requests are
+    unchanged (the processor only acts in generation).
+
+    Args:
+        pretrained (`str` or `PreTrainedModel`):
+            The student.
+        selector (`str`, *optional*):
+            A trained selector (directory or Hub id) for S2T-Local.
+        teacher (`str` or `PreTrainedModel` or `Teacher`, *optional*):
+            A teacher model (directory or Hub id), an `http(s)://` address of a vLLM server, or a teacher object.
+        teacher_model (`str`, *optional*):
+            The served model's name on a teacher server with several.
+        teacher_dtype (`str`, *optional*):
+            dtype of a local teacher (defaults to `dtype`).
+        calibration_size (`int`, *optional*, defaults to 32):
+            Prompts used to calibrate a threshold from `trigger_rate` when none is given.
+        kwargs:
+            [`S2TConfig`] fields (`trigger`, `trigger_rate`, `trigger_threshold`, `top_k`, `selection`, ...) and the
+            arguments of lm-eval's `HFLM`.
+    """
+
+    def __init__(
+        self,
+        pretrained: Any,
+        selector: str | None = None,
+        teacher: Any = None,
+        teacher_model: str | None = None,
+        teacher_dtype: str | None = None,
+        calibration_size: int = 32,
+        **kwargs: Any,
+    ):
+        s2t_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _CONFIG_FIELDS}
+        super().__init__(pretrained=pretrained, **kwargs)
+        if selector is not None and teacher is not None and s2t_kwargs.get("selection", "local") == "local":
+            raise ValueError("Give either `selector` (S2T-Local) or `teacher` (S2T / takeover), or set `selection`.")
+        self.calibration_size = int(calibration_size)
+        self._teacher_object = self._load_teacher(teacher, teacher_model, teacher_dtype or kwargs.get("dtype", "auto"))
+        if selector is not None:
+            processor = S2TLogitsProcessor.from_pretrained(selector, model=self.model, teacher=self._teacher_object,
+                                                           tokenizer=self.tokenizer, **s2t_kwargs)
+        else:
+            s2t_kwargs.setdefault("selection", "teacher")
+            processor = S2TLogitsProcessor(self.model, teacher=self._teacher_object, tokenizer=self.tokenizer,
+                                           **s2t_kwargs)
+        self.s2t = processor
+        config = processor.config
+        without_threshold = config.trigger in ("entropy", "kl") and config.trigger_threshold is None
+        self._needs_calibration = without_threshold and config.trigger_rate is not None
+        if without_threshold and config.trigger_rate is None:
+            raise ValueError(
+                f"The `{config.trigger}` trigger needs `trigger_threshold=...` or `trigger_rate=...` (a threshold is "
+                "then calibrated on the first prompts) in `--model_args`."
+            )
+
+    def _load_teacher(self, teacher: Any, served_model: str | None, dtype: Any) -> Any:
+        if teacher is None or not isinstance(teacher, str):
+            return teacher
+        if teacher.startswith(("http://", "https://")):
+            from ..teachers import RemoteTeacher
+
+            return RemoteTeacher(teacher, tokenizer=self.tokenizer, model=served_model)
+        from transformers import AutoModelForCausalLM
+
+        if isinstance(dtype, str) and dtype != "auto":
+            dtype = getattr(torch, dtype)
+        model = AutoModelForCausalLM.from_pretrained(teacher, dtype=dtype)
+        return model.to(self.device).eval()
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        if self._needs_calibration and requests:
+            prompts = [self.tok_encode(request.args[0]) for request in requests[: self.calibration_size]]
+            gen_kwargs = dict(requests[0].args[1]) if len(requests[0].args) > 1 else {}
+            max_new_tokens = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
+            batch_size = self.batch_size if isinstance(self.batch_size, int) else 8
+            threshold = self.s2t.calibrate(
+                prompts, tokenizer=self.tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+            logger.info(f"Calibrated the S2T trigger on {len(prompts)} prompts: threshold {threshold:.4f}.")
+            self._needs_calibration = False
+        return super().generate_until(requests, disable_tqdm=disable_tqdm)
+
+    def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
+        # `HFLM._model_generate` calls `generate(input_ids=...)` without an attention mask of its own: it forwards the
+        # one `generate_until` passes in `generation_kwargs` (lm-eval 0.4.13), and other callers may pass none. Without
+        # it left-padded rows would attend to the padding (and the processor would see no padding), so rebuild it.
+        if generation_kwargs.get("attention_mask") is None:
+            pad = self.tokenizer.pad_token_id
+            mask = torch.ones_like(context) if pad is None else (context != pad).long()
+            # left padding only: a pad id inside the text (pad == eos) stays attended
+            generation_kwargs["attention_mask"] = (mask.cumsum(-1) > 0).long()
+        processors = list(generation_kwargs.pop("logits_processor", None) or [])
+        generation_kwargs["logits_processor"] = [*processors, self.s2t]
+        return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
+    @property
+    def s2t_stats(self) -> dict[str, Any]:
+        """The processor's statistics of the last generate call."""
+        return self.s2t.stats
+
+
+def main() -> None:
+    """`s2t-lm-eval`: lm-eval's command line with the `s2t` model type registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

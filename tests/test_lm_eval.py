@@ -1,0 +1,141 @@
+"""The `s2t` model type of lm-evaluation-harness, offline: a local task (YAML + JSONL written here) and tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+
+lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 's2t-hf[lm-eval]')")
+
+from s2t_hf.integrations.lm_eval import S2TLM  # noqa: E402  (registers the `s2t` model type)
+
+
+TASK = "s2t_toy"
+QUESTIONS = [
+    "tom has 5 apples .", "ann gets 3 books and 2 boxes ?", "bob", "amy has 7 beads , ben has 9 .",
+    "ada and anna are at the bus .", "how many buttons ?",
+]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    from s2t_hf.tasks import build_tokenizer
+
+    root = tmp_path_factory.mktemp("lm_eval")
+    tokenizer = build_tokenizer()
+    for name, seed in (("student", 0), ("teacher", 1)):
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id, initializer_range=0.2,
+        )
+        torch.manual_seed(seed)
+        AutoModelForCausalLM.from_config(config).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": "5"}) + "\n" for q in QUESTIONS))
+    tasks = root / "tasks"
+    tasks.mkdir()
+    (tasks / f"{TASK}.yaml").write_text(
+        f"task: {TASK}\n"
+        "dataset_path: json\n"
+        "dataset_kwargs:\n"
+        "  data_files:\n"
+        f"    test: {data}\n"
+        "test_split: test\n"
+        "output_type: generate_until\n"
+        'doc_to_text: "{{question}}"\n'
+        'doc_to_target: "{{answer}}"\n'
+        "generation_kwargs:\n"
+        '  until: ["<eos>"]\n'
+        "  max_gen_toks: 10\n"
+        "  do_sample: false\n"
+        "metric_list:\n"
+        "  - metric: exact_match\n"
+    )
+    return root
+
+
+_RESULTS: dict[tuple[str, str], list[str]] = {}
+
+
+def evaluate(workspace: Path, model: str, model_args: str) -> list[str]:
+    """The generated answers, in document order (cached: the `hf` baselines are used by several tests)."""
+    from lm_eval.tasks import TaskManager
+
+    key = (model, model_args)
+    if key not in _RESULTS:
+        results = lm_eval.simple_evaluate(
+            model=model,
+            model_args=f"{model_args},dtype=float32",
+            tasks=[TASK],
+            # only the local task: indexing lm-eval's thousands of built-in tasks takes longer than the evaluation
+            task_manager=TaskManager(include_path=str(workspace / "tasks"), include_defaults=False),
+            batch_size=4,
+            device="cpu",
+            log_samples=True,
+        )
+        samples = sorted(results["samples"][TASK], key=lambda s: s["doc_id"])
+        _RESULTS[key] = [s["resps"][0][0] for s in samples]
+    return _RESULTS[key]
+
+
+def test_s2t_lm_eval_command_line_with_trigger_never_equals_hf(workspace, tmp_path):
+    """`s2t-lm-eval --model s2t` (lm-eval's command line) runs offline and, never triggering, answers as `hf`."""
+    student = workspace / "student"
+    args = f"pretrained={student},teacher={workspace / 'teacher'},trigger=never,dtype=float32"
+    command = [
+        sys.executable, "-m", "s2t_hf.integrations.lm_eval", "--model", "s2t", "--model_args", args, "--tasks", TASK,
+        "--include_path", str(workspace / "tasks"), "--device", "cpu", "--batch_size", "4", "--log_samples",
+        "--output_path", str(tmp_path / "out"),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert TASK in done.stdout and "exact_match" in done.stdout
+    [samples_file] = list((tmp_path / "out").rglob(f"samples_{TASK}_*.jsonl"))
+    samples = sorted((json.loads(line) for line in samples_file.read_text().splitlines()), key=lambda s: s["doc_id"])
+    plain = evaluate(workspace, "hf", f"pretrained={student}")
+    assert [s["resps"][0][0] for s in samples] == plain
+    assert any(plain)  # something was generated
+
+
+def test_s2t_takeover_at_every_step_equals_hf_on_the_teacher(workspace):
+    teacher = workspace / "teacher"
+    on_teacher = evaluate(workspace, "hf", f"pretrained={teacher}")
+    on_student = evaluate(workspace, "hf", f"pretrained={workspace / 'student'}")
+    s2t = evaluate(
+        workspace, "s2t",
+        f"pretrained={workspace / 'student'},teacher={teacher},trigger=always,selection=takeover,warmup_tokens=0",
+    )
+    assert s2t == on_teacher
+    assert s2t != on_student  # the teacher differs from the student on this task, so equality means something
+
+
+def test_s2t_entropy_trigger_calibrated_from_a_rate(workspace):
+    from lm_eval.api.registry import get_model
+
+    model = get_model("s2t")(
+        pretrained=str(workspace / "student"), teacher=str(workspace / "teacher"), trigger="entropy",
+        trigger_rate=0.3, device="cpu", dtype="float32", batch_size=4,
+    )
+    assert isinstance(model, S2TLM)
+    from lm_eval.api.instance import Instance
+
+    requests = [
+        Instance("generate_until", {}, (q, {"until": ["<eos>"], "max_gen_toks": 10, "do_sample": False}), i)
+        for i, q in enumerate(QUESTIONS)
+    ]
+    outputs = model.generate_until(requests)
+    assert len(outputs) == len(QUESTIONS)
+    assert model.s2t.config.trigger_threshold is not None
+    assert model.s2t_stats["eligible_steps"] > 0

@@ -1,0 +1,195 @@
+"""The teacher interface (`s2t_hf.teachers`): the local teacher behind it, a custom teacher, argument checks.
+
+The remote teacher against a real vLLM server is tested in `test_remote_teacher.py` (marker `engine`).
+"""
+
+from __future__ import annotations
+
+import doctest
+import socket
+
+import pytest
+import torch
+from conftest import GREEDY, left_padded_batch, tiny_model
+
+import s2t_hf.teachers as teachers_module
+from s2t_hf import S2TLogitsProcessor, collect_selection_data
+from s2t_hf.teachers import LocalTeacher, RemoteTeacher, RemoteTeacherError, Teacher, TeacherChoice, as_teacher
+
+
+def test_docstring_examples_run():
+    result = doctest.testmod(teachers_module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0
+
+
+def recompute(model, context):
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([context])).logits[0, -1].float(), -1)
+
+
+def test_local_teacher_answers_match_a_recomputation_on_a_left_padded_batch():
+    student, model = tiny_model("qwen2", seed=0), tiny_model("qwen2", seed=1)
+    prompts, input_ids, attention_mask = left_padded_batch()
+    teacher = LocalTeacher(model)
+    teacher.prepare(student, blocked_ids=[7])
+    rows = torch.tensor([0, 2])
+    candidate_ids = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]])
+    valid = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    choice = teacher.select(input_ids, attention_mask, rows, candidate_ids, valid)
+    takeover = teacher.takeover(input_ids, attention_mask, rows, candidate_ids)
+    assert teacher.calls == 1 and teacher.tokens == input_ids.shape[1]  # one forward answers the whole step
+    for n, row in enumerate(rows.tolist()):
+        expected = recompute(model, prompts[row])
+        expected[7] = float("-inf")  # blocked
+        expected = torch.log_softmax(expected, -1)
+        allowed = [c for c, ok in zip(candidate_ids[n].tolist(), valid[n].tolist()) if ok]
+        assert int(choice.token_ids[n]) == max(allowed, key=lambda c: expected[c])
+        assert int(candidate_ids[n, choice.positions[n]]) == int(choice.token_ids[n])
+        assert int(takeover.token_ids[n]) == int(expected.argmax()) == int(choice.top1[n])
+        torch.testing.assert_close(choice.candidate_log_probs[n], expected[candidate_ids[n]], rtol=1e-4, atol=1e-5)
+    # the next step catches up on the new token only
+    step_ids = torch.cat([input_ids, torch.tensor([[11], [12], [13]])], 1)
+    step_mask = torch.cat([attention_mask, torch.ones(3, 1, dtype=torch.long)], 1)
+    lp = teacher.candidate_log_probs(step_ids, step_mask, torch.tensor([1]), torch.tensor([[3, 4]]))
+    assert teacher.calls == 2 and teacher.tokens == input_ids.shape[1] + 1
+    expected = recompute(model, prompts[1] + [12])
+    expected[7] = float("-inf")
+    torch.testing.assert_close(lp[0], torch.log_softmax(expected, -1)[[3, 4]], rtol=1e-4, atol=1e-5)
+    teacher.reset()
+    assert teacher.calls == 0
+
+
+def test_local_teacher_scores_trajectories_like_a_recomputation():
+    student, model = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    teacher = LocalTeacher(model)
+    teacher.prepare(student)
+    trajectories = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    positions = torch.tensor([[0, 2], [1, 3], [0, 5], [1, 1]])
+    candidate_ids = torch.tensor([[3, 4, 5]] * 4)
+    log_probs, top1 = teacher.score_trajectories(trajectories, positions, candidate_ids)
+    for n, (b, t) in enumerate(positions.tolist()):
+        expected = recompute(model, trajectories[b][:t])
+        torch.testing.assert_close(log_probs[n], expected[[3, 4, 5]], rtol=1e-4, atol=1e-5)
+        assert int(top1[n]) == int(expected.argmax())
+
+
+def test_processor_with_a_local_teacher_instance_equals_the_model():
+    student, model = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    _, input_ids, attention_mask = left_padded_batch()
+    outs = []
+    for teacher in (model, LocalTeacher(model)):
+        with S2TLogitsProcessor(student, teacher=teacher, trigger="random", trigger_rate=0.5, seed=0, top_k=4,
+                                record_triggers=True) as s2t:
+            outs.append(student.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=[s2t],
+                                         **GREEDY))
+            outs.append({k: s2t.stats[k] for k in ("teacher_calls", "teacher_tokens", "teacher_hits", "flips")})
+            outs.append(s2t.records)
+    assert torch.equal(outs[0], outs[3]) and outs[1] == outs[4] and outs[2] == outs[5]
+    assert outs[1]["teacher_calls"] > 0
+
+
+class LastCandidateTeacher(Teacher):
+    """A teacher without a model: it prefers the student's last valid candidate (shows the interface is pluggable)."""
+
+    def select(self, input_ids, attention_mask, rows, candidate_ids, valid, *, with_log_probs=False):
+        self.calls += 1
+        positions = valid.long().cumsum(-1).argmax(-1)
+        return TeacherChoice(token_ids=candidate_ids.gather(-1, positions[:, None])[:, 0], positions=positions)
+
+    def takeover(self, input_ids, attention_mask, rows, candidate_ids=None, *, with_log_probs=False):
+        raise NotImplementedError
+
+    def candidate_log_probs(self, input_ids, attention_mask, rows, candidate_ids):
+        raise NotImplementedError
+
+    def score_trajectories(self, trajectories, positions, candidate_ids):
+        raise NotImplementedError
+
+
+def test_a_custom_teacher_drives_selection_and_kl_needs_the_full_distribution():
+    student = tiny_model("llama", seed=0)
+    teacher = LastCandidateTeacher()
+    with S2TLogitsProcessor(student, teacher=teacher, trigger="always", top_k=3, warmup_tokens=0,
+                            record_triggers=True) as s2t:
+        student.generate(torch.tensor([[5, 6, 7]]), logits_processor=[s2t], **GREEDY)
+        assert s2t.records and all(r["chosen_id"] == r["cand_ids"][-1] for r in s2t.records)
+        assert "teacher_probs" not in s2t.records[0] and s2t.stats["teacher_hits"] == 0
+        assert s2t.stats["teacher_calls"] == GREEDY["max_new_tokens"]
+    with pytest.raises(ValueError, match="`kl` trigger needs the teacher's distribution"):
+        S2TLogitsProcessor(student, teacher=teacher, trigger="kl")
+    with pytest.raises(ValueError, match="signal='entropy'"):
+        collect_selection_data(student, teacher, prompts=[[5, 6]], show_progress=False)
+
+
+def test_bad_teachers_and_remote_arguments_raise_clear_errors():
+    with pytest.raises(TypeError, match="`teacher` must be a transformers model or a `Teacher`"):
+        as_teacher("http://127.0.0.1:1")
+    with pytest.raises(TypeError, match="RemoteTeacher"):
+        LocalTeacher("gpt2")
+    with pytest.raises(ValueError, match="`base_url`"):
+        RemoteTeacher("127.0.0.1:8000")
+    with pytest.raises(ValueError, match="`max_retries`"):
+        RemoteTeacher("http://127.0.0.1:8000", max_retries=-1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    with pytest.raises(RemoteTeacherError, match=r"did not answer `GET /v1/models` after 2 tries"):
+        RemoteTeacher(f"http://127.0.0.1:{port}", max_retries=1, backoff=0.01)
+    student, other = tiny_model("llama", seed=0), tiny_model("llama", seed=1, vocab_size=128)
+    with pytest.raises(ValueError, match="same tokenizer"):
+        LocalTeacher(other).prepare(student)
+
+
+class _PlainCompletionsServer:
+    """An OpenAI-compatible `/v1/completions` server *without* vLLM's extensions (it ignores `allowed_token_ids` and
+    has no `/tokenize`), on loopback: what the remote teacher must refuse at construction. Not a stand-in for vLLM,
+    which `test_remote_teacher.py` runs for real."""
+
+    def __init__(self):
+        import http.server
+        import json
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, status, payload):
+                body = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                self._send(200, {"data": [{"id": "plain", "max_model_len": 64}]})
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                if self.path != "/v1/completions":
+                    return self._send(404, {"detail": "Not Found"})
+                logprobs = {"tokens": ["token_id:2"], "token_logprobs": [-0.1], "top_logprobs": [{"token_id:2": -0.1}]}
+                self._send(200, {"choices": [{"index": 0, "text": "x", "logprobs": logprobs}]})
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_server_without_the_needed_parameters_is_refused_at_construction():
+    from s2t_hf.tasks import build_tokenizer
+
+    server = _PlainCompletionsServer()
+    try:
+        with pytest.warns(UserWarning, match="no `/tokenize` endpoint"):
+            with pytest.raises(RemoteTeacherError, match="ignores `allowed_token_ids`"):
+                RemoteTeacher(server.url, tokenizer=build_tokenizer(), max_retries=0)
+        with pytest.raises(RemoteTeacherError, match="does not serve `model='big'`"):
+            RemoteTeacher(server.url, model="big", check=False)
+    finally:
+        server.close()
