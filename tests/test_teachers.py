@@ -145,10 +145,11 @@ class _PlainCompletionsServer:
     has no `/tokenize`), on loopback: what the remote teacher must refuse at construction. Not a stand-in for vLLM,
     which `test_remote_teacher.py` runs for real."""
 
-    def __init__(self):
+    def __init__(self, delay: float = 0.0):
         import http.server
         import json
         import threading
+        import time
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *args):
@@ -156,13 +157,17 @@ class _PlainCompletionsServer:
 
             def _send(self, status, payload):
                 body = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
+                    pass
 
             def do_GET(self):
+                time.sleep(delay)
                 self._send(200, {"data": [{"id": "plain", "max_model_len": 64}]})
 
             def do_POST(self):
@@ -191,5 +196,14 @@ def test_a_server_without_the_needed_parameters_is_refused_at_construction():
                 RemoteTeacher(server.url, tokenizer=build_tokenizer(), max_retries=0)
         with pytest.raises(RemoteTeacherError, match="does not serve `model='big'`"):
             RemoteTeacher(server.url, model="big", check=False)
+    finally:
+        server.close()
+
+
+def test_a_server_slower_than_the_timeout_is_retried_then_reported():
+    server = _PlainCompletionsServer(delay=1.0)
+    try:
+        with pytest.raises(RemoteTeacherError, match=r"after 2 tries \(TimeoutError"):
+            RemoteTeacher(server.url, timeout=0.2, max_retries=1, backoff=0.01, check=False)
     finally:
         server.close()

@@ -157,8 +157,8 @@ class Teacher(abc.ABC):
             trajectories (sequence of token-id lists):
                 The trajectories, without padding.
             positions (`torch.LongTensor` of shape `(n, 2)`):
-                `(b, t)` pairs: the distribution after the first `t` tokens of trajectory `b` (the one that predicts
-                its token `t`; `1 <= t <= len(trajectories[b])`).
+                `(b, t)` pairs: the distribution after the first `t` tokens of trajectory `b`, the one that predicts
+                its token `t` (`1 <= t < len(trajectories[b])`).
             candidate_ids (`torch.LongTensor` of shape `(n, K)`):
                 The candidates at each position.
 
@@ -738,7 +738,9 @@ class RemoteTeacher(Teacher):
                 "The teacher server returned a token outside `allowed_token_ids`; it does not support vLLM's "
                 "`allowed_token_ids` extension."
             )
-        top1 = torch.tensor([max(a["top"], key=a["top"].get) for a in answers], dtype=torch.long, device=device)
+        top1 = None  # the teacher's top-1 over its vocabulary: the first of its raw top log-probabilities
+        if all(a["top"] for a in answers):
+            top1 = torch.tensor([max(a["top"], key=a["top"].get) for a in answers], dtype=torch.long, device=device)
         log_probs = None
         if with_log_probs:
             tops = [{**a["top"], a["token"]: a["log_prob"]} for a in answers]
