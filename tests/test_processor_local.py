@@ -298,3 +298,38 @@ def test_recompute_says_why_it_was_taken():
         model, selector=selector, selection="local", trigger="always", top_k=4, local_path="recompute"
     ) as s2t:
         assert s2t.local_scoring_path() == ("recompute", "requested")
+
+
+@pytest.mark.parametrize("mode", ["generate", "scoring"])
+def test_bin_rows_are_merged_while_the_processor_is_open(mode):
+    """PEFT rebuilds the whole output matrix at every forward of an active trainable-token layer; the processor merges
+    the bin rows instead, which leaves every logit as it was and is undone when it closes."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    model = tiny_model("llama", seed=0)
+    selector = trained_like_selector(model)
+    token_layers = [m for m in selector.model.modules() if isinstance(m, TrainableTokensLayer)]
+    assert token_layers
+    base_rows = [layer.base_layer.weight[BINS].clone() for layer in token_layers]
+    _, input_ids, attention_mask = left_padded_batch()
+    with torch.no_grad():
+        adapted = model(input_ids, attention_mask=attention_mask).logits
+    processor = S2TLogitsProcessor(model, selector=selector, selection="local", trigger="never", adapter_mode=mode)
+    with processor:
+        assert all(layer.merged for layer in token_layers)
+        with torch.no_grad():
+            logits = model(input_ids, attention_mask=attention_mask).logits
+        if mode == "generate":
+            assert torch.equal(logits, adapted)
+        else:  # LoRA off while generating: the ordinary rows are the base model's, the bins the trained ones
+            with selector.adapter_disabled():
+                plain = model(input_ids, attention_mask=attention_mask).logits
+            rows = [i for i in range(logits.shape[-1]) if i not in BINS]
+            assert torch.allclose(logits[..., rows], plain[..., rows], atol=1e-6)
+            assert torch.allclose(logits[..., BINS], adapted[..., BINS], atol=1e-5)
+            processor._merge_token_layers(True)  # `adapter_disabled` unmerged them (PEFT's own behaviour)
+    assert not any(layer.merged for layer in token_layers)
+    for layer, rows in zip(token_layers, base_rows):
+        assert torch.equal(layer.base_layer.weight[BINS], rows)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids, attention_mask=attention_mask).logits, adapted)

@@ -213,11 +213,21 @@ class S2TLogitsProcessor(LogitsProcessor):
         # the adapter's layers, switched directly at each scoring call (walking the whole model each time costs as
         # much as a forward of a small model)
         self._adapter_layers: list[torch.nn.Module] = []
-        if config.selection == "local" and config.adapter_mode == "scoring":
+        # PEFT's trainable-token layers (the bin rows) rebuild the whole embedding / output matrix at every forward
+        # while they are active; merged, they cost nothing. Only the bin rows change, and those are never generated
+        # (masked) nor fed, so the student's own distribution is untouched: they stay merged, in both adapter modes,
+        # while the processor is open.
+        self._token_layers: list[torch.nn.Module] = []
+        if config.selection == "local":
+            from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
             from peft.tuners.tuners_utils import BaseTunerLayer
 
-            self._adapter_layers = [m for m in selector.model.modules() if isinstance(m, BaseTunerLayer)]
-            self._enable_adapter(False)
+            tuner_layers = [m for m in selector.model.modules() if isinstance(m, BaseTunerLayer)]
+            self._token_layers = [m for m in tuner_layers if isinstance(m, TrainableTokensLayer)]
+            if config.adapter_mode == "scoring":
+                self._adapter_layers = [m for m in tuner_layers if not isinstance(m, TrainableTokensLayer)]
+                self._enable_adapter(False)
+            self._merge_token_layers(True)
         self.reset()
 
     # ------------------------------------------------------------------ construction helpers
@@ -275,15 +285,27 @@ class S2TLogitsProcessor(LogitsProcessor):
         return cls(model, config, teacher=teacher, selector=selector, **kwargs)
 
     def remove_hooks(self) -> None:
-        """Removes the forward pre-hook from the model (and re-enables a selector adapter disabled for scoring)."""
+        """
+        Removes the forward pre-hook from the model, re-enables a selector adapter disabled for scoring and unmerges
+        the selector's bin rows (merged while the processor is open).
+        """
         self._hook.remove()
         self._enable_adapter(True)
+        self._merge_token_layers(False)
+
+    def _merge_token_layers(self, merged: bool) -> None:
+        for layer in self._token_layers:
+            if merged and not layer.merged and not layer.disable_adapters:
+                layer.merge()
+            elif not merged and layer.merged:
+                layer.unmerge()
 
     def __enter__(self) -> S2TLogitsProcessor:
         """Opens the processor: its hook is registered again if an earlier `with` block (or `remove_hooks`) removed it."""
         self._hook.attach()
         if self._adapter_layers:
             self._enable_adapter(False)
+        self._merge_token_layers(True)
         return self
 
     def __exit__(self, *exc_info) -> None:
