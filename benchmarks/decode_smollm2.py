@@ -256,37 +256,44 @@ class Clock(LogitsProcessor):
 
     def __init__(self):
         self.first: float | None = None
+        self.first_cpu: float | None = None
 
     def __call__(self, input_ids, scores):
         if self.first is None:
-            self.first = time.perf_counter()
+            self.first, self.first_cpu = time.perf_counter(), time.process_time()
         return scores
 
 
-def run_method(method: dict, inputs: dict, gen: dict) -> tuple[float, float, dict | None, torch.Tensor]:
-    """One timed generate call: (total seconds, decode seconds after the prefill, S2T stats, output). The processor (if
-    any) is built before the clock starts and removed after it."""
+def run_method(method: dict, inputs: dict, gen: dict) -> tuple[dict, dict | None, torch.Tensor]:
+    """One timed generate call: ({total, decode, cpu_total, cpu_decode} seconds, S2T stats, output); `decode` is the
+    time after the prefill, `cpu_*` the process's CPU time (all threads). The processor (if any) is built before the
+    clock starts and removed after it."""
     import s2t_hf
 
     model = method["model"]
     kwargs = {**inputs, **gen, **method.get("extra", {})}
     clock = Clock()
+
+    def times(start, start_cpu, end, end_cpu):
+        return {"total": end - start, "decode": end - clock.first, "cpu_total": end_cpu - start_cpu,
+                "cpu_decode": end_cpu - clock.first_cpu}
+
     if method["factory"] is None:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         out = model.generate(**kwargs, logits_processor=[clock])
-        end = time.perf_counter()
-        return end - start, end - clock.first, None, out
+        end, end_cpu = time.perf_counter(), time.process_time()
+        return times(start, start_cpu, end, end_cpu), None, out
     with method["factory"]() as processor:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         if method["fused"]:
             out = s2t_hf.generate(model, processor, **kwargs, logits_processor=[clock])
         else:
             out = model.generate(**kwargs, logits_processor=[clock, processor])
-        end = time.perf_counter()
+        end, end_cpu = time.perf_counter(), time.process_time()
         stats = processor.stats
     keep = ("steps", "eligible_steps", "triggers", "trigger_rate", "flips", "teacher_calls", "teacher_tokens",
             "local_calls", "local_path")
-    return end - start, end - clock.first, {k: stats.get(k) for k in keep}, out
+    return times(start, start_cpu, end, end_cpu), {k: stats.get(k) for k in keep}, out
 
 
 # --------------------------------------------------------------------------------------------------------- floors
@@ -462,7 +469,7 @@ def calibrate_thresholds(scoring_selector, generate_selector, tokenizer, calibra
     return thresholds
 
 
-def summarise(methods, timings, decode_timings, stats, args) -> dict:
+def summarise(methods, timings, decode_timings, cpu_timings, stats, args) -> dict:
     """Per method and batch: the per-token decode ratio to its baseline within each round (decode time after the
     prefill; every method decodes the same number of tokens), its median and min/max over rounds; the same for the
     total `generate` time (prefill included)."""
@@ -473,6 +480,7 @@ def summarise(methods, timings, decode_timings, stats, args) -> dict:
             baseline = method["baseline"]
             ratios = [v / b for v, b in zip(decode, decode_timings[batch][baseline])]
             total_ratios = [v / b for v, b in zip(values, timings[batch][baseline])]
+            cpu_ratios = [v / b for v, b in zip(cpu_timings[batch][name], cpu_timings[batch][baseline])]
             row = {
                 "batch_size": batch,
                 "baseline": baseline,
@@ -488,10 +496,17 @@ def summarise(methods, timings, decode_timings, stats, args) -> dict:
                 "ratio_max": max(ratios),
                 "total_ratios": total_ratios,
                 "total_ratio_median": statistics.median(total_ratios),
+                "cpu_decode_times_s": cpu_timings[batch][name],
+                "cpu_ratios": cpu_ratios,
+                "cpu_ratio_median": statistics.median(cpu_ratios),
+                "cpu_ratio_min": min(cpu_ratios),
+                "cpu_ratio_max": max(cpu_ratios),
             }
             if baseline != "greedy":
                 plain = [v / b for v, b in zip(decode, decode_timings[batch]["greedy"])]
                 row["ratio_to_greedy_median"] = statistics.median(plain)
+                plain_cpu = [v / b for v, b in zip(cpu_timings[batch][name], cpu_timings[batch]["greedy"])]
+                row["cpu_ratio_to_greedy_median"] = statistics.median(plain_cpu)
             runs = stats[batch].get(name)
             if runs:
                 triggers = sum(s["triggers"] for s in runs)
@@ -507,6 +522,7 @@ def summarise(methods, timings, decode_timings, stats, args) -> dict:
             if key in TARGETS:
                 row["target"] = TARGETS[key]
                 row["met"] = row["ratio_median"] <= TARGETS[key]
+                row["cpu_met"] = row["cpu_ratio_median"] <= TARGETS[key]
             rows[f"{name} (batch {batch})"] = row
     return rows
 
@@ -518,11 +534,13 @@ def format_table(result: dict) -> str:
         "interleaved rounds (min-max over rounds)",
         "",
         "Ratios: per-token decode time (after the prefill) of the method / of its baseline in the same round; "
-        "'total' includes the prefill.",
+        "'total' includes the prefill; 'CPU' is the process's CPU time (both threads) while decoding, less sensitive "
+        "to other work on the machine.",
         "",
         "| method | batch | target rate | measured trigger rate | flips | per-token ratio (median) | min-max | "
-        "baseline | ratio / greedy | total ratio | ms per token | target | met |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "baseline | ratio / greedy | total ratio | CPU ratio (median) | CPU min-max | CPU ratio / greedy | "
+        "ms per token | target | met (wall / CPU) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in result["speed"].items():
         method = name.rsplit(" (batch", 1)[0]
@@ -531,11 +549,16 @@ def format_table(result: dict) -> str:
         flips = str(row["flips"]) if "flips" in row else "-"
         to_greedy = f"{row['ratio_to_greedy_median']:.3f}" if "ratio_to_greedy_median" in row else "-"
         target = f"<= {row['target']:.2f}" if "target" in row else "-"
-        met = ("yes" if row["met"] else "no") if "met" in row else "-"
+        met = "-"
+        if "met" in row:
+            met = f"{'yes' if row['met'] else 'no'} / {'yes' if row['cpu_met'] else 'no'}"
+        cpu_to_greedy = f"{row['cpu_ratio_to_greedy_median']:.3f}" if "cpu_ratio_to_greedy_median" in row else "-"
         lines.append(
             f"| {method} | {row['batch_size']} | {rate} | {measured} | {flips} | {row['ratio_median']:.3f} | "
             f"{row['ratio_min']:.3f}-{row['ratio_max']:.3f} | {row['baseline']} | {to_greedy} | "
-            f"{row['total_ratio_median']:.3f} | {row['per_token_ms']:.1f} | {target} | {met} |"
+            f"{row['total_ratio_median']:.3f} | {row['cpu_ratio_median']:.3f} | "
+            f"{row['cpu_ratio_min']:.3f}-{row['cpu_ratio_max']:.3f} | {cpu_to_greedy} | "
+            f"{row['per_token_ms']:.1f} | {target} | {met} |"
         )
     lines += ["", "Single forwards (median, ms): what a step and a trigger step cost", "",
               "| batch | prefill | decode forward (1 token/row) | K=8 forward, all rows | K=8 forward, 1 row of the batch |",
@@ -641,6 +664,7 @@ def main() -> None:
             run_method(method, left_pad(timed_ids[:batch], pad), generate_kwargs(3, pad))
     timings = {b: {name: [] for name in methods} for b in args.batch_sizes}
     decode_timings = {b: {name: [] for name in methods} for b in args.batch_sizes}
+    cpu_timings = {b: {name: [] for name in methods} for b in args.batch_sizes}
     stats = {b: {} for b in args.batch_sizes}
     order = random.Random(args.seed)
     loadavg["rounds"] = []
@@ -653,17 +677,19 @@ def main() -> None:
             first = (round_index * batch) % len(timed_ids)
             rows = [timed_ids[(first + i) % len(timed_ids)] for i in range(batch)]
             inputs = left_pad(rows, pad)
-            elapsed, decode, run_stats, out = run_method(methods[name], inputs, gen)
+            measured, run_stats, out = run_method(methods[name], inputs, gen)
             if out.shape[1] != inputs["input_ids"].shape[1] + args.new_tokens:
                 raise RuntimeError(f"{name} generated {out.shape[1] - inputs['input_ids'].shape[1]} tokens")
-            timings[batch][name].append(elapsed)
-            decode_timings[batch][name].append(decode)
+            timings[batch][name].append(measured["total"])
+            decode_timings[batch][name].append(measured["decode"])
+            cpu_timings[batch][name].append(measured["cpu_decode"])
             if run_stats is not None:
                 stats[batch].setdefault(name, []).append(run_stats)
         loadavg["rounds"].append(os.getloadavg())
         if args.partial:
             with open(args.partial, "w") as f:
-                json.dump({"timings": timings, "decode_timings": decode_timings, "stats": stats}, f)
+                json.dump({"timings": timings, "decode_timings": decode_timings, "cpu_timings": cpu_timings,
+                           "stats": stats}, f)
         print(f"round {round_index + 1}/{args.repeats}: {time.perf_counter() - round_start:.0f} s, "
               f"load {os.getloadavg()[0]:.1f}", flush=True)
 
@@ -687,7 +713,7 @@ def main() -> None:
         "load_s": load_s,
         "thresholds": {k: {str(r): t for r, t in v.items()} for k, v in thresholds.items()},
         "floors": {str(b): v for b, v in floors.items()},
-        "speed": summarise(methods, timings, decode_timings, stats, args),
+        "speed": summarise(methods, timings, decode_timings, cpu_timings, stats, args),
     }
     loadavg["after_speed"] = os.getloadavg()
     os.makedirs(os.path.dirname(args.output), exist_ok=True)

@@ -30,7 +30,7 @@ from ..kv import (
     scoring_masks,
     scoring_view,
 )
-from ..processor import S2TLogitsProcessor
+from ..processor import PendingSelection, S2TLogitsProcessor
 
 
 logger = logging.get_logger(__name__)
@@ -206,8 +206,22 @@ def s2t_sample(
     return output
 
 
-def _fused_step(model, processor, hook, cache, attention_mask, tokens, pending):
-    """One forward that scores the triggered rows' candidates and yields every row's next-step logits."""
+def _fused_step(
+    model: torch.nn.Module,
+    processor: S2TLogitsProcessor,
+    hook: GenerationStateHook,
+    cache: Any,
+    attention_mask: torch.Tensor,
+    tokens: torch.Tensor,
+    pending: PendingSelection,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    One forward that scores the triggered rows' candidates and yields every row's next-step logits.
+
+    Returns:
+        `(tokens, next_logits)`: every row's token of this step (the selector's choice in triggered rows) and the
+        logits after it, shape `(batch,)` and `(batch, vocab)`.
+    """
     triggered = pending.triggered
     slots = torch.where(triggered[:, None], pending.candidate_ids, tokens[:, None])
     num_slots = slots.shape[1]
