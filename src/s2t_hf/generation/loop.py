@@ -141,10 +141,12 @@ def s2t_sample(
     unfinished = torch.ones(batch, dtype=torch.long, device=input_ids.device)
     hook: GenerationStateHook = processor._hook
 
+    prefill_positions = positions_from_attention_mask(attention_mask)
+    last_position = prefill_positions[:, -1:]  # advanced by one per step: nothing per step grows with the length
     outputs = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        position_ids=positions_from_attention_mask(attention_mask),
+        position_ids=prefill_positions,
         use_cache=True,
         logits_to_keep=1,
         **{cache_name: cache},
@@ -161,11 +163,10 @@ def s2t_sample(
     try:
         while True:
             if need_forward:
-                positions = positions_from_attention_mask(attention_mask)[:, -1:]
                 outputs = model(
                     input_ids=input_ids[:, -1:],
                     attention_mask=attention_mask,
-                    position_ids=positions,
+                    position_ids=last_position,
                     use_cache=True,
                     **{cache_name: cache},
                 )
@@ -186,9 +187,12 @@ def s2t_sample(
             pending, processor.pending = processor.pending, None
             need_forward = pending is None
             if pending is not None:
-                tokens, next_logits = _fused_step(model, processor, hook, cache, attention_mask, tokens, pending)
+                tokens, next_logits = _fused_step(
+                    model, processor, hook, cache, attention_mask, last_position + 1, tokens, pending
+                )
             input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
+            last_position = last_position + 1
             if streamer is not None:
                 streamer.put(tokens.cpu())
             unfinished = unfinished & ~stopping_criteria(input_ids, scores_out)
@@ -212,6 +216,7 @@ def _fused_step(
     hook: GenerationStateHook,
     cache: Any,
     attention_mask: torch.Tensor,
+    positions: torch.Tensor,
     tokens: torch.Tensor,
     pending: PendingSelection,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,7 +230,6 @@ def _fused_step(
     triggered = pending.triggered
     slots = torch.where(triggered[:, None], pending.candidate_ids, tokens[:, None])
     num_slots = slots.shape[1]
-    positions = positions_from_attention_mask(attention_mask)[:, -1:] + 1
     view = scoring_view(cache)
     mask = scoring_masks(model, view, attention_mask, num_slots, False, _model_dtype(model))
     with hook.pause():
