@@ -10,7 +10,7 @@ from test_processor import generated_rows, reference_s2t
 from test_processor_local import BINS, reference_local, trained_like_selector
 
 import s2t_hf
-from s2t_hf import S2TLogitsProcessor, S2TSelector
+from s2t_hf import S2TLogitsProcessor
 from s2t_hf.generation import CUSTOM_GENERATE_PATH, s2t_sample
 
 
@@ -25,12 +25,7 @@ def processor_for(model, selection, teacher=None, **kwargs):
     if selection in ("teacher", "takeover"):
         return S2TLogitsProcessor(model, teacher=teacher, selection=selection, **common)
     if selection == "local-scoring":
-        selector = S2TSelector.create(model, bin_token_ids=BINS, preserve_cache=True)
-        generator = torch.Generator().manual_seed(2)
-        with torch.no_grad():
-            for name, parameter in selector.model.named_parameters():
-                if parameter.requires_grad:
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * (0.5 if "lora" in name else 2.0))
+        selector = trained_like_selector(model, seed=2, preserve_cache=True)
         return S2TLogitsProcessor(
             model, selector=selector, selection="local", scoring="residual", adapter_mode="scoring", **common
         )

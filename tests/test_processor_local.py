@@ -16,9 +16,9 @@ from s2t_hf import S2TLogitsProcessor, S2TSelector
 BINS = list(range(80, 88))
 
 
-def trained_like_selector(model, seed=0, use_lora=True, bins=BINS):
+def trained_like_selector(model, seed=0, use_lora=True, bins=BINS, preserve_cache=False):
     """A selector whose bin rows and LoRA weights are random, as if trained (a fresh one scores every candidate 0.5)."""
-    selector = S2TSelector.create(model, bin_token_ids=bins, use_lora=use_lora)
+    selector = S2TSelector.create(model, bin_token_ids=bins, use_lora=use_lora, preserve_cache=preserve_cache)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in selector.model.named_parameters():
@@ -142,12 +142,7 @@ def reference_scoring_only(model, selector, prompt, max_new_tokens, top_k, bins,
 @pytest.mark.parametrize("preserve_cache", [False, True])
 def test_scoring_only_adapter_keeps_generation_exact(arch, preserve_cache, scoring):
     model = tiny_model(arch, seed=0)
-    selector = S2TSelector.create(model, bin_token_ids=BINS, preserve_cache=preserve_cache)
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, parameter in selector.model.named_parameters():
-            if parameter.requires_grad:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * (0.5 if "lora" in name else 2.0))
+    selector = trained_like_selector(model, seed=2, preserve_cache=preserve_cache)
     prompts, input_ids, attention_mask = left_padded_batch()
     with S2TLogitsProcessor(
         model, selector=selector, selection="local", trigger="always", warmup_tokens=0, top_k=4,
@@ -262,12 +257,7 @@ def test_sliding_window_models_score_on_the_cache(arch, mode):
     if mode == "generate":
         selector, scoring = trained_like_selector(model, seed=1), "pure"
     else:  # the demo's recipe: the residual form, the last token encoded again with the adapter on
-        selector, scoring = S2TSelector.create(model, bin_token_ids=BINS, preserve_cache=True), "residual"
-        generator = torch.Generator().manual_seed(2)
-        with torch.no_grad():
-            for name, parameter in selector.model.named_parameters():
-                if parameter.requires_grad:
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * (0.5 if "lora" in name else 2.0))
+        selector, scoring = trained_like_selector(model, seed=2, preserve_cache=True), "residual"
     with S2TLogitsProcessor(
         model, selector=selector, selection="local", trigger="always", warmup_tokens=0, top_k=4, scoring=scoring,
         adapter_mode=mode,
