@@ -16,6 +16,7 @@ import tempfile
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
+import s2t_hf
 from s2t_hf import S2TConfig, S2TLogitsProcessor, S2TSelector
 
 
@@ -56,3 +57,7 @@ print("preserves the KV cache:", selector.preserves_cache)
 with S2TLogitsProcessor(model, selector.config, selector=selector) as s2t:
     out = model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=16, do_sample=False, logits_processor=[s2t])
     print("triggers:", s2t.stats["triggers"], "scored on:", s2t.stats["local_path"])
+    # the fused loop: the same tokens; a selector active while generating (`adapter_mode="generate"`) has its
+    # candidates scored inside the decoding forward (docs/decoding.md)
+    fused = s2t_hf.generate(model, s2t, input_ids=torch.tensor([[5, 6, 7, 8]]), max_new_tokens=16, do_sample=False)
+    print("fused loop gives the same tokens:", torch.equal(out, fused))

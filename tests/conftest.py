@@ -93,3 +93,20 @@ GREEDY = dict(do_sample=False, pad_token_id=PAD, max_new_tokens=12)
 @pytest.fixture(params=ARCHITECTURES)
 def arch(request):
     return request.param
+
+
+def entropy_gap_threshold(scores) -> float:
+    """An entropy threshold near the median of the steps' signals (`scores`: `generate`'s `output_scores`), in a clear
+    gap between two values: a step whose signal sat on the threshold would trigger or not depending on float rounding
+    (batch vs reference, thread count)."""
+    values = []
+    for step in scores:
+        top = torch.softmax(step.float().topk(64).values, dim=-1)
+        values.append(-(top * top.log()).sum(-1))
+    values = sorted(torch.cat(values).tolist())
+    middle = len(values) // 2
+    for offset in range(len(values)):
+        for i in (middle + offset, middle - offset):
+            if 0 <= i < len(values) - 1 and values[i + 1] - values[i] > 1e-3:
+                return (values[i] + values[i + 1]) / 2
+    raise AssertionError("no gap between the entropy values")

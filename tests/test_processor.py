@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, EOS, GREEDY, PAD, left_padded_batch, tiny_model
+from conftest import ARCHITECTURES, EOS, GREEDY, PAD, entropy_gap_threshold, left_padded_batch, tiny_model
 
 from s2t_hf import S2TConfig, S2TLogitsProcessor
 
@@ -49,19 +49,7 @@ def median_entropy(model, input_ids, attention_mask):
     out = model.generate(
         input_ids=input_ids, attention_mask=attention_mask, output_scores=True, return_dict_in_generate=True, **GREEDY
     )
-    values = []
-    for scores in out.scores:
-        top = torch.softmax(scores.float().topk(64).values, dim=-1)
-        values.append(-(top * top.log()).sum(-1))
-    # a threshold in a clear gap between two signal values near the median: a step whose signal sits on the threshold
-    # would trigger or not depending on float rounding (batch vs reference, thread count)
-    values = sorted(torch.cat(values).tolist())
-    middle = len(values) // 2
-    for offset in range(len(values)):
-        for i in (middle + offset, middle - offset):
-            if 0 <= i < len(values) - 1 and values[i + 1] - values[i] > 1e-3:
-                return (values[i] + values[i + 1]) / 2
-    raise AssertionError("no gap between the entropy values")
+    return entropy_gap_threshold(out.scores)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

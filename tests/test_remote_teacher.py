@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import entropy_gap_threshold
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LogitsProcessor, LogitsProcessorList
 
 from s2t_hf import S2TLogitsProcessor, collect_selection_data
@@ -172,17 +173,7 @@ def gap_threshold(student, input_ids, attention_mask, tokenizer) -> float:
     """An entropy threshold near the median, in a clear gap between two signal values (no float-rounding flips)."""
     out = student.generate(input_ids=input_ids, attention_mask=attention_mask, output_scores=True,
                            return_dict_in_generate=True, **greedy(tokenizer))
-    values = []
-    for scores in out.scores:
-        top = torch.softmax(scores.float().topk(64).values, dim=-1)
-        values.append(-(top * top.log()).sum(-1))
-    values = sorted(torch.cat(values).tolist())
-    middle = len(values) // 2
-    for offset in range(len(values)):
-        for i in (middle + offset, middle - offset):
-            if 0 <= i < len(values) - 1 and values[i + 1] - values[i] > 1e-3:
-                return (values[i] + values[i + 1]) / 2
-    raise AssertionError("no gap between the entropy values")
+    return entropy_gap_threshold(out.scores)
 
 
 def run(student, teacher, input_ids, attention_mask, tokenizer, **kwargs):
