@@ -58,6 +58,8 @@ class GenerationStateHook:
         self.on_prefill = on_prefill
         self.paused = False
         self.last: ForwardRecord | None = None
+        # forwards recorded so far: the processor checks that a new one happened before each of its steps
+        self.forwards = 0
         # references (no copies) to the sliding-window layers' tensors before the last forward, kept only when asked
         self.keep_previous_sliding = keep_previous_sliding
         self.previous_sliding: list | None = None
@@ -104,6 +106,7 @@ class GenerationStateHook:
         cache_length_before: int = 0,
     ) -> None:
         """Records a forward; the fused decoding loop calls it for the forwards it runs with the hook paused."""
+        self.forwards += 1
         self.last = ForwardRecord(
             input_length=input_length,
             cache_length_before=cache_length_before,

@@ -168,6 +168,12 @@ class S2TLogitsProcessor(LogitsProcessor):
                     "`S2TSelector.from_pretrained(model, path)`."
                 )
         self.student_vocab = output_rows(self.student)
+        for name in ("top_k", "signal_top_k"):
+            if getattr(config, name) > self.student_vocab:
+                raise ValueError(
+                    f"`{name}={getattr(config, name)}` exceeds the model's {self.student_vocab} output rows; set "
+                    f"`{name}` to at most {self.student_vocab} (the paper uses `top_k=8`)."
+                )
         if self._teacher is not None and not self._teacher.full_distribution and not self.lazy_teacher:
             reason = "the `kl` trigger" if config.trigger == "kl" else "`lazy_teacher=False`"
             raise ValueError(
@@ -198,6 +204,7 @@ class S2TLogitsProcessor(LogitsProcessor):
         self.pad_token_id = getattr(getattr(self.student, "generation_config", None), "pad_token_id", None) or 0
 
         self._calibrating = False
+        self._forwards_seen = -1
         self._signals: list[torch.Tensor] = []
         self._generator: torch.Generator | None = None
         # The residual form with `adapter_mode="scoring"` encodes the step's last token again (adapter on); on a
@@ -367,10 +374,15 @@ class S2TLogitsProcessor(LogitsProcessor):
 
     def _check_step(self, input_ids: torch.Tensor) -> None:
         record = self._hook.last
-        if record is None:
-            raise RuntimeError(
-                "The processor saw no forward of its `model`. Pass the model you call `generate` on as `model`."
+        if record is None or self._hook.forwards == self._forwards_seen:
+            raise ValueError(
+                "S2TLogitsProcessor was called without a new forward of its `model` since its last step. Either "
+                "`generate` runs on another model than the processor's (build the processor with the model you call "
+                "`generate` on), or this is assisted generation (`assistant_model=...`), where the assistant's own "
+                "decoding calls the logits processors. S2T supports greedy search and sampling only: remove "
+                "`assistant_model`."
             )
+        self._forwards_seen = self._hook.forwards
         if record.input_length > 1 and record.cache_length_before > 0:
             raise ValueError(
                 "S2TLogitsProcessor supports greedy search and sampling only; this generate call verifies several "
@@ -387,17 +399,29 @@ class S2TLogitsProcessor(LogitsProcessor):
         # O(batch) and no host sync here: checked at the step's one sync (`_any_triggered`)
         self._reordered = (input_ids[:, -2] != previous[:, -1]).any()
 
-    def _any_triggered(self, triggered: torch.Tensor) -> bool:
-        """The step's one host sync: whether any row triggered (and whether rows were reordered since the last step)."""
-        if self._reordered is None:
-            return bool(triggered.any())
-        any_triggered, reordered = torch.stack([triggered.any(), self._reordered]).tolist()
-        if reordered:
+    def _any_triggered(self, triggered: torch.Tensor, scores: torch.Tensor, active: torch.Tensor) -> bool:
+        """
+        The step's one host sync: whether any row triggered, checked together with whether rows were reordered since
+        the last step and whether an active row's scores are broken (NaN or `+inf`, or no finite token left).
+        """
+        broken = (torch.isnan(scores) | (scores == float("inf"))).any(-1) | ~torch.isfinite(scores).any(-1)
+        checks = [triggered.any(), (broken & active).any()]
+        if self._reordered is not None:
+            checks.append(self._reordered)
+        flags = torch.stack(checks).tolist()
+        if flags[1]:
+            rows = (broken & active).nonzero()[:, 0].tolist()
+            raise ValueError(
+                f"The scores of row(s) {rows} at generation step {self._step} hold NaN or +inf, or no "
+                "finite token: the model's logits are broken (e.g. an overflow in float16; try bfloat16 or float32), "
+                "or the logits processors before S2T ruled out every token."
+            )
+        if len(flags) > 2 and flags[2]:
             raise ValueError(
                 "S2TLogitsProcessor supports greedy search and sampling only: rows were reordered between steps, as "
                 "beam search does. Use `num_beams=1`."
             )
-        return bool(any_triggered)
+        return bool(flags[0])
 
     def _attention_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         record = self._hook.last
@@ -448,7 +472,7 @@ class S2TLogitsProcessor(LogitsProcessor):
         if self.reserved_ids.numel():
             scores = scores.index_fill(-1, self.reserved_ids.to(device), float("-inf"))
 
-        generated = input_ids.shape[1] - self._prompt_length
+        generated = self._step = input_ids.shape[1] - self._prompt_length
         if generated > 0 and self.eos_token_ids.numel():
             self._finished |= torch.isin(input_ids[:, -1], self.eos_token_ids.to(input_ids.device))
         active = ~self._finished
@@ -468,7 +492,7 @@ class S2TLogitsProcessor(LogitsProcessor):
         self._row_stats["steps"] += active
         self._row_stats["eligible_steps"] += eligible
         self._row_stats["triggers"] += triggered
-        if not self._any_triggered(triggered):
+        if not self._any_triggered(triggered, scores, active):
             return scores
 
         candidate_ids, candidate_log_probs, valid = top_k_candidates(
@@ -485,8 +509,10 @@ class S2TLogitsProcessor(LogitsProcessor):
             )
             chosen[rows] = teacher_choice.token_ids
         elif selection == "takeover":
+            # the teacher's argmax among the tokens the earlier logits processors left (min_new_tokens, bad words...)
             teacher_choice = self._teacher.takeover(
-                input_ids, mask, rows, candidate_ids[rows], with_log_probs=self.record_triggers
+                input_ids, mask, rows, candidate_ids[rows], allowed=torch.isfinite(scores[rows]),
+                with_log_probs=self.record_triggers,
             )
             chosen[rows] = teacher_choice.token_ids
         else:
@@ -502,6 +528,10 @@ class S2TLogitsProcessor(LogitsProcessor):
             logits = self._score_candidates(input_ids, mask, candidate_ids[triggered], triggered)
             chosen, _ = self.complete_selection(pending, logits)  # accounts for the step itself
         if selection != "local":
+            # a token the earlier processors ruled out is never emitted: where a teacher had no allowed token to give
+            # (-1) or gave a ruled-out one, the row keeps the student's top-1
+            ruled_out = ~torch.isfinite(scores.gather(-1, chosen.clamp_min(0)[:, None])[:, 0]) | (chosen < 0)
+            chosen = torch.where(triggered & ruled_out, candidate_ids[:, 0], chosen)
             self._account(
                 input_ids, mask, signal, triggered, candidate_ids, candidate_log_probs, teacher_choice, chosen, None
             )

@@ -49,17 +49,35 @@ def teacher_selection(candidate_ids: torch.Tensor, valid: torch.Tensor, teacher_
     return teacher.argmax(-1)
 
 
-def takeover_selection(teacher_log_probs: torch.Tensor, blocked_ids: torch.Tensor | None = None) -> torch.Tensor:
+def takeover_selection(
+    teacher_log_probs: torch.Tensor, blocked_ids: torch.Tensor | None = None, allowed: torch.Tensor | None = None
+) -> torch.Tensor:
     """
-    Takeover baseline: the teacher's argmax over the whole vocabulary (minus `blocked_ids`, e.g. reserved rows).
+    Takeover baseline: the teacher's argmax over the whole vocabulary, minus `blocked_ids` (e.g. reserved rows) and,
+    when `allowed` is given, among the allowed tokens only.
+
+    Args:
+        teacher_log_probs (`torch.Tensor` of shape `(batch, vocab)`): the teacher's log-probabilities (or logits).
+        blocked_ids (`torch.LongTensor`, *optional*): token ids never chosen.
+        allowed (`torch.BoolTensor` of shape `(batch, vocab')`, *optional*): the tokens each row may choose (e.g. those
+            the student's processed scores leave finite); `vocab'` may be smaller than `vocab` (extra rows are
+            blocked).
 
     Returns:
-        `torch.Tensor` of shape `(batch,)`: token ids.
+        `torch.Tensor` of shape `(batch,)`: token ids; -1 in a row whose allowed tokens all have `-inf` teacher scores
+        (the teacher cannot rank any of them; the processor then keeps the student's top-1).
     """
     logits = teacher_log_probs.float()
     if blocked_ids is not None and blocked_ids.numel():
         logits = logits.index_fill(-1, blocked_ids.to(logits.device), float("-inf"))
-    return logits.argmax(-1)
+    if allowed is None:
+        return logits.argmax(-1)
+    allowed = allowed.to(logits.device)
+    width = min(allowed.shape[-1], logits.shape[-1])
+    logits, allowed = logits[..., :width], allowed[..., :width]
+    masked = logits.masked_fill(~allowed, float("-inf"))
+    best = masked.argmax(-1)
+    return torch.where(torch.isfinite(masked.amax(-1)), best, torch.full_like(best, -1))
 
 
 def expected_bin_value(bin_logits: torch.Tensor, bin_values: torch.Tensor) -> torch.Tensor:

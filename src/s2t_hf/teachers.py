@@ -135,9 +135,16 @@ class Teacher(abc.ABC):
         rows: torch.Tensor,
         candidate_ids: torch.Tensor | None = None,
         *,
+        allowed: torch.Tensor | None = None,
         with_log_probs: bool = False,
     ) -> TeacherChoice:
-        """Takeover: the teacher's own greedy next token (never a blocked row), for each triggered row."""
+        """
+        Takeover: the teacher's own greedy next token (never a blocked row), for each triggered row.
+
+        `allowed` (`torch.BoolTensor` of shape `(n, vocab)` over the student's output rows, *optional*) restricts the
+        choice to the tokens the generation's earlier logits processors left finite (`min_new_tokens`,
+        `bad_words_ids`, grammars...): the teacher's argmax among the allowed tokens.
+        """
 
     @abc.abstractmethod
     def candidate_log_probs(
@@ -307,9 +314,11 @@ class LocalTeacher(Teacher):
             candidate_log_probs=log_probs.gather(-1, candidate_ids),
         )
 
-    def takeover(self, input_ids, attention_mask, rows, candidate_ids=None, *, with_log_probs=False) -> TeacherChoice:
+    def takeover(
+        self, input_ids, attention_mask, rows, candidate_ids=None, *, allowed=None, with_log_probs=False
+    ) -> TeacherChoice:
         log_probs = self.next_log_probs(input_ids, attention_mask)[rows]
-        token_ids = takeover_selection(log_probs)
+        token_ids = takeover_selection(log_probs, allowed=allowed)
         return TeacherChoice(
             token_ids=token_ids,
             top1=log_probs.argmax(-1),
@@ -748,20 +757,44 @@ class RemoteTeacher(Teacher):
         return TeacherChoice(token_ids=token_ids, positions=matches.long().argmax(-1), top1=top1,
                              candidate_log_probs=log_probs)
 
-    def takeover(self, input_ids, attention_mask, rows, candidate_ids=None, *, with_log_probs=False) -> TeacherChoice:
+    def takeover(
+        self, input_ids, attention_mask, rows, candidate_ids=None, *, allowed=None, with_log_probs=False
+    ) -> TeacherChoice:
         contexts = self._contexts(input_ids, attention_mask, rows)
         params: dict[str, Any] = {"logprobs": self.top_logprobs if with_log_probs else 0}
         if self.blocked_ids.numel():
             params["logit_bias"] = {str(i): -100 for i in self.blocked_ids.tolist()}
-        answers = self._map(lambda context: self._parse_one(self._complete(context, **params)), contexts)
+        allowed_rows = allowed.cpu() if allowed is not None else None
+
+        def one(n: int) -> dict[str, Any]:
+            answer = self._parse_one(self._complete(contexts[n], **params))
+            if allowed_rows is None or self._is_allowed(allowed_rows[n], answer["token"]):
+                return answer
+            # the greedy token is ruled out by an earlier logits processor: the argmax among the allowed tokens (one
+            # more request, constrained to them; the tokens the server answered with stay the unconstrained top-1)
+            allowed_ids = allowed_rows[n].nonzero()[:, 0].tolist()
+            constrained = self._parse_one(self._complete(contexts[n], **params, allowed_token_ids=allowed_ids))
+            if not self._is_allowed(allowed_rows[n], constrained["token"]):
+                raise RemoteTeacherError(
+                    "The teacher server returned a token outside `allowed_token_ids`; it does not support vLLM's "
+                    "`allowed_token_ids` extension."
+                )
+            return {**constrained, "top1": answer["token"]}
+
+        answers = self._map(one, list(range(len(contexts))))
         self.calls += 1
         device = input_ids.device
         token_ids = torch.tensor([a["token"] for a in answers], dtype=torch.long, device=device)
+        top1 = torch.tensor([a.get("top1", a["token"]) for a in answers], dtype=torch.long, device=device)
         log_probs = None
         if with_log_probs and candidate_ids is not None:
             tops = [{**a["top"], a["token"]: a["log_prob"]} for a in answers]
             log_probs = self._fill_log_probs(contexts, candidate_ids, tops)
-        return TeacherChoice(token_ids=token_ids, top1=token_ids, candidate_log_probs=log_probs)
+        return TeacherChoice(token_ids=token_ids, top1=top1, candidate_log_probs=log_probs)
+
+    @staticmethod
+    def _is_allowed(allowed_row: torch.Tensor, token: int) -> bool:
+        return 0 <= token < allowed_row.shape[0] and bool(allowed_row[token])
 
     def candidate_log_probs(self, input_ids, attention_mask, rows, candidate_ids) -> torch.Tensor:
         contexts = self._contexts(input_ids, attention_mask, rows)
