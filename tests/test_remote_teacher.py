@@ -241,6 +241,23 @@ def test_takeover_remote_equals_local_and_teacher_greedy(models, remote):
     assert_same_records(local_records, remote_records)
 
 
+def test_takeover_remote_respects_other_processors_constraints(models, remote):
+    """The served teacher's greedy token, when an earlier processor rules it out, is replaced by its argmax among the
+    allowed tokens (a request constrained to them): the same tokens as the teacher's own constrained generate."""
+    student, teacher, tokenizer = models
+    input_ids, attention_mask = batch(tokenizer)
+    unconstrained = teacher.generate(input_ids=input_ids, attention_mask=attention_mask, **greedy(tokenizer))
+    banned = unconstrained[:, input_ids.shape[1]:][:, :3].flatten().unique().tolist()
+    constraints = dict(bad_words_ids=[[t] for t in banned], min_new_tokens=GREEDY_NEW)
+    expected = teacher.generate(input_ids=input_ids, attention_mask=attention_mask, **greedy(tokenizer, **constraints))
+    with S2TLogitsProcessor(student, teacher=remote, tokenizer=tokenizer, trigger="always", selection="takeover",
+                            warmup_tokens=0) as s2t:
+        out = student.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=[s2t],
+                               **greedy(tokenizer, **constraints))
+    assert torch.equal(out, expected)
+    assert not set(out[:, input_ids.shape[1]:].flatten().tolist()) & set(banned)
+
+
 def test_collection_through_the_server_matches_local_collection(models, remote):
     student, teacher, tokenizer = models
     generator = torch.Generator().manual_seed(0)

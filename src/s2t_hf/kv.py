@@ -43,6 +43,21 @@ class ForwardRecord:
     cache_length_before: int
     attention_mask: torch.Tensor | None
     position_ids: torch.Tensor | None
+    # False when `generate` passed a prepared mask (e.g. a dict per layer kind) the padding could not be read from
+    mask_readable: bool = True
+
+
+def padding_mask_from_4d(mask: torch.Tensor, length: int, window: int | None = None) -> torch.Tensor | None:
+    """
+    The 2-D padding mask (1 = real token) of a sequence of `length` tokens, read from the 4-D mask `generate` prepares
+    for a static cache (boolean, True = attend, or additive float, 0 = attend): the keys its last query attends to.
+    `None` when the mask may hide real tokens too (a sliding window shorter than `length`).
+    """
+    if mask.dim() != 4 or mask.shape[-1] < length or (window is not None and length > window):
+        return None
+    last = mask[:, 0, -1, :length]
+    attend = last if last.dtype == torch.bool else last == 0
+    return attend.long()
 
 
 class GenerationStateHook:
@@ -83,9 +98,15 @@ class GenerationStateHook:
         if cache is not None and hasattr(cache, "get_seq_length"):
             cache_length = int(cache.get_seq_length())
         attention_mask = kwargs.get("attention_mask")
-        if isinstance(attention_mask, dict) or (attention_mask is not None and attention_mask.dim() != 2):
-            attention_mask = None  # already expanded by a compiled cache; the processor falls back to recompute
         input_length = int(input_ids.shape[1]) if input_ids is not None else 0
+        readable = True
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+            # prepared by `generate` for a static cache: the padding is read back from it
+            window = getattr(getattr(module, "config", None), "sliding_window", None)
+            attention_mask = padding_mask_from_4d(attention_mask, cache_length + input_length, window)
+            readable = attention_mask is not None
+        elif attention_mask is not None and (isinstance(attention_mask, dict) or attention_mask.dim() != 2):
+            attention_mask, readable = None, False
         if cache is not None:
             new_generation = cache_length == 0
         else:  # `use_cache=False`: every forward re-encodes the whole sequence, one token longer than the last
@@ -94,7 +115,7 @@ class GenerationStateHook:
             self.on_prefill()
         if self.keep_previous_sliding and cache is not None and hasattr(cache, "layers"):
             self.previous_sliding = previous_sliding_state(cache)
-        self.note(input_length, cache, attention_mask, kwargs.get("position_ids"), cache_length)
+        self.note(input_length, cache, attention_mask, kwargs.get("position_ids"), cache_length, readable)
         return None
 
     def note(
@@ -104,6 +125,7 @@ class GenerationStateHook:
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None,
         cache_length_before: int = 0,
+        mask_readable: bool = True,
     ) -> None:
         """Records a forward; the fused decoding loop calls it for the forwards it runs with the hook paused."""
         self.forwards += 1
@@ -112,6 +134,7 @@ class GenerationStateHook:
             cache_length_before=cache_length_before,
             attention_mask=attention_mask,
             position_ids=position_ids,
+            mask_readable=mask_readable,
         )
         self._cache_ref = weakref.ref(cache) if cache is not None else None
 

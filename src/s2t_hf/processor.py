@@ -141,6 +141,12 @@ class S2TLogitsProcessor(LogitsProcessor):
             raise TypeError(
                 "`model` must be the model you call `generate` on: the processor reads its attention mask and cache."
             )
+        model_config = getattr(model, "config", None)
+        if getattr(model_config, "is_encoder_decoder", False):
+            raise ValueError(
+                f"S2T serves decoder-only causal language models; `model` is an encoder-decoder "
+                f"({type(_unwrap(model)).__name__}). Use a causal LM (`AutoModelForCausalLM`)."
+            )
         self.config = config
         self.model = model
         self.student = _unwrap(model)
@@ -379,8 +385,9 @@ class S2TLogitsProcessor(LogitsProcessor):
                 "S2TLogitsProcessor was called without a new forward of its `model` since its last step. Either "
                 "`generate` runs on another model than the processor's (build the processor with the model you call "
                 "`generate` on), or this is assisted generation (`assistant_model=...`), where the assistant's own "
-                "decoding calls the logits processors. S2T supports greedy search and sampling only: remove "
-                "`assistant_model`."
+                "decoding calls the logits processors, or prompt-lookup generation (`prompt_lookup_num_tokens=...`), "
+                "which verifies several tokens per forward. S2T supports greedy search and sampling only: remove "
+                "`assistant_model` / `prompt_lookup_num_tokens`."
             )
         self._forwards_seen = self._hook.forwards
         if record.input_length > 1 and record.cache_length_before > 0:
@@ -395,6 +402,8 @@ class S2TLogitsProcessor(LogitsProcessor):
         if input_ids.shape[0] != previous.shape[0] or input_ids.shape[1] != previous.shape[1] + 1:
             # a new generate call without a cache: start over
             self.reset()
+            return
+        if previous.shape[1] == 0:  # the first step after a prompt given as `inputs_embeds`
             return
         # O(batch) and no host sync here: checked at the step's one sync (`_any_triggered`)
         self._reordered = (input_ids[:, -2] != previous[:, -1]).any()
@@ -426,6 +435,12 @@ class S2TLogitsProcessor(LogitsProcessor):
     def _attention_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         record = self._hook.last
         mask = record.attention_mask if record is not None else None
+        if mask is None and record is not None and not record.mask_readable and input_ids.shape[0] > 1:
+            raise ValueError(
+                "This `generate` call passes the model a prepared attention mask (one per kind of layer, with a static "
+                "cache) from which the processor cannot read the batch's left padding. Use the default dynamic cache "
+                "(remove `cache_implementation`) or generate one prompt at a time."
+            )
         if mask is None or mask.shape != input_ids.shape:
             return torch.ones_like(input_ids)
         return mask.to(input_ids.device)
@@ -460,6 +475,11 @@ class S2TLogitsProcessor(LogitsProcessor):
         self._reordered = None
         self._check_step(input_ids)
         if self._prompt_length is None:
+            if input_ids.shape[1] == 0 and self.config.trigger != "never":
+                raise ValueError(
+                    "`generate` was given the prompt as `inputs_embeds`: S2T needs its token ids (the teacher reads "
+                    "them and candidates are scored after them). Pass `input_ids` (and `attention_mask`) instead."
+                )
             if bool((torch.logsumexp(scores.float(), dim=-1).abs() < 1e-4).all()):
                 raise ValueError(
                     "S2TLogitsProcessor supports greedy search and sampling only, but it received normalised "

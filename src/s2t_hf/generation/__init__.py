@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
 import torch
-from transformers import LogitsProcessorList
+from transformers import LogitsProcessorList, StoppingCriteriaList
+from transformers.generation.stopping_criteria import StopStringCriteria
 
 from ..processor import S2TLogitsProcessor
 from .loop import s2t_sample
@@ -58,7 +60,36 @@ def generate(model: torch.nn.Module, s2t: S2TLogitsProcessor, **generate_kwargs:
         raise TypeError(f"`s2t` must be an `S2TLogitsProcessor`, got {type(s2t).__name__}.")
     if "custom_generate" in generate_kwargs:
         raise ValueError("`s2t_hf.generate` sets `custom_generate` itself; remove it from the arguments.")
+    for name, what in (("assistant_model", "assisted generation"), ("prompt_lookup_num_tokens", "prompt-lookup generation")):
+        if generate_kwargs.get(name) is not None:
+            raise ValueError(f"S2T supports greedy search and sampling only, not {what}: remove `{name}`.")
+    if generate_kwargs.get("num_beams", 1) != 1:
+        raise ValueError("S2T supports greedy search and sampling only, not beam search: set `num_beams=1`.")
+    # transformers hands a callable `custom_generate` only the arguments `_sample` lacks, and drops the tokenizer: the
+    # streamer goes by another name, stop strings as a stopping criterion built here
+    streamer = generate_kwargs.get("streamer")
+    if streamer is not None:
+        generate_kwargs["s2t_streamer"] = streamer
+    _stop_strings_as_criteria(model, generate_kwargs)
     processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
     if s2t not in processors:
         processors.append(s2t)
     return model.generate(**generate_kwargs, logits_processor=processors, custom_generate=s2t_sample, s2t=s2t)
+
+
+def _stop_strings_as_criteria(model: torch.nn.Module, generate_kwargs: dict[str, Any]) -> None:
+    """Moves `stop_strings` (argument or generation config) into `stopping_criteria`, with the `tokenizer` given."""
+    tokenizer = generate_kwargs.pop("tokenizer", None)
+    config = generate_kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    stop_strings = generate_kwargs.pop("stop_strings", None) or getattr(config, "stop_strings", None)
+    if not stop_strings:
+        return
+    if tokenizer is None:
+        raise ValueError("`stop_strings` need the model's tokenizer: pass `tokenizer=...` as well.")
+    if getattr(config, "stop_strings", None):
+        config = copy.deepcopy(config)
+        config.stop_strings = None
+        generate_kwargs["generation_config"] = config
+    criteria = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", None) or [])
+    criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings))
+    generate_kwargs["stopping_criteria"] = criteria

@@ -59,6 +59,11 @@ def _find_processor(logits_processor: LogitsProcessorList, s2t: S2TLogitsProcess
 
 def _check_model_kwargs(model_kwargs: dict[str, Any], generation_config) -> None:
     unknown = sorted(k for k, v in model_kwargs.items() if v is not None and k not in _HANDLED_KWARGS)
+    if "inputs_embeds" in unknown:
+        raise ValueError(
+            "`generate` was given the prompt as `inputs_embeds`: S2T needs its token ids (the teacher reads them and "
+            "candidates are scored after them). Pass `input_ids` (and `attention_mask`) instead."
+        )
     if unknown:
         raise ValueError(
             f"The fused S2T loop decodes from `input_ids` and `attention_mask` only; it got {unknown}. Use the drop-in "
@@ -91,6 +96,7 @@ def s2t_sample(
     synced_gpus: bool = False,
     streamer: Any = None,
     s2t: S2TLogitsProcessor | None = None,
+    s2t_streamer: Any = None,
     **model_kwargs: Any,
 ) -> torch.LongTensor | GenerateDecoderOnlyOutput:
     """
@@ -109,15 +115,23 @@ def s2t_sample(
         input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer, model_kwargs:
             as transformers' `generate` passes them to its decoding methods.
         s2t (`S2TLogitsProcessor`, *optional*): the processor; found among `logits_processor` if not given.
+        s2t_streamer (`BaseStreamer`, *optional*): the streamer, under the name [`s2t_hf.generate`] passes it (for a
+            callable `custom_generate`, transformers passes only the arguments `_sample` does not have).
 
     Returns:
         `torch.LongTensor` of the sequences, or a `GenerateDecoderOnlyOutput` with `return_dict_in_generate=True`
-        (`scores` and `logits` when asked for; at a fused trigger step `scores` holds the distribution restricted to the
-        triggered rows' candidates, from which the selector then chose).
+        (`scores` and `logits` when asked for, as in the drop-in path: at a trigger step `scores` is `-inf` but at the
+        selected token, and `logits` are the model's own).
     """
     processor = _find_processor(logits_processor, s2t)
+    streamer = streamer if streamer is not None else s2t_streamer
     if synced_gpus:
         raise ValueError("The fused S2T loop does not support `synced_gpus`; run it on one device per process.")
+    if getattr(generation_config, "prompt_lookup_num_tokens", None) is not None:
+        raise ValueError(
+            "S2T supports greedy search and sampling only, not prompt-lookup generation: remove "
+            "`prompt_lookup_num_tokens`."
+        )
     _check_model_kwargs(model_kwargs, generation_config)
     if processor._hook.module is not model and processor.student is not model:
         raise ValueError("`s2t` was built for another model; build it with the model you call `generate` on.")
@@ -190,6 +204,9 @@ def s2t_sample(
                 tokens, next_logits = _fused_step(
                     model, processor, hook, cache, attention_mask, last_position + 1, tokens, pending
                 )
+                if scores_out is not None:  # as in the drop-in path: a triggered row's scores keep the selection only
+                    forced = torch.full_like(step_scores, float("-inf")).scatter_(-1, tokens[:, None], 0.0)
+                    scores_out = scores_out[:-1] + (torch.where(pending.triggered[:, None], forced, step_scores),)
             input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
             last_position = last_position + 1
