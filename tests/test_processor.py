@@ -297,6 +297,37 @@ def test_bad_arguments_raise_clear_errors():
             s2t.calibrate([], target_rate=0.1)
 
 
+def test_top_k_beyond_the_vocabulary_is_refused_at_construction():
+    student, teacher = tiny_model("llama", seed=0, vocab_size=64), tiny_model("llama", seed=1, vocab_size=64)
+    with pytest.raises(ValueError, match="`top_k=1000` exceeds the model's 64 output rows"):
+        S2TLogitsProcessor(student, teacher=teacher, trigger="always", top_k=1000)
+    with pytest.raises(ValueError, match="`signal_top_k=100` exceeds"):
+        S2TLogitsProcessor(student, teacher=teacher, trigger="entropy", trigger_threshold=1.0, signal_top_k=100)
+
+
+def test_teacher_on_the_meta_device_is_refused():
+    student = tiny_model("llama", seed=0)
+    with torch.device("meta"):
+        teacher = tiny_model("llama", seed=1)
+    with pytest.raises(ValueError, match="`meta` device"):
+        S2TLogitsProcessor(student, teacher=teacher, trigger="always")
+
+
+@pytest.mark.parametrize("broken", ["nan", "inf", "all-ruled-out"])
+def test_broken_scores_raise_a_clear_error(broken):
+    student, teacher = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    _, input_ids, attention_mask = left_padded_batch()
+    kwargs = dict(GREEDY)
+    if broken == "all-ruled-out":  # every token suppressed
+        kwargs["suppress_tokens"] = list(range(student.config.vocab_size))
+    else:
+        with torch.no_grad():  # a broken output row: NaN or +inf logits for token 7 at every step
+            student.lm_head.weight[7] = float("nan") if broken == "nan" else 1e38
+    with S2TLogitsProcessor(student, teacher=teacher, trigger="random", trigger_rate=0.5, seed=0) as s2t:
+        with pytest.raises(ValueError, match=r"row\(s\) \[.*\] at generation step 0 hold NaN or \+inf"):
+            student.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=[s2t], **kwargs)
+
+
 class _Tokenizer:
     def __init__(self, size):
         self.size = size

@@ -240,6 +240,12 @@ class LocalTeacher(Teacher):
 
     def prepare(self, student: torch.nn.Module, tokenizer: Any = None, blocked_ids: Sequence[int] = ()) -> None:
         super().prepare(student, tokenizer, blocked_ids)
+        if _device(_unwrap(self.model)).type == "meta":
+            raise ValueError(
+                "The teacher's weights are on the `meta` device (an empty model, e.g. built under `init_empty_weights` "
+                "or loaded with an offloading `device_map` that left them unmaterialised). Load its weights onto a real "
+                "device, e.g. `from_pretrained(..., device_map='auto')` or `.to('cuda')`."
+            )
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         student_vocab = output_rows(_unwrap(student))
         teacher_vocab = output_rows(_unwrap(self.model))
