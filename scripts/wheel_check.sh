@@ -66,7 +66,8 @@ cp scripts/wheel_smoke.py "$WORK/"
 (
   cd "$WORK"
   export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-  "$REPO/$VENV/bin/s2t-hf" --help | grep -q "evaluate" || { echo "s2t-hf --help lists no commands" >&2; exit 1; }
+  usage=$("$REPO/$VENV/bin/s2t-hf" --help)
+  grep -q "evaluate" <<<"$usage" || { echo "s2t-hf --help lists no commands: $usage" >&2; exit 1; }
   # -I: neither PYTHONPATH nor the script's folder nor the user's site-packages on the path
   "$REPO/$VENV/bin/python" -I wheel_smoke.py
 )
