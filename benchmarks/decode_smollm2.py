@@ -64,6 +64,8 @@ import time  # noqa: E402
 import torch  # noqa: E402
 from transformers import LogitsProcessor  # noqa: E402
 
+from s2t_hf.prompts import left_pad, prompt_token_ids  # noqa: E402
+
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -146,22 +148,7 @@ def load_smollm2():
 
 def encode(tokenizer, prompts: list[str]) -> list[list[int]]:
     """Each prompt as a one-turn chat (the tokenizer's chat template, generation prompt added), as token ids."""
-    out = []
-    for prompt in prompts:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-        )
-        if hasattr(ids, "keys"):  # a BatchEncoding in recent releases
-            ids = ids["input_ids"]
-        out.append(list(map(int, ids)))
-    return out
-
-
-def left_pad(rows: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    length = max(len(r) for r in rows)
-    input_ids = torch.tensor([[pad_token_id] * (length - len(r)) + r for r in rows])
-    attention_mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
+    return prompt_token_ids(prompts, tokenizer, chat_template=True)
 
 
 def randomise_selector(selector, seed: int, lora_scale: float, bin_scale: float = 2.0) -> None:

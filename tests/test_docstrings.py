@@ -12,6 +12,7 @@ MODULES = [
     "s2t_hf.selection",
     "s2t_hf.selector",
     "s2t_hf.data",
+    "s2t_hf.prompts",
     "s2t_hf.losses",
     "s2t_hf.trainer",
     "s2t_hf.metrics",

@@ -19,6 +19,8 @@ _LAZY_ATTRIBUTES = {
     "S2TTrainingArguments": "trainer",
     "collect_selection_data": "data",
     "SelectionGroupCollator": "data",
+    "encode_prompts": "prompts",
+    "generate_batched": "prompts",
     "generate": "generation",
     "LocalTeacher": "teachers",
     "RemoteTeacher": "teachers",
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from .data import SelectionGroupCollator, collect_selection_data
     from .generation import generate
     from .processor import S2TLogitsProcessor
+    from .prompts import encode_prompts, generate_batched
     from .selector import S2TSelector
     from .teachers import LocalTeacher, RemoteTeacher, Teacher
     from .trainer import S2TTrainer, S2TTrainingArguments

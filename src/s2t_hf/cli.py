@@ -10,6 +10,7 @@ import argparse
 import json
 import logging as std_logging
 import sys
+import time
 from typing import Any
 
 from transformers.utils import logging
@@ -29,7 +30,10 @@ def _load_tokenizer(path: str):
 
 
 def _read_prompts(path: str) -> list[Any]:
-    """One prompt per line (plain text), or a JSON list of strings / chat message lists."""
+    """
+    One prompt per line (plain text), or a JSON list of strings / chat message lists; the commands format them with
+    the tokenizer's chat template when it has one.
+    """
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if path.endswith(".json"):
@@ -60,17 +64,17 @@ def cmd_demo(args) -> None:
 
 def cmd_calibrate(args) -> None:
     from .processor import S2TLogitsProcessor
+    from .prompts import prompt_token_ids
 
     student, tokenizer = _load_model(args.model), _load_tokenizer(args.tokenizer or args.model)
-    teacher = _load_model(args.teacher) if args.teacher else None
+    teacher = _load_model(args.teacher)
+    # formatted as `collect` formats them: the chat template applied when the tokenizer has one
+    prompts = prompt_token_ids(_read_prompts(args.prompts), tokenizer, name="--prompts")
     with S2TLogitsProcessor(
-        student, teacher=teacher, trigger=args.trigger, selection="teacher" if teacher else "takeover",
-        top_k=args.top_k, tokenizer=tokenizer,
+        student, teacher=teacher, trigger=args.trigger, selection="teacher", top_k=args.top_k, tokenizer=tokenizer
     ) as s2t:
-        if s2t.config.needs_teacher and teacher is None:
-            raise SystemExit("error: `--trigger kl` needs `--teacher`.")
         threshold = s2t.calibrate(
-            _read_prompts(args.prompts), target_rate=args.rate, tokenizer=tokenizer, max_new_tokens=args.max_new_tokens
+            prompts, target_rate=args.rate, tokenizer=tokenizer, max_new_tokens=args.max_new_tokens
         )
         s2t.config.save_pretrained(args.output_dir)
     print(json.dumps({"trigger": args.trigger, "threshold": threshold, "rate": args.rate, "saved": args.output_dir}))
@@ -117,21 +121,48 @@ def cmd_train(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from .demo import _accuracy, _encode, _Generator
     from .processor import S2TLogitsProcessor
-    from .tasks import ArithmeticTaskConfig, generate_problems
+    from .prompts import prompt_token_ids
+    from .tasks import ArithmeticTaskConfig, check_answer, generate_problems, generate_solutions
 
+    if args.num_problems < 1:
+        raise SystemExit(f"error: `--num-problems` must be at least 1, got {args.num_problems}.")
     model, tokenizer = _load_model(args.model), _load_tokenizer(args.tokenizer or args.model)
     problems = generate_problems(args.num_problems, "test", seed=args.seed)
-    prompts = _encode(tokenizer, problems)
-    runner = _Generator(tokenizer, 64, ArithmeticTaskConfig().max_solution_words + 1)
-    completions, seconds = runner.run(model, prompts, desc="greedy")
-    rows = {"Greedy": {"accuracy": _accuracy(completions, problems), "seconds": seconds}}
+    max_new_tokens = args.max_new_tokens or ArithmeticTaskConfig().max_solution_words + 1
+
+    def evaluate(name: str, s2t: S2TLogitsProcessor | None = None) -> dict[str, Any]:
+        started = time.perf_counter()
+        completions = generate_solutions(
+            model, tokenizer, problems, batch_size=args.batch_size, max_new_tokens=max_new_tokens, s2t=s2t,
+            show_progress=True, desc=name,
+        )
+        correct = sum(check_answer(c, p.answer) for c, p in zip(completions, problems))
+        return {"accuracy": correct / len(problems), "seconds": time.perf_counter() - started}
+
+    rows = {"Greedy": evaluate("Greedy")}
     if args.selector:
         with S2TLogitsProcessor.from_pretrained(args.selector, model=model, eos_token_id=tokenizer.eos_token_id) as s2t:
-            completions, seconds = runner.run(model, prompts, s2t, desc="S2T-Local")
-            rows["S2T-Local"] = {"accuracy": _accuracy(completions, problems), "seconds": seconds, **s2t.stats}
-            rows["S2T-Local"] = {k: v for k, v in rows["S2T-Local"].items() if not k.endswith("_per_row")}
+            config = s2t.config
+            if config.trigger in ("entropy", "kl") and (args.trigger_rate or config.trigger_threshold is None):
+                rate = args.trigger_rate or config.trigger_rate
+                if rate is None:
+                    raise SystemExit(
+                        f"error: the selector's `{config.trigger}` trigger has no threshold; pass `--trigger-rate` "
+                        "(e.g. 0.1) to calibrate one on validation problems."
+                    )
+                # calibrated on validation problems as the test problems are decoded: same prompts, lengths, rows
+                calibration = generate_problems(args.num_calibration, "validation", seed=args.seed)
+                rows_above = range(len(tokenizer), model.get_output_embeddings().weight.shape[0])
+                s2t.calibrate(
+                    prompt_token_ids([p.messages for p in calibration], tokenizer), target_rate=rate,
+                    batch_size=args.batch_size, max_new_tokens=max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                    suppress_tokens=list(rows_above) or None,
+                )
+            rows["S2T-Local"] = evaluate("S2T-Local", s2t)
+            rows["S2T-Local"]["trigger_threshold"] = s2t.config.trigger_threshold
+            rows["S2T-Local"].update({k: v for k, v in s2t.stats.items() if not k.endswith("_per_row")})
     print(json.dumps(rows, indent=2))
 
 
@@ -162,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     calibrate = sub.add_parser("calibrate", help="calibrate a trigger threshold to a target rate")
     calibrate.add_argument("--model", required=True)
-    calibrate.add_argument("--teacher")
+    calibrate.add_argument("--teacher", required=True)
     calibrate.add_argument("--tokenizer")
     calibrate.add_argument("--prompts", required=True, help="text file (one prompt per line) or JSON list")
     calibrate.add_argument("--trigger", choices=["entropy", "kl"], default="entropy")
@@ -205,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--selector", help="a trained selector directory or repo id")
     evaluate.add_argument("--num-problems", type=int, default=500)
     evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--max-new-tokens", type=int, help="default: the longest solution of the task, plus one")
+    evaluate.add_argument(
+        "--trigger-rate", type=float,
+        help="calibrate the selector's trigger to this rate on validation problems (needed if it has no threshold)",
+    )
+    evaluate.add_argument("--num-calibration", type=int, default=100, help="validation problems for --trigger-rate")
     evaluate.set_defaults(func=cmd_evaluate)
 
     push = sub.add_parser("push", help="push a trained selector to the Hugging Face Hub")

@@ -21,6 +21,7 @@ import torch
 from transformers.utils import logging
 
 from .kv import output_rows, positions_from_attention_mask
+from .prompts import left_pad, prompt_token_ids
 from .selection import top_k_candidates
 from .teachers import Teacher, as_teacher
 from .triggers import entropy_signal, kl_signal
@@ -234,9 +235,7 @@ def collect_selection_data(
         if key in generation_kwargs:
             raise ValueError(f"`generation_kwargs` must not set `{key}`; it is set by `collect_selection_data`.")
 
-    encoded = _encode_prompts(prompts, tokenizer, chat_template, "prompts")
-    if not encoded:
-        raise ValueError("`prompts` is empty; give at least one training prompt.")
+    encoded = prompt_token_ids(prompts, tokenizer, chat_template=chat_template, name="prompts")
     vocab = output_rows(student)
     if suppress_token_ids is None:
         suppress_token_ids = list(range(len(tokenizer), vocab)) if tokenizer is not None else []
@@ -274,7 +273,9 @@ def collect_selection_data(
             processor = context.make_processor(threshold)
             if threshold is None:
                 calibration = (
-                    _encode_prompts(calibration_prompts, tokenizer, chat_template, "calibration_prompts")
+                    prompt_token_ids(
+                        calibration_prompts, tokenizer, chat_template=chat_template, name="calibration_prompts"
+                    )
                     if calibration_prompts is not None
                     else encoded[:32]
                 )
@@ -383,11 +384,8 @@ class _Context:
             batch = chunk[start : start + self.batch_size]
             indices = [i for i, _ in batch]
             prompts = [p for _, p in batch]
-            length = max(len(p) for p in prompts)
-            device = _device(self.student)
-            input_ids = torch.tensor([[self.pad_id] * (length - len(p)) + p for p in prompts], device=device)
-            attention_mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=device)
-            yield indices, prompts, input_ids, attention_mask
+            padded = left_pad(prompts, self.pad_id, _device(self.student))
+            yield indices, prompts, padded["input_ids"], padded["attention_mask"]
 
     @torch.no_grad()
     def teacher_forced_shard(self, chunk: list[tuple[int, list[int]]], bar) -> list[dict[str, Any]]:
@@ -531,48 +529,6 @@ class _Context:
 
 def _columns(rows: list[dict[str, Any]]) -> dict[str, list]:
     return {name: [row[name] for row in rows] for name in selection_features()}
-
-
-def _encode_prompts(prompts: Iterable[Any], tokenizer: Any, chat_template: bool | None, name: str) -> list[list[int]]:
-    """Token ids of every prompt (chat template applied to strings and message lists when enabled)."""
-    has_template = tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
-    use_template = has_template if chat_template is None else bool(chat_template)
-    if use_template and not has_template:
-        raise ValueError(
-            "`chat_template=True` but the tokenizer has no chat template; set `tokenizer.chat_template` or pass "
-            "`chat_template=False` to tokenize prompts as plain text."
-        )
-    encoded = []
-    for index, prompt in enumerate(prompts):
-        if isinstance(prompt, torch.Tensor):
-            prompt = prompt.tolist()
-        if isinstance(prompt, str) or (
-            isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt)
-        ):
-            if tokenizer is None:
-                raise ValueError(f"`{name}` holds text or chat messages; pass the `tokenizer` to encode them.")
-            if isinstance(prompt, str) and not use_template:
-                ids = tokenizer(prompt)["input_ids"]
-            else:
-                if not use_template:
-                    raise ValueError(
-                        f"`{name}[{index}]` is a list of chat messages but the chat template is disabled "
-                        "(`chat_template=False`); pass strings or token ids instead."
-                    )
-                messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-                text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            ids = [int(t) for t in prompt]
-        else:
-            raise TypeError(
-                f"`{name}[{index}]` must be a string, a list of chat messages or a list of token ids, got "
-                f"{type(prompt).__name__}."
-            )
-        if not ids:
-            raise ValueError(f"`{name}[{index}]` encodes to no tokens; every prompt needs at least one.")
-        encoded.append(list(ids))
-    return encoded
 
 
 def _fingerprint(settings: _Settings, encoded: list[list[int]], student, teacher) -> str:

@@ -26,6 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel, TrainerCallback
 from transformers.utils import logging
 
+from ..prompts import generate_batched, prompt_token_ids
 from ..version import __version__
 from .arithmetic import ArithmeticProblem, ArithmeticTaskConfig, check_answer, generate_problems, iter_problems
 from .tokenizer import build_tokenizer, padded_vocab_size
@@ -244,25 +245,27 @@ def default_pair_dir(seed: int = 0) -> Path:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _prompts(tokenizer, problems: Sequence[ArithmeticProblem]) -> list[str]:
-    if getattr(tokenizer, "chat_template", None):
-        return [
-            tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False) for p in problems
-        ]
-    return [p.text for p in problems]
+def _prompt_ids(tokenizer, problems: Sequence[ArithmeticProblem]) -> list[list[int]]:
+    """Each problem's prompt: its chat applied to the tokenizer's chat template (the bare text without a template)."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    return prompt_token_ids(
+        [p.messages if has_template else p.text for p in problems], tokenizer, chat_template=has_template,
+        add_special_tokens=False, name="problems",
+    )
 
 
-@torch.no_grad()
 def generate_solutions(
     model: PreTrainedModel,
     tokenizer,
     problems: Sequence[ArithmeticProblem],
     batch_size: int = 64,
     max_new_tokens: int | None = None,
+    show_progress: bool = False,
     **generate_kwargs: Any,
 ) -> list[str]:
     """
-    Generate a solution for each problem with `model.generate`, batched with left padding (greedy by default).
+    Generate a solution for each problem with [`s2t_hf.generate_batched`]: batches of left-padded prompts, greedy by
+    default.
 
     The prompt is the tokenizer's chat template applied to the problem text (the bare text if the tokenizer has no
     template). Embedding rows above the tokenizer's vocabulary are never generated.
@@ -271,52 +274,40 @@ def generate_solutions(
         model (`PreTrainedModel`):
             A causal LM.
         tokenizer (`PreTrainedTokenizerBase`):
-            Its tokenizer; padding is forced to the left for the call.
+            Its tokenizer (its `padding_side` does not matter: prompts are padded on the left).
         problems (`Sequence[ArithmeticProblem]`):
             The problems (anything with `.text` and `.messages`).
         batch_size (`int`, *optional*, defaults to `64`):
             Problems per `generate` call.
         max_new_tokens (`int`, *optional*):
             Defaults to the longest possible solution of the default task plus one.
+        show_progress (`bool`, *optional*, defaults to `False`):
+            Show a tqdm bar over problems.
         generate_kwargs (`dict`, *optional*):
-            Passed to `model.generate` (e.g. `logits_processor=[...]`, `do_sample=True`).
+            Passed to `generate_batched` and on to `model.generate` (e.g. `logits_processor=[...]`, `do_sample=True`;
+            `s2t=processor` decodes with the fused S2T loop).
 
     Returns:
         `list[str]`: The completions, special tokens removed, in the order of `problems`.
     """
-    if batch_size < 1:
-        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+    if not problems:
+        return []
     max_new_tokens = max_new_tokens or ArithmeticTaskConfig().max_solution_words + 1
-    prompts = _prompts(tokenizer, problems)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].split()))  # less padding per batch
     vocab_rows = model.get_output_embeddings().weight.shape[0]
     if vocab_rows > len(tokenizer) and "suppress_tokens" not in generate_kwargs:
         generate_kwargs["suppress_tokens"] = list(range(len(tokenizer), vocab_rows))
     generate_kwargs.setdefault("do_sample", False)
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    generate_kwargs.setdefault("desc", "solutions")
     was_training = model.training
     model.eval()
-    completions: list[str | None] = [None] * len(prompts)
     try:
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            inputs = tokenizer(
-                [prompts[i] for i in index], return_tensors="pt", padding=True, add_special_tokens=False
-            ).to(model.device)
-            output = model.generate(
-                **inputs,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                **generate_kwargs,
-            )
-            texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            for i, text in zip(index, texts):
-                completions[i] = text
+        return generate_batched(
+            model, _prompt_ids(tokenizer, problems), tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, show_progress=show_progress,
+            **generate_kwargs,
+        )  # type: ignore[return-value]
     finally:
-        tokenizer.padding_side = padding_side
         model.train(was_training)
-    return completions  # type: ignore[return-value]
 
 
 def evaluate_greedy(
@@ -392,8 +383,7 @@ class ArithmeticStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, list[int]]]:
         for problem in iter_problems("train", self.seed, self.config):
-            prompt = _prompts(self.tokenizer, [problem])[0]
-            prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            prompt_ids = _prompt_ids(self.tokenizer, [problem])[0]
             solution_ids = self.tokenizer(problem.solution, add_special_tokens=False)["input_ids"]
             solution_ids = [*solution_ids, self.tokenizer.eos_token_id]
             yield {
