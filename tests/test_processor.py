@@ -383,3 +383,25 @@ def test_host_syncs_per_step(trigger, syncs_per_step, monkeypatch):
             processor(sequence, scores)
         monkeypatch.undo()
     assert counts["syncs"] == 5 * syncs_per_step
+
+
+def test_total_stats_sum_every_generate_call():
+    student, teacher = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    _, input_ids, attention_mask = left_padded_batch()
+    with S2TLogitsProcessor(student, teacher=teacher, trigger="entropy", trigger_threshold=0.0, top_k=4) as s2t:
+        s2t.calibrate([[5, 6, 7], [8, 9]], target_rate=0.5, max_new_tokens=6)
+        assert s2t.total_stats["generate_calls"] == 0 and s2t.total_stats["steps"] == 0
+        per_call = []
+        for rows in (slice(0, 3), slice(0, 1), slice(1, 3)):
+            student.generate(input_ids=input_ids[rows], attention_mask=attention_mask[rows], logits_processor=[s2t],
+                             **GREEDY)
+            per_call.append(s2t.stats)
+        totals = s2t.total_stats
+    assert totals["generate_calls"] == 3
+    for name in ("steps", "eligible_steps", "triggers", "flips", "teacher_hits", "teacher_calls"):
+        assert totals[name] == sum(stats[name] for stats in per_call), name
+    assert totals["triggers"] > 0
+    assert totals["trigger_rate"] == totals["triggers"] / totals["eligible_steps"]
+    assert s2t.stats == per_call[-1]  # `stats` is still the last call's
+    s2t.reset_total_stats()
+    assert s2t.total_stats["steps"] == 0

@@ -162,7 +162,7 @@ def cmd_evaluate(args) -> None:
                 )
             rows["S2T-Local"] = evaluate("S2T-Local", s2t)
             rows["S2T-Local"]["trigger_threshold"] = s2t.config.trigger_threshold
-            rows["S2T-Local"].update({k: v for k, v in s2t.stats.items() if not k.endswith("_per_row")})
+            rows["S2T-Local"].update(s2t.total_stats)  # every batch
     print(json.dumps(rows, indent=2))
 
 

@@ -23,6 +23,7 @@ from .kv import (
     score_candidates_by_recompute,
     score_candidates_on_cache,
 )
+from .prompts import left_pad, prompt_token_ids
 from .selection import local_candidate_logits, selector_log_probs, top_k_candidates
 from .teachers import Teacher, TeacherChoice, as_teacher
 from .triggers import entropy_signal, kl_signal, threshold_for_rate
@@ -211,6 +212,7 @@ class S2TLogitsProcessor(LogitsProcessor):
 
         self._calibrating = False
         self._forwards_seen = -1
+        self._cumulative: dict[str, int] = {}
         self._signals: list[torch.Tensor] = []
         self._generator: torch.Generator | None = None
         # The residual form with `adapter_mode="scoring"` encodes the step's last token again (adapter on); on a
@@ -327,7 +329,11 @@ class S2TLogitsProcessor(LogitsProcessor):
     # ------------------------------------------------------------------ state
 
     def reset(self) -> None:
-        """Clears the per-generation state. Called automatically when a new `generate` call starts."""
+        """
+        Clears the per-generation state. Called automatically when a new `generate` call starts (the last call's
+        statistics are added to [`~S2TLogitsProcessor.total_stats`] first).
+        """
+        self._add_to_totals()
         self._prompt_length: int | None = None
         self._previous_ids: torch.Tensor | None = None
         self._finished: torch.Tensor | None = None
@@ -341,6 +347,44 @@ class S2TLogitsProcessor(LogitsProcessor):
         self.records: list[dict[str, Any]] = []
         if self.config.seed is not None:
             self._generator = torch.Generator().manual_seed(self.config.seed)
+
+    _SUMMED_STATS = ("steps", "eligible_steps", "triggers", "flips", "teacher_hits", "teacher_calls", "teacher_tokens",
+                     "local_calls")
+
+    def _add_to_totals(self) -> None:
+        if not getattr(self, "_row_stats", None):
+            return  # nothing decoded since the last reset
+        current = self.stats
+        for name in self._SUMMED_STATS:
+            self._cumulative[name] = self._cumulative.get(name, 0) + current[name]
+        self._cumulative["generate_calls"] = self._cumulative.get("generate_calls", 0) + 1
+        self._row_stats = {}
+
+    def reset_total_stats(self) -> None:
+        """Starts [`~S2TLogitsProcessor.total_stats`] afresh (the current call's statistics included)."""
+        self._cumulative = {}
+        self._row_stats = {}
+
+    @property
+    def total_stats(self) -> dict[str, Any]:
+        """
+        Statistics summed over every `generate` call since the processor was built, [`reset_total_stats`] was called
+        or [`calibrate`] ran: the counts of [`stats`] (`steps`, `triggers`, `flips`, `teacher_calls`, ...), their rates,
+        and `generate_calls`. Use it for a dataset decoded in several batches; `stats` describes the last call only.
+        """
+        totals = dict(self._cumulative)
+        calls = totals.get("generate_calls", 0)
+        if self._row_stats:
+            current = self.stats
+            for name in self._SUMMED_STATS:
+                totals[name] = totals.get(name, 0) + current[name]
+            calls += 1
+        out = {name: totals.get(name, 0) for name in self._SUMMED_STATS}
+        out["generate_calls"] = calls
+        out["trigger_rate"] = out["triggers"] / out["eligible_steps"] if out["eligible_steps"] else 0.0
+        out["teacher_hit_rate"] = out["teacher_hits"] / out["triggers"] if out["triggers"] else 0.0
+        out["flip_rate"] = out["flips"] / out["triggers"] if out["triggers"] else 0.0
+        return out
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -777,7 +821,10 @@ class S2TLogitsProcessor(LogitsProcessor):
         self._signals = []
         self._calibrating = True
         try:
-            for batch in _prompt_batches(prompts, tokenizer or self.tokenizer, batch_size, self.student.device):
+            tokenizer = tokenizer or self.tokenizer
+            pad = getattr(tokenizer, "pad_token_id", None)
+            pad = pad if pad is not None else self.pad_token_id
+            for batch in _prompt_batches(prompts, tokenizer, batch_size, self.student.device, pad):
                 self.model.generate(**batch, **{**generate_kwargs, "do_sample": False}, logits_processor=[self])
         finally:
             self._calibrating = False
@@ -786,30 +833,14 @@ class S2TLogitsProcessor(LogitsProcessor):
         self.config = dataclasses.replace(self.config, trigger_threshold=threshold, trigger_rate=target_rate)
         logger.info(f"Calibrated the {self.config.trigger} trigger to {threshold:.4f} for a {target_rate:.1%} rate.")
         self.reset()
+        self.reset_total_stats()  # calibration decoded nothing to count
         return threshold
 
 
-def _prompt_batches(prompts: list[Any], tokenizer: Any, batch_size: int, device: torch.device) -> Iterator[dict]:
-    """Left-padded batches of `input_ids` + `attention_mask` from strings or token-id lists."""
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        if all(isinstance(p, str) for p in chunk):
-            if tokenizer is None:
-                raise ValueError("String prompts need a `tokenizer`.")
-            side, tokenizer.padding_side = tokenizer.padding_side, "left"
-            try:
-                batch = tokenizer(chunk, return_tensors="pt", padding=True)
-            finally:
-                tokenizer.padding_side = side
-            yield {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-        else:
-            ids = [list(map(int, p)) for p in chunk]
-            if any(len(p) == 0 for p in ids):
-                raise ValueError("Calibration prompts must hold at least one token.")
-            length = max(len(p) for p in ids)
-            pad = 0
-            if tokenizer is not None and tokenizer.pad_token_id is not None:
-                pad = tokenizer.pad_token_id
-            input_ids = torch.tensor([[pad] * (length - len(p)) + p for p in ids], device=device)
-            attention_mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in ids], device=device)
-            yield {"input_ids": input_ids, "attention_mask": attention_mask}
+def _prompt_batches(
+    prompts: list[Any], tokenizer: Any, batch_size: int, device: torch.device, pad_token_id: int
+) -> Iterator[dict]:
+    """Left-padded batches of `input_ids` + `attention_mask` from strings or token-id lists (no chat template)."""
+    rows = prompt_token_ids(prompts, tokenizer, chat_template=False)
+    for start in range(0, len(rows), batch_size):
+        yield left_pad(rows[start : start + batch_size], pad_token_id, device)
