@@ -1,9 +1,9 @@
 """Every model-level check on causal-LM families beyond Llama: `ARCHITECTURE_CASES` in conftest says what each covers.
 
 Per architecture, through the public API: `trigger="never"` is plain greedy `generate`; S2T-Local's fast path (scoring on
-the live cache) equals the recompute path, or, where the architecture rules the fast path out, the processor says so
-at construction and the recompute path equals a slow reference; a selector survives save / load; one `S2TTrainer` step
-trains every trainable weight (packed encoding equal to K copies where the model can pack).
+the live cache) equals the recompute path and the fused loop, or, where the architecture rules the fast path out, the
+processor says so at construction and the recompute path equals a slow reference; a selector survives save / load; one
+`S2TTrainer` step trains every trainable weight (packed encoding equal to K copies where the model can pack).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import torch
 from conftest import ARCHITECTURE_CASES, GREEDY, left_padded_batch, tiny_model
 from test_processor_local import BINS, reference_local, rows_until_eos, trained_like_selector
 from test_trainer import make_args, make_selector, packed_and_copies, perturb, synthetic_features, trainable_state
+from transformers import T5Config, T5ForConditionalGeneration
 
-from s2t_hf import S2TLogitsProcessor, S2TSelector, S2TTrainer, SelectionGroupCollator
+from s2t_hf import S2TLogitsProcessor, S2TSelector, S2TTrainer, SelectionGroupCollator, generate
 
 
 NEW_TOKENS = 8
@@ -43,8 +44,8 @@ def test_never_trigger_equals_plain_greedy(case):
 
 
 def test_local_scoring_paths_agree(case):
-    """Fast path == recompute path (same tokens, scores within 1e-4); where the fast path cannot serve the model, asking
-    for it fails at construction, `auto` recomputes and says why, and equals the slow batch-1 reference."""
+    """Fast path == recompute path == fused loop (same tokens, scores within 1e-3); where the fast path cannot serve the
+    model, asking for it fails at construction, `auto` recomputes and says why, and equals the slow batch-1 reference."""
     name, model, _, fallback = case
     selector = trained_like_selector(model)
     prompts, input_ids, attention_mask = left_padded_batch()
@@ -62,13 +63,18 @@ def test_local_scoring_paths_agree(case):
         if path == "auto":
             assert taken == ("cache" if fallback is None else "recompute"), reason
     assert len(records["auto"]) >= NEW_TOKENS
+    if model.config.use_cache:  # the fused loop decodes on a cache (MPT generates without one by default)
+        with S2TLogitsProcessor(model, **settings) as s2t:
+            fused = generate(model, s2t, input_ids=input_ids, attention_mask=attention_mask, **SHORT)
+            assert s2t.stats["local_path"] == ("fused" if fallback is None else "recompute")
+        assert torch.equal(fused, outputs["auto"])
     if fallback is None:
         assert torch.equal(outputs["auto"], outputs["recompute"])
         assert len(records["auto"]) == len(records["recompute"])
         for fast, slow in zip(records["auto"], records["recompute"]):
             assert fast["cand_ids"] == slow["cand_ids"]
-            # scores lie in [0, 1]; a few of these random models amplify float32 rounding to 1e-4 (in float64 the two
-            # paths agree exactly), a wrong mask or position moves them by 1e-2 and more
+            # scores lie in [0, 1]; a few of these random models amplify float32 rounding to 1e-4 (Starcoder2; in
+            # float64 the two paths agree exactly)
             assert max(abs(a - b) for a, b in zip(fast["local_scores"], slow["local_scores"])) <= 1e-3
         return
     assert fallback in reason
@@ -115,3 +121,17 @@ def test_one_training_step_trains_every_trainable_weight(case, tmp_path):
     after = trainable_state(selector)
     unchanged = [n for n in before if torch.equal(before[n], after[n])]
     assert not unchanged and len(before) > 2
+
+
+def test_encoder_decoders_are_refused_at_construction():
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(
+        T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, decoder_start_token_id=0)
+    )
+    for build in (
+        lambda: S2TLogitsProcessor(model, trigger="never"),
+        lambda: S2TSelector.create(model, bin_token_ids=BINS),
+    ):
+        with pytest.raises(ValueError, match=r"`model` is a T5ForConditionalGeneration, an encoder-decoder \('t5'\)"):
+            build()
+    assert not model._forward_pre_hooks and not hasattr(model, "peft_config")

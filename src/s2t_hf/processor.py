@@ -206,17 +206,6 @@ class S2TLogitsProcessor(LogitsProcessor):
         self.eos_token_ids = torch.tensor(list(eos_token_id or []), dtype=torch.long)
         self.pad_token_id = getattr(getattr(self.student, "generation_config", None), "pad_token_id", None) or 0
 
-        self._calibrating = False
-        self._signals: list[torch.Tensor] = []
-        self._generator: torch.Generator | None = None
-        # The residual form with `adapter_mode="scoring"` encodes the step's last token again (adapter on); on a
-        # sliding-window layer that needs the layer's state from before the step's forward.
-        self._rescore = config.selection == "local" and config.scoring == "residual" and config.adapter_mode == "scoring"
-        self._hook = GenerationStateHook(self.student, on_prefill=self.reset, keep_previous_sliding=self._rescore)
-        # set by the fused decoding loop (`s2t_hf.generate`) while it runs: local selection is then deferred to its
-        # decoding forward instead of a forward of its own
-        self._fused = False
-        self.pending: PendingSelection | None = None
         # whether the adapter leaves the cache as the base model's (checked once: it walks the modules)
         self._selector_preserves_cache = config.selection == "local" and selector.preserves_cache
         if config.selection == "local" and config.local_path == "cache":
@@ -231,6 +220,17 @@ class S2TLogitsProcessor(LogitsProcessor):
                     "`local_path='auto'` (scores on the cache where it can, else recomputes the prefixes) or "
                     "`local_path='recompute'`."
                 )
+        self._calibrating = False
+        self._signals: list[torch.Tensor] = []
+        self._generator: torch.Generator | None = None
+        # The residual form with `adapter_mode="scoring"` encodes the step's last token again (adapter on); on a
+        # sliding-window layer that needs the layer's state from before the step's forward.
+        self._rescore = config.selection == "local" and config.scoring == "residual" and config.adapter_mode == "scoring"
+        self._hook = GenerationStateHook(self.student, on_prefill=self.reset, keep_previous_sliding=self._rescore)
+        # set by the fused decoding loop (`s2t_hf.generate`) while it runs: local selection is then deferred to its
+        # decoding forward instead of a forward of its own
+        self._fused = False
+        self.pending: PendingSelection | None = None
         # the adapter's layers, switched directly at each scoring call (walking the whole model each time costs as
         # much as a forward of a small model)
         self._adapter_layers: list[torch.nn.Module] = []
