@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     Gemma2Config,
     Gemma3TextConfig,
@@ -56,14 +57,68 @@ def tiny_config(arch: str, vocab_size: int = VOCAB, hidden: int = 32, layers: in
         return MistralConfig(**decoder, **window, **overrides)
     if arch == "qwen2-window":  # sliding layers above `max_window_layers`
         return Qwen2Config(**decoder, use_sliding_window=True, max_window_layers=1, **window, **overrides)
+    # the families of `ARCHITECTURE_CASES`, by model type
+    gpt_style = dict(n_embd=hidden, n_layer=layers, n_head=4, n_positions=256)
+    falcon = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, multi_query=True,
+                  parallel_attn=True, new_decoder_architecture=False)
+    moe = dict(num_experts_per_tok=2, moe_intermediate_size=hidden, shared_expert_intermediate_size=hidden)
+    families = {
+        "gpt_neox": ("gpt_neox", {k: v for k, v in decoder.items() if k != "num_key_value_heads"}),
+        "phi": ("phi", dict(decoder, partial_rotary_factor=0.5)),
+        "phi3": ("phi3", decoder),
+        "falcon": ("falcon", dict(falcon, alibi=False)),
+        "falcon-alibi": ("falcon", dict(falcon, alibi=True)),
+        "bloom": ("bloom", dict(hidden_size=hidden, n_layer=layers, n_head=4)),
+        "mpt": ("mpt", dict(d_model=hidden, n_heads=4, n_layers=layers, expansion_ratio=2, max_seq_len=256)),
+        "gpt_bigcode": ("gpt_bigcode", dict(gpt_style, multi_query=True)),
+        "opt": ("opt", dict(hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+                            max_position_embeddings=256, word_embed_proj_dim=hidden)),
+        "gptj": ("gptj", dict(gpt_style, rotary_dim=4)),
+        "cohere": ("cohere", decoder),
+        "starcoder2": ("starcoder2", dict(decoder, **window)),
+        "gpt_neo": ("gpt_neo", dict(hidden_size=hidden, num_layers=layers, num_heads=4, max_position_embeddings=256,
+                                    attention_types=[[["global", "local"], max(1, layers // 2)]], window_size=6)),
+        "mixtral": ("mixtral", dict(decoder, num_local_experts=4, num_experts_per_tok=2)),
+        "qwen2_moe": ("qwen2_moe", dict(decoder, num_experts=4, **moe)),
+        "bamba": ("bamba", dict(decoder, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8,
+                                mamba_chunk_size=16, attn_layer_indices=[layers - 1], use_mamba_kernels=False)),
+    }
+    if arch in families:
+        model_type, kwargs = families[arch]
+        return AutoConfig.for_model(model_type, **{**kwargs, **common, **overrides})
     raise ValueError(arch)
 
 
 ARCHITECTURES = ["llama", "qwen2", "qwen3", "mistral", "gemma", "gpt2"]
 SLIDING_ARCHITECTURES = ["gemma2", "gemma3", "mistral-window", "qwen2-window"]
 
+# Causal-LM families that `test_architectures.py` runs through every model-level check:
+# name -> (attention implementation, whether the output head is tied to the input embeddings, why S2T-Local's fast path
+# cannot serve it: a word of the reason `local_scoring_path()` gives, or None where it scores on the live cache).
+ARCHITECTURE_CASES = {
+    "gpt_neox": ("sdpa", False, None),  # fused QKV (`query_key_value`), parallel residual, partial rotary
+    "phi": ("sdpa", False, None),  # parallel attention and MLP off one layer norm, partial rotary, biased head
+    "phi3": ("sdpa", False, None),  # fused `qkv_proj` and `gate_up_proj`
+    "falcon": ("sdpa", True, None),  # multi-query attention, fused QKV, parallel attention and MLP
+    "falcon-alibi": ("eager", True, "ALiBi"),  # Falcon with ALiBi biases (from the 2-D mask) instead of rotary
+    "bloom": ("eager", True, "ALiBi"),  # ALiBi from the 2-D mask, fused QKV, embedding layer norm
+    "mpt": ("eager", True, "ALiBi"),  # ALiBi from sequence indices, fused `Wqkv`, boolean masks, generates uncached
+    "gpt_bigcode": ("sdpa", True, None),  # multi-query attention, fused `c_attn`, learned absolute positions
+    "opt": ("sdpa", True, None),  # learned absolute positions (offset by 2), ReLU MLP
+    "gptj": ("eager", False, None),  # parallel attention and MLP, interleaved rotary on part of each head, biased head
+    "cohere": ("sdpa", True, None),  # parallel attention and MLP, scaled logits (`logit_scale`)
+    "gemma2": ("eager", True, None),  # logit soft-capping (attention and final), alternating sliding / full layers
+    "starcoder2": ("sdpa", True, None),  # a sliding window on every layer, biased projections
+    "gpt_neo": ("eager", True, "local attention"),  # local layers that apply their window by sequence index
+    "mixtral": ("sdpa", False, None),  # mixture of experts (fused expert weights, top-2 routing)
+    "qwen2_moe": ("sdpa", False, None),  # mixture of experts with a gated shared expert
+    "bamba": ("sdpa", False, "LinearAttentionLayer"),  # hybrid Mamba-2 / attention: state-space layers in the cache
+}
 
-def tiny_model(arch: str = "llama", seed: int = 0, attn: str = "sdpa", dtype=torch.float32, **overrides):
+
+def tiny_model(arch: str = "llama", seed: int = 0, attn: str | None = None, dtype=torch.float32, **overrides):
+    """A tiny random model of `arch`; `attn` defaults to the case's in `ARCHITECTURE_CASES`, else `sdpa`."""
+    attn = attn or ARCHITECTURE_CASES.get(arch, ("sdpa",))[0]
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), attn_implementation=attn)
     return model.to(dtype).eval()

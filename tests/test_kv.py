@@ -92,6 +92,15 @@ def test_candidate_mask_shapes_and_visibility():
         [True, True, True, True, False],
         [True, True, True, False, True],
     ]
+    # a window of 2: a query at index q sees indices q - 1 and q; the candidates sit at index 3
+    windowed = candidate_attention_mask(prefix_mask, 2, torch.float32, causal_prefix=True, sliding_window=2)
+    assert (windowed[1, 0] == 0).tolist() == [
+        [True, False, False, False, False],
+        [True, True, False, False, False],
+        [False, True, True, False, False],
+        [False, False, True, True, False],
+        [False, False, True, False, True],
+    ]
 
 
 def test_scoring_support_names_what_it_cannot_serve():

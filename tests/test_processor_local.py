@@ -290,6 +290,24 @@ def test_recompute_says_why_it_was_taken():
         assert s2t.local_scoring_path() == ("recompute", "requested")
 
 
+def test_asking_for_the_cache_where_it_cannot_serve_fails_at_construction():
+    """What the adapter or the attention implementation rules out is said when the processor is built (the model keeps
+    no hook), not at the first trigger; per-generate facts (`use_cache=False`) are said at the first trigger."""
+    model = tiny_model("llama", seed=0, attn="eager")
+    selector = trained_like_selector(model)  # LoRA on every projection: it changes keys and values
+    with pytest.raises(ValueError, match=r"`local_path='cache'` cannot serve this LlamaForCausalLM: the cache was built"):
+        S2TLogitsProcessor(
+            model, selector=selector, selection="local", adapter_mode="scoring", local_path="cache", trigger="always"
+        )
+    model.config._attn_implementation = "flex_attention"
+    try:
+        with pytest.raises(ValueError, match=r"cannot serve this LlamaForCausalLM: .*block mask.*local_path='auto'"):
+            S2TLogitsProcessor(model, selector=selector, selection="local", local_path="cache", trigger="always")
+    finally:
+        model.config._attn_implementation = "eager"
+    assert not model._forward_pre_hooks
+
+
 @pytest.mark.parametrize("mode", ["generate", "scoring"])
 def test_bin_rows_are_merged_while_the_processor_is_open(mode):
     """PEFT rebuilds the whole output matrix at every forward of an active trainable-token layer; the processor merges

@@ -52,6 +52,12 @@ def make_args(tmp_path, **overrides) -> S2TTrainingArguments:
 
 
 def synthetic_batch(num_groups: int = 3, seed: int = 0, ragged: bool = True) -> dict[str, torch.Tensor]:
+    return SelectionGroupCollator()(synthetic_features(num_groups, seed, ragged))
+
+
+def synthetic_features(num_groups: int = 3, seed: int = 0, ragged: bool = True) -> list[dict[str, list]]:
+    """Selection groups with random contexts, candidates and probabilities (lengths 4, 7, 10...; K, K - 1... when
+    `ragged`)."""
     generator = torch.Generator().manual_seed(seed)
     features = []
     for i in range(num_groups):
@@ -65,7 +71,7 @@ def synthetic_batch(num_groups: int = 3, seed: int = 0, ragged: bool = True) -> 
                 "student_probs": torch.rand(k, generator=generator).tolist(),
             }
         )
-    return SelectionGroupCollator()(features)
+    return features
 
 
 def perturb(selector: S2TSelector, seed: int = 0) -> None:
@@ -85,21 +91,29 @@ def trainable_state(selector: S2TSelector) -> dict[str, torch.Tensor]:
 # The loss: packed encoding == K copies
 
 
+def packed_and_copies(trainer: S2TTrainer, batch: dict[str, torch.Tensor]) -> list[tuple]:
+    """`(loss, candidate logits, gradients)` of `batch`, packed then as K copies of every context."""
+    model, pack = trainer.model, trainer._pack
+    results = []
+    try:
+        for trainer._pack in (True, False):
+            model.zero_grad()
+            loss, outputs = trainer.compute_loss(model, batch, return_outputs=True)
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+            results.append((loss.detach(), outputs["candidate_logits"].detach(), grads))
+    finally:
+        trainer._pack = pack
+        model.zero_grad()
+    return results
+
+
 @pytest.mark.parametrize(("arch", "scoring"), [("llama", "residual"), ("qwen2", "residual"), ("qwen2", "pure")])
 def test_packed_matches_k_copies(tmp_path, arch, scoring):
     selector = make_selector(arch, scoring=scoring)
     perturb(selector)
     trainer = S2TTrainer(selector=selector, args=make_args(tmp_path))
-    batch = synthetic_batch()
-    results = {}
-    for pack in (True, False):
-        trainer._pack = pack
-        selector.model.zero_grad()
-        loss, outputs = trainer.compute_loss(selector.model, batch, return_outputs=True)
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in selector.model.named_parameters() if p.requires_grad}
-        results[pack] = (loss.detach(), outputs["candidate_logits"], grads)
-    (loss_p, logits_p, grads_p), (loss_n, logits_n, grads_n) = results[True], results[False]
+    (loss_p, logits_p, grads_p), (loss_n, logits_n, grads_n) = packed_and_copies(trainer, synthetic_batch())
     assert loss_p.item() > 0
     torch.testing.assert_close(loss_p, loss_n, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logits_p, logits_n, rtol=1e-5, atol=1e-5)

@@ -181,7 +181,11 @@ def positions_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def candidate_attention_mask(
-    prefix_mask: torch.Tensor, num_candidates: int, dtype: torch.dtype, causal_prefix: bool = False
+    prefix_mask: torch.Tensor,
+    num_candidates: int,
+    dtype: torch.dtype,
+    causal_prefix: bool = False,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """
     Additive 4-D mask for K candidates placed after a prefix: each candidate sees the prefix's real tokens and itself.
@@ -197,6 +201,9 @@ def candidate_attention_mask(
             If `False`, the mask has K query rows (the candidates, scored on a cache that holds the prefix). If `True`,
             it has `prefix_length + K` rows: the prefix itself is encoded too, causally (packed encoding of a context and
             its candidates without a cache).
+        sliding_window (`int`, *optional*):
+            The window of a sliding-window layer: a query at sequence index `q` sees index `k` only if `q - k` is
+            smaller. The candidates sit at index `prefix_length`, where each would be if it followed the prefix alone.
 
     Returns:
         `torch.Tensor` of shape `(batch, 1, queries, prefix_length + K)`, 0 where attention is allowed.
@@ -205,11 +212,15 @@ def candidate_attention_mask(
     device = prefix_mask.device
     real = prefix_mask.bool()
     eye = torch.eye(num_candidates, dtype=torch.bool, device=device)
-    candidate_rows = torch.cat(
-        [real[:, None, :].expand(batch, num_candidates, length), eye[None].expand(batch, -1, -1)], dim=-1
-    )
+    columns = torch.arange(length, device=device)
+    seen = real[:, None, :].expand(batch, num_candidates, length)
+    if sliding_window is not None:
+        seen = seen & (length - columns < sliding_window)[None, None]
+    candidate_rows = torch.cat([seen, eye[None].expand(batch, -1, -1)], dim=-1)
     if causal_prefix:
         causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+        if sliding_window is not None:
+            causal = causal & (columns[:, None] - columns[None, :] < sliding_window)
         prefix_rows = causal[None] & real[:, None, :]
         # a padding query must still see something to keep softmax finite: let it see itself
         prefix_rows = prefix_rows | torch.eye(length, dtype=torch.bool, device=device)[None]
@@ -229,15 +240,32 @@ def candidate_attention_mask(
 COPYABLE_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")
 
 
-def cache_scoring_support(cache: Any, model: torch.nn.Module, num_slots: int = 1) -> tuple[bool, str]:
+def require_decoder_only(model: torch.nn.Module, argument: str = "model") -> None:
     """
-    Whether candidates can be scored on `cache` (the fast path and the fused loop); if not, the reason.
+    Raises a `ValueError` if `model` is an encoder-decoder: S2T feeds prefixes and candidates to a decoder-only causal
+    LM (the decoder's own inputs alone do not determine an encoder-decoder's next token).
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"`{argument}` is a {type(model).__name__}, an encoder-decoder ({config.model_type!r}); S2T scores "
+            "candidates with a decoder-only causal LM (`AutoModelForCausalLM`). Use a decoder-only model."
+        )
 
-    Args:
-        cache: the live cache of `generate`.
-        model (`PreTrainedModel`): the model that owns it.
-        num_slots (`int`, *optional*, defaults to 1): query tokens placed on the cache at once (K, or K + 1 when the
-            last token is encoded again); a sliding window must be longer than that.
+
+def _text_config(model: torch.nn.Module) -> Any:
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
+def candidate_mask_support(model: torch.nn.Module) -> tuple[bool, str]:
+    """
+    Whether `model` can encode K candidates at one position in one forward: a custom 4-D float mask and explicit
+    position ids must decide what each token sees and where it sits. This is what scoring on the cache, the fused loop
+    and the trainer's packed encoding need; if not, the reason.
+
+    Architectures that cannot: attention implementations that take no 4-D mask (flash, flex), ALiBi models (Bloom, MPT,
+    Falcon with `alibi=True`: their biases come from sequence indices or the 2-D mask, not from position ids) and
+    GPT-Neo's local layers (their window is applied by sequence index inside the attention).
     """
     attention = getattr(model.config, "_attn_implementation", None)
     if attention not in MASK_4D_ATTENTION:
@@ -250,6 +278,83 @@ def cache_scoring_support(cache: Any, model: torch.nn.Module, num_slots: int = 1
             f"attention implementation {attention!r} does not take a custom 4-D mask (load the model with "
             "`attn_implementation='sdpa'` or 'eager' for the fast path)"
         )
+    config = _text_config(model)
+    model_type = getattr(config, "model_type", None)
+    if (
+        model_type == "bloom"
+        or getattr(config, "alibi", False) is True
+        or getattr(getattr(config, "attn_config", None), "alibi", False) is True
+    ):
+        return False, (
+            f"{model_type!r} adds ALiBi position biases computed from sequence indices or the 2-D mask, not from "
+            "position ids, so K candidates cannot share one position"
+        )
+    if "local" in (getattr(config, "attention_layers", None) or ()):
+        return False, (
+            f"the local attention layers of {model_type!r} apply their window by sequence index, not through the "
+            "mask, so K candidates cannot share one position"
+        )
+    return True, ""
+
+
+def architecture_scoring_support(model: torch.nn.Module) -> tuple[bool, str]:
+    """
+    What can be told of the fast path before `generate` runs: [`candidate_mask_support`], and whether the cache that
+    `generate` builds for `model` (a `DynamicCache` made from its config) holds only layers that can be scored on.
+    [`cache_scoring_support`] checks the live cache itself.
+    """
+    supports_dynamic = getattr(model, "_supports_default_dynamic_cache", None)
+    if callable(supports_dynamic) and not supports_dynamic():
+        return False, f"{type(model).__name__} does not decode on a `DynamicCache`"
+    cache = _empty_cache(model)
+    if cache is None:  # a config the probe does not understand: the live cache decides
+        return candidate_mask_support(model)
+    return cache_scoring_support(cache, model)
+
+
+def _empty_cache(model: torch.nn.Module) -> Any:
+    """The `DynamicCache` that `generate` builds for `model` (its layers, no tensors yet), or None."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except Exception as error:
+        logger.debug(f"Could not build a `DynamicCache` from the config of {type(model).__name__}: {error}")
+        return None
+
+
+def packed_candidate_masks(
+    model: torch.nn.Module, prefix_mask: torch.Tensor, num_candidates: int, dtype: torch.dtype
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """
+    [`candidate_attention_mask`] with `causal_prefix=True` for each kind of layer of `model` (full, or sliding with
+    its window): one tensor when every layer is alike, else a dict from layer type to mask (as [`scoring_masks`]).
+    Check [`architecture_scoring_support`] first: a model whose layers mix kinds needs `layer_types` in its config.
+    """
+    cache = _empty_cache(model)
+    windows = [_window(layer) for layer in cache.layers] if cache is not None and cache.layers else [None]
+    masks = {
+        window: candidate_attention_mask(prefix_mask, num_candidates, dtype, causal_prefix=True, sliding_window=window)
+        for window in dict.fromkeys(windows)
+    }
+    if len(masks) == 1:
+        return next(iter(masks.values()))
+    return {layer_type: masks[window] for layer_type, window in zip(_layer_types(model), windows)}
+
+
+def cache_scoring_support(cache: Any, model: torch.nn.Module, num_slots: int = 1) -> tuple[bool, str]:
+    """
+    Whether candidates can be scored on `cache` (the fast path and the fused loop); if not, the reason.
+
+    Args:
+        cache: the live cache of `generate`.
+        model (`PreTrainedModel`): the model that owns it.
+        num_slots (`int`, *optional*, defaults to 1): query tokens placed on the cache at once (K, or K + 1 when the
+            last token is encoded again); a sliding window must be longer than that.
+    """
+    ok, reason = candidate_mask_support(model)
+    if not ok:
+        return ok, reason
     if cache is None:
         return False, "generate runs without a cache (`use_cache=False`)"
     if type(cache).__name__ != "DynamicCache":
@@ -258,7 +363,10 @@ def cache_scoring_support(cache: Any, model: torch.nn.Module, num_slots: int = 1
     for layer in getattr(cache, "layers", []):
         name = type(layer).__name__
         if name not in COPYABLE_LAYERS:
-            return False, f"cache layer {name} (e.g. linear attention or an offloaded layer) cannot be scored on"
+            return False, (
+                f"cache layer {name} (e.g. linear attention, a state-space layer or an offloaded layer) cannot be "
+                "scored on"
+            )
         window = getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
         if window is not None and window - 1 < num_slots:
             return False, f"the sliding window ({window}) is too short for {num_slots} query tokens"
@@ -269,8 +377,7 @@ def cache_scoring_support(cache: Any, model: torch.nn.Module, num_slots: int = 1
 
 
 def _layer_types(model: torch.nn.Module) -> list[str] | None:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return getattr(config, "layer_types", None)
+    return getattr(_text_config(model), "layer_types", None)
 
 
 def _window(layer: Any) -> int | None:

@@ -16,10 +16,12 @@ from transformers.utils import add_start_docstrings, logging
 from .config import S2TConfig
 from .kv import (
     GenerationStateHook,
+    architecture_scoring_support,
     cache_scoring_support,
     can_drop_last,
     output_rows,
     positions_from_attention_mask,
+    require_decoder_only,
     score_candidates_by_recompute,
     score_candidates_on_cache,
 )
@@ -30,6 +32,12 @@ from .triggers import entropy_signal, kl_signal, threshold_for_rate
 
 
 logger = logging.get_logger(__name__)
+
+# why S2T-Local cannot score on the live cache when the adapter is disabled while generating and changes keys and values
+_ADAPTER_CHANGES_CACHE = (
+    "the cache was built without the adapter (`adapter_mode='scoring'`) and the adapter changes keys and values "
+    "(create the selector with `preserve_cache=True` to score on the cache)"
+)
 
 
 @dataclasses.dataclass
@@ -151,6 +159,7 @@ class S2TLogitsProcessor(LogitsProcessor):
         self.config = config
         self.model = model
         self.student = _unwrap(model)
+        require_decoder_only(self.student)
         self.teacher = teacher
         self._teacher = as_teacher(teacher, tokenizer)
         self.selector = selector
@@ -210,6 +219,20 @@ class S2TLogitsProcessor(LogitsProcessor):
         self.eos_token_ids = torch.tensor(list(eos_token_id or []), dtype=torch.long)
         self.pad_token_id = getattr(getattr(self.student, "generation_config", None), "pad_token_id", None) or 0
 
+        # whether the adapter leaves the cache as the base model's (checked once: it walks the modules)
+        self._selector_preserves_cache = config.selection == "local" and selector.preserves_cache
+        if config.selection == "local" and config.local_path == "cache":
+            # what the model or the adapter rules out is said now, not at the first trigger
+            if config.adapter_mode == "scoring" and not self._selector_preserves_cache:
+                ok, reason = False, _ADAPTER_CHANGES_CACHE
+            else:
+                ok, reason = architecture_scoring_support(self.student)
+            if not ok:
+                raise ValueError(
+                    f"`local_path='cache'` cannot serve this {type(self.student).__name__}: {reason}. Use "
+                    "`local_path='auto'` (scores on the cache where it can, else recomputes the prefixes) or "
+                    "`local_path='recompute'`."
+                )
         self._calibrating = False
         self._forwards_seen = -1
         self._cumulative: dict[str, int] = {}
@@ -223,8 +246,6 @@ class S2TLogitsProcessor(LogitsProcessor):
         # decoding forward instead of a forward of its own
         self._fused = False
         self.pending: PendingSelection | None = None
-        # whether the adapter leaves the cache as the base model's (checked once: it walks the modules)
-        self._selector_preserves_cache = config.selection == "local" and selector.preserves_cache
         # the adapter's layers, switched directly at each scoring call (walking the whole model each time costs as
         # much as a forward of a small model)
         self._adapter_layers: list[torch.nn.Module] = []
@@ -700,10 +721,7 @@ class S2TLogitsProcessor(LogitsProcessor):
         if wanted == "recompute":
             return "recompute", "requested"
         if self.config.adapter_mode == "scoring" and not self._selector_preserves_cache:
-            reason = (
-                "the cache was built without the adapter (`adapter_mode='scoring'`) and the adapter changes keys and "
-                "values (create the selector with `preserve_cache=True` to score on the cache)"
-            )
+            reason = _ADAPTER_CHANGES_CACHE
         else:
             ok, reason = cache_scoring_support(self._hook.cache, self.student)
             if ok:

@@ -22,6 +22,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .config import CONFIG_NAME, S2TConfig, resolve_file
+from .kv import require_decoder_only
 from .selection import expected_bin_value
 
 
@@ -496,6 +497,7 @@ class S2TSelector:
                 "`model` already holds a PEFT adapter. Pass the plain transformers model to `S2TSelector.create`, or "
                 "wrap the existing `PeftModel` with `S2TSelector(model, config)`."
             )
+        require_decoder_only(model)
         if config is None:
             config = S2TConfig(selection="local")
         if num_bins is None:

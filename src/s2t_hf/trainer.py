@@ -26,7 +26,7 @@ from transformers.utils import logging
 
 from .config import CONFIG_NAME, SCORING_KINDS
 from .data import SelectionGroupCollator
-from .kv import MASK_4D_ATTENTION, candidate_attention_mask, positions_from_attention_mask
+from .kv import architecture_scoring_support, packed_candidate_masks, positions_from_attention_mask
 from .losses import lm_kl_divergence, selection_loss, selection_metrics
 from .selection import local_candidate_logits, selector_log_probs
 
@@ -65,8 +65,9 @@ class S2TTrainingArguments(TrainingArguments):
             Temperature of the residual form's score term. Defaults to the selector's config (written into it if set).
         packing (`bool`, *optional*, defaults to `True`):
             Encode each context once with its K candidates under a 4-D mask. `False` re-encodes K copies of every
-            context (slow; kept as a reference). Packing needs `eager` or `sdpa` attention; with another
-            implementation the trainer falls back to copies.
+            context (slow; kept as a reference). Packing needs `eager` or `sdpa` attention, position ids that place
+            every candidate (not ALiBi: Bloom, MPT, Falcon with `alibi=True`) and attention layers only (no linear
+            attention or state-space layers); otherwise the trainer falls back to copies. Sliding windows are kept.
         max_context_length (`int`, *optional*):
             Keep only the last `max_context_length` tokens of each context (the paper truncates to 512).
     """
@@ -247,13 +248,10 @@ class S2TTrainer(Trainer):
             data_collator = SelectionGroupCollator(
                 pad_token_id=int(pad or 0), max_context_length=args.max_context_length
             )
-        attention = getattr(selector.base_model.config, "_attn_implementation", None)
-        self._pack = args.packing and attention in MASK_4D_ATTENTION
+        can_pack, reason = architecture_scoring_support(selector.base_model)
+        self._pack = args.packing and can_pack
         if args.packing and not self._pack:
-            logger.warning(
-                f"Packing needs `eager` or `sdpa` attention (the model uses {attention!r}); encoding K copies of "
-                "every context instead, which is much slower. Load the model with `attn_implementation='sdpa'`."
-            )
+            logger.warning(f"Packing is off: {reason}. Encoding K copies of every context instead (slower).")
         self._metrics: dict[str, dict[str, list[float]]] = {
             "train": defaultdict(lambda: [0.0, 0]),
             "eval": defaultdict(lambda: [0.0, 0]),
@@ -296,7 +294,7 @@ class S2TTrainer(Trainer):
             )
         if self._pack:
             dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
-            mask = candidate_attention_mask(attention_mask, num_candidates, dtype, causal_prefix=True)
+            mask = packed_candidate_masks(self.selector.base_model, attention_mask, num_candidates, dtype)
             context_positions = positions_from_attention_mask(attention_mask)
             candidate_positions = attention_mask.sum(-1, keepdim=True).expand(batch, num_candidates)
             logits = model(
