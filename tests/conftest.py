@@ -22,13 +22,13 @@ from transformers import (
 
 # Property tests (tests/test_properties.py, tests/test_processor_properties.py): `ci` is the default, reproducible
 # (derandomised, no example database) and small enough for the suite; `HYPOTHESIS_PROFILE=thorough` searches deeper.
-# The processor's properties run a fraction of `max_examples` (each example is a few `generate` calls).
+# The processor's properties run half of `max_examples` (each of their examples is a few `generate` calls).
 settings.register_profile(
     "ci", max_examples=30, deadline=None, derandomize=True, database=None, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile(
-    "thorough", max_examples=1000, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow]
+    "thorough", max_examples=500, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 

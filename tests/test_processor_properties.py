@@ -9,7 +9,7 @@ and bfloat16 models.
   has a margin of at least `MARGIN`. Padding moves float32 logits by ~1e-6 here, so a near-tie could flip a token
   without a bug; the comparison stops before such a step, never elsewhere.
 
-Each example runs a few `generate` calls, so these tests take a fraction of the profile's `max_examples`.
+Each example runs a few `generate` calls, so these tests take half of the profile's `max_examples`.
 """
 
 from __future__ import annotations
@@ -33,19 +33,19 @@ MARGIN = 1e-4
 ORDINARY = [t for t in range(2, VOCAB) if t not in BINS]  # tokens a prompt may hold (PAD = 0 and EOS = 1 aside)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def student_and_teacher(dtype: torch.dtype, attn: str):
     return tiny_model("llama", seed=0, attn=attn, dtype=dtype), tiny_model("llama", seed=1, attn=attn, dtype=dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def local_student(dtype: torch.dtype, attn: str, seed: int):
     """A student with a randomised selector (LoRA and bin rows as if trained), one per seed."""
     model = tiny_model("llama", seed=0, attn=attn, dtype=dtype)
     return model, trained_like_selector(model, seed=seed)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def likely_tokens(model: torch.nn.Module) -> list[int]:
     """Tokens the model generates greedily on a few prompts (the selector's bins masked, as the processor masks them):
     EOS ids it emits early, suppressions that matter."""

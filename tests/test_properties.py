@@ -7,6 +7,7 @@ examples that found bugs are kept as explicit regression tests at the end.
 
 from __future__ import annotations
 
+import itertools
 import math
 from types import SimpleNamespace
 
@@ -18,7 +19,13 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from s2t_hf.kv import candidate_attention_mask, positions_from_attention_mask, scoring_masks
-from s2t_hf.losses import SelectionLossOutput, lm_kl_divergence, selection_loss, selection_metrics, spearman_correlation
+from s2t_hf.losses import (
+    SelectionLossOutput,
+    lm_kl_divergence,
+    selection_loss,
+    selection_metrics,
+    spearman_correlation,
+)
 from s2t_hf.selection import (
     expected_bin_value,
     local_candidate_logits,
@@ -165,7 +172,7 @@ def test_candidates_are_the_sorted_top_k_valid_ones_finite_and_the_top_1_always_
             continue
         chosen = [reference[i] for i in row_ids]
         assert chosen[0] == pytest.approx(max(reference), abs=TOL)  # the top-1 is the best token
-        assert all(a >= b - 1e-5 for a, b in zip(chosen, chosen[1:]))  # best first
+        assert all(a >= b - 1e-5 for a, b in itertools.pairwise(chosen))  # best first
         others = [reference[i] for i in range(vocab) if i not in row_ids]
         assert not others or min(chosen) >= max(others) - 1e-5  # the K best
         for value, expected in zip(row_values, chosen):
@@ -196,16 +203,16 @@ def test_candidates_of_bfloat16_scores_equal_float32_ones_when_margins_allow(dat
 @given(data=st.data(), k=st.integers(1, 20), ratio=st.none() | st.floats(0.01, 1.0))
 def test_teacher_selection_picks_the_first_best_valid_candidate(data, k, ratio):
     scores = data.draw(logit_rows(special=True))
-    teacher = torch.from_numpy(
-        data.draw(hnp.arrays(np.float32, tuple(scores.shape), elements=st.one_of(FINITE, st.sampled_from([-INF, NAN]))))
-    )
+    elements = st.one_of(FINITE, st.sampled_from([-INF, NAN]))
+    teacher = torch.from_numpy(data.draw(hnp.arrays(np.float32, tuple(scores.shape), elements=elements)))
     ids, _, valid = top_k_candidates(scores, k, ratio)
     positions = teacher_selection(ids, valid, teacher)
     assert positions.shape == (scores.shape[0],)
-    for row_ids, row_valid, teacher_row, position in zip(ids.tolist(), valid.tolist(), teacher.tolist(),
-                                                         positions.tolist()):
+    rows = zip(ids.tolist(), valid.tolist(), teacher.tolist(), positions.tolist())
+    for row_ids, row_valid, teacher_row, position in rows:
         assert row_valid[position]
-        values = [teacher_row[i] if ok and not math.isnan(teacher_row[i]) else -INF for i, ok in zip(row_ids, row_valid)]
+        values = [teacher_row[i] if ok else -INF for i, ok in zip(row_ids, row_valid)]
+        values = [-INF if math.isnan(v) else v for v in values]
         assert position == values.index(max(values))  # the best, ties (and no finite value: 0) to the student's rank
 
 
@@ -359,7 +366,8 @@ def test_lm_kl_is_non_negative_matches_a_reference_and_its_gradient(data, chunk,
     (expected * upstream.double()).sum().backward()
     tolerance = 2e-2 if bf16 else 1e-5  # the gradient is kept in the logits' dtype
     torch.testing.assert_close(adapted.grad.double(), reference_adapted.grad, atol=tolerance, rtol=tolerance)
-    assert torch.equal(lm_kl_divergence(base, base.clone(), attention_mask, ignore_token_ids=ignore), torch.zeros(batch))
+    same = lm_kl_divergence(base, base.clone(), attention_mask, ignore_token_ids=ignore)
+    assert torch.equal(same, torch.zeros(batch))
 
 
 def reference_ranks(values):

@@ -1,8 +1,9 @@
 """Trigger signals: how uncertain is the student at this step, and does it cross the threshold?
 
 All signals are computed in float32 on the student's top-k support (k = `signal_top_k`), renormalised, as in the paper.
-A row with a NaN or `+inf` logit, or without any finite one, has a NaN signal, which never crosses a threshold (such a
-row never triggers) and is left out of calibration.
+A row with a NaN or `+inf` logit, or without any finite one (for KL: or a teacher without a finite log-probability on
+the support), has a NaN signal, which never crosses a threshold (such a row never triggers) and is left out of
+calibration.
 """
 
 from __future__ import annotations
