@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -17,6 +20,18 @@ from transformers import (
     Qwen3Config,
 )
 
+
+# Property tests (tests/test_properties.py, tests/test_processor_properties.py): `ci` is the default, reproducible
+# (derandomised, no example database) and small enough for the suite; `HYPOTHESIS_PROFILE=thorough` searches deeper.
+# The processor's properties run half of `max_examples` (each of their examples is a few `generate` calls).
+settings.register_profile(
+    "ci", max_examples=30, deadline=None, derandomize=True, database=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "thorough", max_examples=500, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 VOCAB = 96
 PAD, EOS = 0, 1

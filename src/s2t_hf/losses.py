@@ -131,9 +131,17 @@ def selection_loss(
     if margin < 0:
         raise ValueError(f"`margin` must be non-negative, got {margin}.")
     mask = _candidate_mask(candidate_logits, candidate_mask)
+    empty = (~mask.any(-1)).nonzero()[:, 0].tolist()
+    if empty:
+        raise ValueError(
+            f"`candidate_mask` leaves groups {empty} without any candidate; every group needs at least one (drop "
+            "empty groups before the loss)."
+        )
     logits = candidate_logits.float()
     target = teacher_probs.to(device=logits.device, dtype=torch.float32).masked_fill(~mask, 0.0).clamp_min(0.0)
-    target = target / target.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    # renormalised exactly, even when the group's mass is subnormal (a floor on the sum would leave it below one)
+    total = target.sum(-1, keepdim=True)
+    target = target / torch.where(total > 0, total, torch.ones_like(total))
     choice = teacher_choice(teacher_probs.to(logits.device), mask)
 
     log_q = torch.log_softmax((logits / temperature).masked_fill(~mask, float("-inf")), dim=-1)
@@ -247,6 +255,8 @@ def lm_kl_divergence(
             f"`base_logits` and `adapted_logits` must both have shape (batch, length, vocab); got "
             f"{tuple(base_logits.shape)} and {tuple(adapted_logits.shape)}."
         )
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be a positive integer (positions processed at once), got {chunk_size!r}.")
     vocab = adapted_logits.shape[-1]
     keep = None
     if ignore_token_ids is not None and len(ignore_token_ids) > 0:

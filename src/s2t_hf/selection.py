@@ -15,17 +15,27 @@ def top_k_candidates(
     """
     The student's top-K candidates of each row.
 
+    A NaN logit counts as `-inf` (such a token is never a valid candidate) and `+inf` as the largest float32, so that a
+    row's `+inf` tokens share its probability and one bad logit cannot reorder a row. In a row without any finite
+    logit no candidate is valid but the (arbitrary) top-1.
+
     Args:
         scores (`torch.Tensor` of shape `(batch, vocab)`): the student's logits (masked rows at `-inf`).
-        k (`int`): number of candidates.
+        k (`int`): number of candidates, clipped to the vocabulary size.
         ratio (`float`, *optional*): if set, candidates with probability below `ratio * p_max` are marked invalid.
 
     Returns:
-        `(ids, log_probs, valid)` each of shape `(batch, k)`: candidate ids (best first), the student's log-probabilities
-        over the full vocabulary (float32), and a boolean mask of candidates that may be selected (the top-1 always may).
+        `(ids, log_probs, valid)` each of shape `(batch, min(k, vocab))`: candidate ids (best first), the student's
+        log-probabilities over the full vocabulary (float32), and a boolean mask of candidates that may be selected
+        (the top-1 always may).
     """
-    log_probs = torch.log_softmax(scores.float(), dim=-1)
+    k = min(k, scores.shape[-1])
+    finite_max = torch.finfo(torch.float32).max
+    clean = torch.nan_to_num(scores.float(), nan=float("-inf"), posinf=finite_max, neginf=float("-inf"))
+    log_probs = torch.log_softmax(clean, dim=-1)
     values, ids = log_probs.topk(k, dim=-1)
+    # beside a `+inf` logit every other token's log-probability rounds to the float32 minimum: probability zero
+    values = values.masked_fill(values <= -finite_max, float("-inf"))
     valid = torch.isfinite(values)
     if ratio is not None:
         valid &= values >= values[:, :1] + torch.log(torch.tensor(ratio, dtype=values.dtype))
@@ -35,7 +45,9 @@ def top_k_candidates(
 
 def teacher_selection(candidate_ids: torch.Tensor, valid: torch.Tensor, teacher_log_probs: torch.Tensor) -> torch.Tensor:
     """
-    S2T selection: the valid candidate with the highest teacher probability. Ties go to the student's higher rank.
+    S2T selection: the valid candidate with the highest teacher probability. Ties go to the student's higher rank; a
+    NaN teacher log-probability counts as `-inf`, so a row where the teacher gives no valid candidate a finite value
+    keeps the student's top-1 (position 0).
 
     Args:
         candidate_ids (`torch.Tensor` of shape `(batch, K)`): candidates, best first for the student.
@@ -45,7 +57,8 @@ def teacher_selection(candidate_ids: torch.Tensor, valid: torch.Tensor, teacher_
     Returns:
         `torch.Tensor` of shape `(batch,)`: the position (0..K-1) of the chosen candidate in each row.
     """
-    teacher = teacher_log_probs.float().gather(-1, candidate_ids).masked_fill(~valid, float("-inf"))
+    teacher = teacher_log_probs.float().gather(-1, candidate_ids)
+    teacher = teacher.masked_fill(~valid | teacher.isnan(), float("-inf"))
     return teacher.argmax(-1)
 
 

@@ -1,6 +1,9 @@
 """Trigger signals: how uncertain is the student at this step, and does it cross the threshold?
 
 All signals are computed in float32 on the student's top-k support (k = `signal_top_k`), renormalised, as in the paper.
+A row with a NaN or `+inf` logit, or without any finite one (for KL: or a teacher without a finite log-probability on
+the support), has a NaN signal, which never crosses a threshold (such a row never triggers) and is left out of
+calibration.
 """
 
 from __future__ import annotations
@@ -46,11 +49,19 @@ def threshold_for_rate(signals: torch.Tensor, rate: float) -> float:
     The threshold `t` such that a fraction `rate` of `signals` lies strictly above it (the `1 - rate` quantile).
 
     Args:
-        signals (`torch.Tensor`): 1-D signal values collected on calibration prompts.
+        signals (`torch.Tensor`): 1-D signal values collected on calibration prompts; NaN values (rows that can never
+            trigger) are left out.
         rate (`float`): target trigger rate in (0, 1).
     """
     if signals.numel() == 0:
         raise ValueError("No signal values were collected; give calibration prompts that generate at least one token.")
     if not 0.0 < rate < 1.0:
         raise ValueError(f"`target_rate` must lie in (0, 1), got {rate}.")
-    return float(torch.quantile(signals.double().flatten(), 1.0 - rate))
+    values = signals.double().flatten()
+    values = values[~values.isnan()]
+    if values.numel() == 0:
+        raise ValueError(
+            f"All {signals.numel()} signal values are NaN: the model produced NaN or infinite logits at every "
+            "calibration step (e.g. a float16 overflow); check its outputs."
+        )
+    return float(torch.quantile(values, 1.0 - rate))
