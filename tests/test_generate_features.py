@@ -1,6 +1,6 @@
 """`generate` features with S2T, in the drop-in path and the fused loop: streamers, `stop_strings`, scores and logits in
 the output, `num_return_sequences`, `inputs_embeds`, static caches, `torch.compile`, and the decoding methods S2T
-refuses (beam search, assisted and prompt-lookup generation, encoder-decoder models)."""
+refuses (beam search, assisted and prompt-lookup generation; encoder-decoder models: tests/test_architectures.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from conftest import PAD, left_padded_batch, tiny_model
 from test_processor_local import trained_like_selector
 from tokenizers import ByteLevelBPETokenizer
-from transformers import AutoModelForSeq2SeqLM, CompileConfig, PreTrainedTokenizerFast, T5Config
+from transformers import CompileConfig, PreTrainedTokenizerFast
 from transformers.generation.streamers import BaseStreamer
 
 import s2t_hf
@@ -183,10 +183,3 @@ def test_refused_decoding_methods_are_named(path):
     for kwargs, named in cases:
         with s2t_for(model, "teacher", teacher) as s2t, pytest.raises(ValueError, match=named):
             run(model, s2t, path, input_ids=prompt, **kwargs)
-
-
-def test_encoder_decoder_models_are_refused_at_construction():
-    config = T5Config(vocab_size=96, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, decoder_start_token_id=0)
-    model = AutoModelForSeq2SeqLM.from_config(config)
-    with pytest.raises(ValueError, match="decoder-only.*encoder-decoder.*T5ForConditionalGeneration"):
-        S2TLogitsProcessor(model, trigger="never")

@@ -150,12 +150,6 @@ class S2TLogitsProcessor(LogitsProcessor):
             raise TypeError(
                 "`model` must be the model you call `generate` on: the processor reads its attention mask and cache."
             )
-        model_config = getattr(model, "config", None)
-        if getattr(model_config, "is_encoder_decoder", False):
-            raise ValueError(
-                f"S2T serves decoder-only causal language models; `model` is an encoder-decoder "
-                f"({type(_unwrap(model)).__name__}). Use a causal LM (`AutoModelForCausalLM`)."
-            )
         self.config = config
         self.model = model
         self.student = _unwrap(model)
