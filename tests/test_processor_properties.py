@@ -71,11 +71,11 @@ PROMPTS = st.lists(st.lists(st.sampled_from(ORDINARY), min_size=1, max_size=8), 
 
 @st.composite
 def decoding(draw, triggers=("always", "random", "entropy")):
-    """Processor settings: trigger, K (up to beyond the vocabulary), candidate ratio, warm-up."""
+    """Processor settings: trigger, K (up to the whole vocabulary: beyond it is refused), candidate ratio, warm-up."""
     trigger = draw(st.sampled_from(triggers))
     kwargs = dict(
         trigger=trigger,
-        top_k=draw(st.integers(2, VOCAB + 4)),
+        top_k=draw(st.integers(2, VOCAB)),
         candidate_ratio=draw(st.none() | st.floats(0.01, 1.0)),
         warmup_tokens=draw(st.integers(0, 3)),
     )
@@ -111,7 +111,7 @@ def check_masked_tokens_are_never_generated(selection: str, mode: str, data) -> 
                                     max_size=6), label="allowed")
         suppressed = [t for t in range(1, VOCAB) if t not in allowed]
         # more candidates than allowed tokens (PAD and EOS may be allowed too): those at -inf must stay invalid
-        settings_["top_k"] = data.draw(st.integers(len(allowed) + 2, VOCAB + 4), label="top_k")
+        settings_["top_k"] = data.draw(st.integers(len(allowed) + 2, VOCAB), label="top_k")
     else:  # the tokens the model (and the teacher) like best
         suppressed = data.draw(st.lists(st.sampled_from(likely), min_size=1, max_size=4, unique=True),
                                label="suppressed")
