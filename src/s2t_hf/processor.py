@@ -472,7 +472,8 @@ class S2TLogitsProcessor(LogitsProcessor):
         The step's one host sync: whether any row triggered, checked together with whether rows were reordered since
         the last step and whether an active row's scores are broken (NaN or `+inf`, or no finite token left).
         """
-        broken = (torch.isnan(scores) | (scores == float("inf"))).any(-1) | ~torch.isfinite(scores).any(-1)
+        # one reduction: a row's max is NaN if it holds a NaN, +inf if it holds +inf, -inf if no token is finite
+        broken = ~torch.isfinite(scores.amax(-1))
         checks = [triggered.any(), (broken & active).any()]
         if self._reordered is not None:
             checks.append(self._reordered)
