@@ -190,3 +190,11 @@ def test_encoder_decoder_models_are_refused_at_construction():
     model = AutoModelForSeq2SeqLM.from_config(config)
     with pytest.raises(ValueError, match="decoder-only.*encoder-decoder.*T5ForConditionalGeneration"):
         S2TLogitsProcessor(model, trigger="never")
+
+
+def test_static_cache_on_a_sliding_window_model_is_refused_by_name():
+    """A static cache of a sliding-window model gets a mask per kind of layer, which hides the batch's padding."""
+    model, teacher = tiny_model("mistral-window", seed=0), tiny_model("mistral-window", seed=1)
+    with s2t_for(model, "teacher", teacher) as s2t:
+        with pytest.raises(ValueError, match="cannot read the batch's left padding.*remove `cache_implementation`"):
+            run(model, s2t, "processor", cache_implementation="static")

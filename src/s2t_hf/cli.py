@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging as std_logging
+import os
 import sys
 from typing import Any
 
@@ -61,16 +62,17 @@ def cmd_demo(args) -> None:
 def cmd_calibrate(args) -> None:
     from .processor import S2TLogitsProcessor
 
+    if args.trigger == "kl" and not args.teacher:
+        raise SystemExit("error: `--trigger kl` needs `--teacher` (the KL signal compares the student with it).")
+    prompts = _read_prompts(args.prompts)
     student, tokenizer = _load_model(args.model), _load_tokenizer(args.tokenizer or args.model)
     teacher = _load_model(args.teacher) if args.teacher else None
     with S2TLogitsProcessor(
         student, teacher=teacher, trigger=args.trigger, selection="teacher" if teacher else "takeover",
         top_k=args.top_k, tokenizer=tokenizer,
     ) as s2t:
-        if s2t.config.needs_teacher and teacher is None:
-            raise SystemExit("error: `--trigger kl` needs `--teacher`.")
         threshold = s2t.calibrate(
-            _read_prompts(args.prompts), target_rate=args.rate, tokenizer=tokenizer, max_new_tokens=args.max_new_tokens
+            prompts, target_rate=args.rate, tokenizer=tokenizer, max_new_tokens=args.max_new_tokens
         )
         s2t.config.save_pretrained(args.output_dir)
     print(json.dumps({"trigger": args.trigger, "threshold": threshold, "rate": args.rate, "saved": args.output_dir}))
@@ -93,13 +95,25 @@ def cmd_train(args) -> None:
     from datasets import load_from_disk
 
     from .config import S2TConfig
+    from .data import METADATA_NAME
     from .selector import S2TSelector
     from .trainer import S2TTrainer, S2TTrainingArguments
 
-    model, tokenizer = _load_model(args.model), _load_tokenizer(args.tokenizer or args.model)
-    dataset = load_from_disk(args.data)
+    metadata = os.path.join(args.data, METADATA_NAME)
+    if os.path.isfile(metadata):
+        with open(metadata, encoding="utf-8") as f:
+            if not json.load(f).get("complete"):
+                raise SystemExit(
+                    f"error: `{args.data}` holds an unfinished collection; run `s2t-hf collect` again with the same "
+                    "arguments to finish it."
+                )
+    try:
+        dataset = load_from_disk(args.data)
+    except IndexError:  # `datasets` cannot read back a saved dataset of zero rows
+        dataset = []
     if len(dataset) == 0:
         raise SystemExit(f"error: `{args.data}` holds no selection groups; collect some with `s2t-hf collect`.")
+    model, tokenizer = _load_model(args.model), _load_tokenizer(args.tokenizer or args.model)
     config = S2TConfig(selection="local", scoring=args.scoring, residual_tau=args.residual_tau)
     selector = S2TSelector.create(model, tokenizer, num_bins=args.num_bins, use_lora=not args.head_only, config=config)
     split = dataset.train_test_split(test_size=max(1, len(dataset) // 10), seed=0)
