@@ -130,7 +130,9 @@ def custom_code_checkpoint(path):
     for module in ("configuration_probe", "modeling_probe", "tokenization_probe"):
         (path / f"{module}.py").write_text(code)
     tokenizer = {"AutoTokenizer": ["tokenization_probe.ProbeTokenizer", None]}
-    auto_map = {"AutoConfig": "configuration_probe.ProbeConfig", "AutoModelForCausalLM": "modeling_probe.Probe", **tokenizer}
+    auto_map = {
+        "AutoConfig": "configuration_probe.ProbeConfig", "AutoModelForCausalLM": "modeling_probe.Probe", **tokenizer
+    }
     (path / "config.json").write_text(json.dumps({"model_type": "s2t_custom_probe", "auto_map": auto_map}))
     (path / "tokenizer_config.json").write_text(json.dumps({"auto_map": tokenizer}))
     return path

@@ -332,3 +332,10 @@ def test_collator_refuses_malformed_groups(change, error, message):
         SelectionGroupCollator()([group, GOOD_GROUP])
     with pytest.raises(ValueError, match="`features` is empty"):
         SelectionGroupCollator()([])
+
+
+def test_collator_arguments_are_checked():
+    with pytest.raises(ValueError, match="`max_context_length` must be a positive integer or None, got 0"):
+        SelectionGroupCollator(max_context_length=0)
+    with pytest.raises(ValueError, match="`pad_to_multiple_of` must be a positive integer or None, got 0"):
+        SelectionGroupCollator(pad_to_multiple_of=0)

@@ -159,3 +159,13 @@ def test_s2t_model_arguments_are_checked(workspace, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="(?s)contains custom code.*trust_remote_code"):
         s2t(pretrained=student, teacher=str(custom), trigger="never", device="cpu")
     assert not (custom / "RAN").exists()
+
+
+def test_without_lm_eval_the_import_names_the_extra(monkeypatch):
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if lm-eval were not installed
+    monkeypatch.delitem(sys.modules, "s2t_hf.integrations.lm_eval")
+    with pytest.raises(ImportError, match=r'needs `lm-eval`; install it with `pip install "s2t-hf\[lm-eval\]"`'):
+        importlib.import_module("s2t_hf.integrations.lm_eval")

@@ -237,7 +237,8 @@ def test_remote_teacher_arguments_and_answers_it_cannot_use():
             teacher.prepare(student, build_tokenizer(extra_words=["zebra"]))
         teacher.prepare(student, tokenizer)
         ids = torch.tensor([[5, 6, 7]])
-        one = dict(rows=torch.tensor([0]), candidate_ids=torch.tensor([[8, 9]]), valid=torch.ones(1, 2, dtype=torch.bool))
+        valid = torch.ones(1, 2, dtype=torch.bool)
+        one = dict(rows=torch.tensor([0]), candidate_ids=torch.tensor([[8, 9]]), valid=valid)
         with pytest.raises(RemoteTeacherError, match="returned a token outside `allowed_token_ids`"):
             teacher.select(ids, torch.ones_like(ids), **one)
         long = torch.arange(3, 73)[None]
@@ -245,6 +246,8 @@ def test_remote_teacher_arguments_and_answers_it_cannot_use():
             teacher.select(long, torch.ones_like(long), **one)
         with pytest.raises(RemoteTeacherError, match="answered without `prompt_logprobs`"):
             teacher.score_trajectories([[5, 6, 7, 8]], torch.tensor([[0, 2]]), torch.tensor([[8, 9]]))
+        with pytest.raises(RemoteTeacherError, match="trajectory of 70 tokens does not fit .* `max_model_len` of 64"):
+            teacher.score_trajectories([list(range(3, 73))], torch.tensor([[0, 69]]), torch.tensor([[8, 9]]))
     finally:
         server.close()
 

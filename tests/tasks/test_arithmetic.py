@@ -458,7 +458,7 @@ def test_load_pair_refuses_what_is_no_trained_pair(tmp_path, monkeypatch):
 
     from s2t_hf.tasks import load_pair
 
-    with pytest.raises(FileNotFoundError, match=r"is not a trained arithmetic pair: \['teacher', 'student', 'pair_info"):
+    with pytest.raises(FileNotFoundError, match=r"not a trained arithmetic pair: \['teacher', 'student'"):
         load_pair(tmp_path / "nowhere")
     for role in ("teacher", "student"):  # a pair folder whose checkpoints ask for custom code: never run
         custom_code_checkpoint(tmp_path / "pair" / role)
