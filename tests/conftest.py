@@ -180,3 +180,29 @@ def entropy_gap_threshold(scores) -> float:
             if 0 <= i < len(values) - 1 and values[i + 1] - values[i] > 1e-3:
                 return (values[i] + values[i + 1]) / 2
     raise AssertionError("no gap between the entropy values")
+
+
+def custom_code_checkpoint(path):
+    """A local checkpoint whose config and tokenizer ask for custom code (`auto_map`); the code writes `RAN` into the
+    checkpoint when imported. Loaders must refuse it without running it (`trust_remote_code` is never turned on)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    code = (
+        "import pathlib\n"
+        f"pathlib.Path({str(path / 'RAN')!r}).write_text('custom code ran')\n"  # transformers imports a copy
+        "from transformers import PretrainedConfig\n"
+        "class ProbeConfig(PretrainedConfig):\n"
+        "    model_type = 's2t_custom_probe'\n"
+    )
+    for module in ("configuration_probe", "modeling_probe", "tokenization_probe"):
+        (path / f"{module}.py").write_text(code)
+    tokenizer = {"AutoTokenizer": ["tokenization_probe.ProbeTokenizer", None]}
+    auto_map = {
+        "AutoConfig": "configuration_probe.ProbeConfig", "AutoModelForCausalLM": "modeling_probe.Probe", **tokenizer
+    }
+    (path / "config.json").write_text(json.dumps({"model_type": "s2t_custom_probe", "auto_map": auto_map}))
+    (path / "tokenizer_config.json").write_text(json.dumps({"auto_map": tokenizer}))
+    return path

@@ -252,3 +252,90 @@ def test_collator_pads_left_truncates_and_pads_candidates():
         SelectionGroupCollator()([{"context_ids": [1]}])
     with pytest.raises(ValueError, match="teacher_probs"):
         SelectionGroupCollator()([{"context_ids": [1], "cand_ids": [1, 2], "teacher_probs": [0.5]}])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bad input (docs/reliability.md)
+
+
+def test_prompts_in_a_wrong_form_are_named(pair):
+    from s2t_hf.tasks import build_tokenizer
+
+    student, teacher = pair
+    def collect(prompts, **kwargs):
+        return collect_selection_data(student, teacher, prompts=prompts, **kwargs)
+
+    for single in ("tom has 5 apples .", [5, 6, 7], [{"role": "user", "content": "hi"}], torch.tensor([5, 6, 7])):
+        with pytest.raises(TypeError, match=r"`prompts` must be a list of prompts, got a single prompt.*\[prompt\]"):
+            collect(single)
+    with pytest.raises(TypeError, match=r"`prompts\[1\]` must be a string, a list of chat messages or"):
+        collect([[5, 6], 3.5])
+    with pytest.raises(ValueError, match=r"`prompts\[0\]` encodes to no tokens"):
+        collect([[]])
+    with pytest.raises(ValueError, match=r"`prompts\[1\]` holds token ids \[96, 500\] outside the student's"):
+        collect([[5, 6], [96, 7, 500]])
+    with pytest.raises(ValueError, match=r"`calibration_prompts\[0\]` holds token ids \[-1\]"):
+        collect([[5, 6]], mode="on_policy", calibration_prompts=[[-1, 5]])
+    tokenizer = build_tokenizer()
+    with pytest.raises(ValueError, match=r"`prompts\[0\]` is a list of chat messages but the chat template is"):
+        collect([[{"role": "user", "content": "tom"}]], tokenizer=tokenizer, chat_template=False)
+    tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="`chat_template=True` but the tokenizer has no chat template"):
+        collect(["tom"], tokenizer=tokenizer, chat_template=True)
+
+
+def test_collection_arguments_are_checked(pair):
+    student, teacher = pair
+    prompts = random_prompts(2)
+    def collect(**kwargs):
+        return collect_selection_data(**{"student": student, "teacher": teacher, "prompts": prompts, **kwargs})
+
+    with pytest.raises(ValueError, match="`generation_kwargs` must not set `max_new_tokens`"):
+        collect(generation_kwargs={"max_new_tokens": 4})
+    with pytest.raises(ValueError, match=r"`suppress_token_ids` must lie in \[0, 96\)"):
+        collect(suppress_token_ids=[96])
+    with pytest.raises(ValueError, match=r"`trigger_rate` must lie in \(0, 1\), got 1.0"):
+        collect(mode="on_policy", trigger_rate=1.0)
+    for name in ("max_new_tokens", "batch_size", "shard_size"):
+        with pytest.raises(ValueError, match=f"`{name}` must be a positive integer, got 0"):
+            collect(**{name: 0})
+    with pytest.raises(ValueError, match="`student` and `teacher` are both required"):
+        collect(teacher=None)
+
+
+GOOD_GROUP = {
+    "context_ids": [5, 6, 7], "cand_ids": [8, 9, 10], "teacher_probs": [0.5, 0.3, 0.2],
+    "student_probs": [0.6, 0.3, 0.1],
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        (dict(context_ids=[]), ValueError, "empty `context_ids`"),
+        (dict(cand_ids=[], teacher_probs=[]), ValueError, "has no `cand_ids`"),
+        (dict(context_ids=["tom", "has"]), ValueError, "`context_ids` must be a flat list of token ids"),
+        (dict(cand_ids=[8, 9.5, 10]), ValueError, "`cand_ids` must be a flat list of token ids"),
+        (dict(cand_ids=[8, -1, 10]), ValueError, "`cand_ids` must be a flat list of token ids"),
+        (dict(cand_ids=[[8], [9], [10]]), ValueError, "`cand_ids` must be a flat list of token ids"),
+        (dict(teacher_probs=[0.5, 0.5]), ValueError, "3 `cand_ids` but 2 `teacher_probs`"),
+        (dict(teacher_probs=[[0.5], [0.3], [0.2]]), ValueError, "`teacher_probs` must hold one finite, non-negative"),
+        (dict(teacher_probs=[float("nan"), 0.3, 0.2]), ValueError, "`teacher_probs` must hold one finite"),
+        (dict(teacher_probs=[-0.5, 0.3, 0.2]), ValueError, "`teacher_probs` must hold one finite"),
+        (dict(student_probs=[0.5, 0.5]), ValueError, "3 `cand_ids` but 2 `student_probs`"),
+        (dict(teacher_probs=None), KeyError, r"missing \['teacher_probs'\].*remove_unused_columns=False"),
+    ],
+)
+def test_collator_refuses_malformed_groups(change, error, message):
+    group = {k: v for k, v in {**GOOD_GROUP, **change}.items() if v is not None}
+    with pytest.raises(error, match=message):
+        SelectionGroupCollator()([group, GOOD_GROUP])
+    with pytest.raises(ValueError, match="`features` is empty"):
+        SelectionGroupCollator()([])
+
+
+def test_collator_arguments_are_checked():
+    with pytest.raises(ValueError, match="`max_context_length` must be a positive integer or None, got 0"):
+        SelectionGroupCollator(max_context_length=0)
+    with pytest.raises(ValueError, match="`pad_to_multiple_of` must be a positive integer or None, got 0"):
+        SelectionGroupCollator(pad_to_multiple_of=0)

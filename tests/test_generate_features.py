@@ -183,3 +183,11 @@ def test_refused_decoding_methods_are_named(path):
     for kwargs, named in cases:
         with s2t_for(model, "teacher", teacher) as s2t, pytest.raises(ValueError, match=named):
             run(model, s2t, path, input_ids=prompt, **kwargs)
+
+
+def test_static_cache_on_a_sliding_window_model_is_refused_by_name():
+    """A static cache of a sliding-window model gets a mask per kind of layer, which hides the batch's padding."""
+    model, teacher = tiny_model("mistral-window", seed=0), tiny_model("mistral-window", seed=1)
+    with s2t_for(model, "teacher", teacher) as s2t:
+        with pytest.raises(ValueError, match="cannot read the batch's left padding.*remove `cache_implementation`"):
+            run(model, s2t, "processor", cache_implementation="static")

@@ -185,3 +185,26 @@ def test_fused_loop_falls_back_when_the_cache_cannot_be_scored_on():
     plain, fused, plain_stats, fused_stats = both_paths(model, processor, long_left_padded_batch())
     assert torch.equal(plain, fused)
     assert fused_stats["local_path"] == "cache" and fused_stats["local_calls"] > 0
+
+
+def test_fused_loop_names_what_it_was_given_wrong():
+    model, teacher = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    _, input_ids, attention_mask = left_padded_batch()
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, **GREEDY)
+    first, second = processor_for(model, "teacher", teacher=teacher), processor_for(model, "teacher", teacher=teacher)
+    with first, second:
+        with pytest.raises(ValueError, match="sets `custom_generate` itself; remove it"):
+            s2t_hf.generate(model, first, custom_generate=s2t_sample, **kwargs)
+        with pytest.raises(ValueError, match="`stop_strings` need the model's tokenizer: pass `tokenizer=...`"):
+            s2t_hf.generate(model, first, stop_strings=["."], **kwargs)
+        with pytest.raises(ValueError, match=r"`attention_mask` only; it got \['output_attentions'\]"):
+            s2t_hf.generate(model, first, output_attentions=True, return_dict_in_generate=True, **kwargs)
+        # the decoding method given to `generate` by hand
+        with pytest.raises(ValueError, match="needs exactly one `S2TLogitsProcessor`.*found 0"):
+            model.generate(custom_generate=s2t_sample, **kwargs)
+        with pytest.raises(ValueError, match="needs exactly one `S2TLogitsProcessor`.*found 2"):
+            model.generate(custom_generate=s2t_sample, logits_processor=[first, second], **kwargs)
+        with pytest.raises(ValueError, match="`s2t` must also be among the logits processors"):
+            model.generate(custom_generate=s2t_sample, s2t=first, **kwargs)
+        with pytest.raises(TypeError, match="`s2t` must be an `S2TLogitsProcessor`, got str"):
+            model.generate(custom_generate=s2t_sample, s2t="s2t", logits_processor=[first], **kwargs)

@@ -139,3 +139,33 @@ def test_s2t_entropy_trigger_calibrated_from_a_rate(workspace):
     assert len(outputs) == len(QUESTIONS)
     assert model.s2t.config.trigger_threshold is not None
     assert model.s2t_stats["eligible_steps"] > 0
+
+
+def test_s2t_model_arguments_are_checked(workspace, tmp_path, monkeypatch):
+    from lm_eval.api.registry import get_model
+
+    from conftest import custom_code_checkpoint
+
+    s2t = get_model("s2t")
+    student = str(workspace / "student")
+    with pytest.raises(ValueError, match="Give either `selector` .* or `teacher` .*, not both"):
+        s2t(pretrained=student, selector=str(tmp_path / "selector"), teacher=str(workspace / "teacher"), device="cpu")
+    with pytest.raises(ValueError, match="The `entropy` trigger needs `trigger_threshold=...` or `trigger_rate=...`"):
+        s2t(pretrained=student, teacher=str(workspace / "teacher"), trigger="entropy", device="cpu")
+    # a teacher checkpoint with custom code is refused, its code never run (as lm-eval does for the student); no
+    # prompt asks for it either (the user would answer yes here)
+    custom = custom_code_checkpoint(tmp_path / "custom")
+    monkeypatch.setattr("builtins.input", lambda *args: "y")
+    with pytest.raises(ValueError, match="(?s)contains custom code.*trust_remote_code"):
+        s2t(pretrained=student, teacher=str(custom), trigger="never", device="cpu")
+    assert not (custom / "RAN").exists()
+
+
+def test_without_lm_eval_the_import_names_the_extra(monkeypatch):
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if lm-eval were not installed
+    monkeypatch.delitem(sys.modules, "s2t_hf.integrations.lm_eval")
+    with pytest.raises(ImportError, match=r'needs `lm-eval`; install it with `pip install "s2t-hf\[lm-eval\]"`'):
+        importlib.import_module("s2t_hf.integrations.lm_eval")

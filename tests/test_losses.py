@@ -151,3 +151,13 @@ def test_errors_name_the_argument():
         selection_loss(logits, teacher, torch.ones(2, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="adapted_logits"):
         lm_kl_divergence(torch.zeros(1, 2, 3), torch.zeros(1, 2, 4))
+
+
+def test_every_loss_argument_is_checked():
+    logits, teacher = random_groups()
+    with pytest.raises(ValueError, match="`margin` must be non-negative, got -1.0"):
+        selection_loss(logits, teacher, margin=-1.0)
+    with pytest.raises(ValueError, match=r"must both have shape \(batch, K\); got \(1, 6, 8\)"):
+        selection_loss(logits[None], teacher[None])
+    with pytest.raises(ValueError, match=r"`adapted_logits` must both have shape \(batch, length, vocab"):
+        lm_kl_divergence(torch.zeros(2, 3), torch.zeros(2, 3))

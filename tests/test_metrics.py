@@ -24,3 +24,12 @@ def test_unknown_metric_and_empty_input():
         metric_path("bleu")
     with pytest.raises(ValueError, match="at least one"):
         load_metric("hit_at_k").compute(predictions=[], references=[])
+
+
+def test_empty_or_mismatched_answers():
+    accuracy = load_metric("answer_accuracy")
+    with pytest.raises(ValueError, match="answer_accuracy needs at least one prediction"):
+        accuracy.compute(predictions=[], references=[])
+    for name, predictions, references in (("answer_accuracy", ["1", "2"], ["1"]), ("hit_at_k", [[1, 2], [3, 4]], [1])):
+        with pytest.raises(ValueError, match=r"Mismatch in the number of predictions \(2\) and references \(1\)"):
+            load_metric(name).compute(predictions=predictions, references=references)

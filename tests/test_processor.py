@@ -405,3 +405,50 @@ def test_total_stats_sum_every_generate_call():
     assert s2t.stats == per_call[-1]  # `stats` is still the last call's
     s2t.reset_total_stats()
     assert s2t.total_stats["steps"] == 0
+
+
+def test_wrong_construction_arguments_are_named():
+    student = tiny_model("llama", seed=0)
+    with pytest.raises(TypeError, match="`config` must be an `S2TConfig`, got dict"):
+        S2TLogitsProcessor(student, {"trigger": "never"})
+    with pytest.raises(TypeError, match="`model` must be the model you call `generate` on"):
+        S2TLogitsProcessor(None, trigger="never")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'topk'"):
+        S2TLogitsProcessor(student, trigger="never", topk=4)
+    with pytest.raises(TypeError, match="`teacher` must be a transformers model or a `Teacher`"):
+        S2TLogitsProcessor(student, teacher="Qwen/Qwen2.5-32B-Instruct", trigger="always")
+    config = S2TConfig(trigger="never", num_bins=2, bin_token_ids=[200, 201])  # a selector's config of another model
+    with pytest.raises(ValueError, match=r"Reserved bin rows \[200, 201\] lie outside the model's 96 output rows"):
+        S2TLogitsProcessor(student, config)
+
+
+def test_calibration_arguments_are_checked():
+    student, teacher = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    prompts = [[5, 6, 7], [8, 9]]
+    with S2TLogitsProcessor(student, teacher=teacher, trigger="entropy") as s2t:
+        with pytest.raises(ValueError, match="Give `target_rate`"):
+            s2t.calibrate(prompts, max_new_tokens=4)
+        with pytest.raises(ValueError, match=r"`target_rate` must lie in \(0, 1\), got 1.5"):
+            s2t.calibrate(prompts, target_rate=1.5, max_new_tokens=4)
+        with pytest.raises(ValueError, match="holds text or chat messages; pass the `tokenizer`"):
+            s2t.calibrate(["tom has 5 apples ."], target_rate=0.1, max_new_tokens=4)
+        with pytest.raises(ValueError, match=r"`prompts\[0\]` is empty \(no tokens\)"):
+            s2t.calibrate([[]], target_rate=0.1, max_new_tokens=4)
+        with pytest.raises(ValueError, match="no eligible step .*lower `warmup_tokens`"):
+            s2t.calibrate(prompts, target_rate=0.1, max_new_tokens=2)  # warmup_tokens=3: no step counts
+    with S2TLogitsProcessor(student, teacher=teacher, trigger="random", trigger_rate=0.1) as s2t:
+        with pytest.raises(ValueError, match="Only `entropy` and `kl` triggers have a threshold"):
+            s2t.calibrate(prompts, target_rate=0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_teacher_on_another_device():
+    """A teacher on the GPU serves a student on the CPU: its inputs go to its device, its log-probabilities come back
+    to the student's (another dtype: `test_teacher_selection_with_bfloat16_teacher`)."""
+    student, teacher = tiny_model("llama", seed=0), tiny_model("llama", seed=1).to("cuda")
+    _, input_ids, attention_mask = left_padded_batch()
+    teacher_out = teacher.generate(input_ids=input_ids.cuda(), attention_mask=attention_mask.cuda(), **GREEDY)
+    with S2TLogitsProcessor(student, teacher=teacher, trigger="always", selection="takeover", warmup_tokens=0) as s2t:
+        out = student.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=[s2t], **GREEDY)
+    assert out.device.type == "cpu" and torch.equal(out, teacher_out.cpu())

@@ -482,3 +482,107 @@ def test_preserve_cache_survives_save_and_load(tmp_path):
     loaded = S2TSelector.from_pretrained(base_model_for(case), tmp_path)
     assert loaded.preserves_cache
     torch.testing.assert_close(logits(loaded.model), logits(selector.model))
+
+
+def test_create_refuses_wrong_arguments():
+    from transformers import AutoModel
+
+    with pytest.raises(ValueError, match=r"`model` \(LlamaModel\) has no output head.*AutoModelForCausalLM"):
+        S2TSelector.create(AutoModel.from_config(make_config("llama", 64, False)), num_bins=2)
+    with pytest.raises(ValueError, match="`num_bins` must be a positive integer, got 0"):
+        S2TSelector.create(make_model("llama", 64, False), num_bins=0)
+    config = S2TConfig(selection="local", num_bins=3, bin_values=[0.0, 0.5, 1.0])
+    with pytest.raises(ValueError, match="`config.bin_values` has 3 values but `num_bins` is 2"):
+        S2TSelector.create(make_model("llama", 64, False), num_bins=2, config=config)
+    with pytest.raises(ValueError, match="`bin_token_ids` must be a list of integers"):
+        S2TSelector.create(make_model("llama", 64, False), bin_token_ids=["a", "b"])
+    with pytest.raises(ValueError, match=r"`bin_token_ids` must be distinct, got \[60, 60\]"):
+        S2TSelector.create(make_model("llama", 64, False), bin_token_ids=[60, 60])
+    with pytest.raises(ValueError, match=r"`target_modules=\['qkv'\]` match no module of LlamaForCausalLM.*'q_proj'"):
+        S2TSelector.create(make_model("llama", 64, False), num_bins=2, target_modules=["qkv"])
+    with torch.device("meta"):
+        empty = AutoModelForCausalLM.from_config(make_config("llama", 64, False))
+    with pytest.raises(ValueError, match="`meta` device; load its weights first"):
+        S2TSelector.create(empty, num_bins=2)
+
+
+def test_wrapping_a_peft_model_checks_its_config():
+    selector = S2TSelector.create(make_model("llama", 64, False), num_bins=2, use_lora=False)
+    with pytest.raises(TypeError, match="`config` must be an `S2TConfig`, got dict"):
+        S2TSelector(selector.model, selector.config.to_dict())
+    with pytest.raises(ValueError, match="`config.bin_token_ids` is not set"):
+        S2TSelector(selector.model, S2TConfig(selection="local"))
+    with pytest.raises(ValueError, match="`config.bin_token_ids` go up to 81 but the model's output head has only 66"):
+        S2TSelector(selector.model, S2TConfig(selection="local", num_bins=2, bin_token_ids=[80, 81]))
+
+
+def test_foreign_or_damaged_selector_folders_are_refused(tmp_path, caplog):
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+
+    case = CASES["llama-untied-reserved"]
+    _, selector = new_selector(case)
+    saved = tmp_path / "saved"
+    selector.save_pretrained(saved)
+
+    def variant(name, edit):
+        folder = tmp_path / name
+        shutil.copytree(saved, folder)
+        edit(folder)
+        return folder
+
+    def edit_json(file, **changes):
+        def edit(folder):
+            data = json.loads((folder / file).read_text())
+            data.update(changes)
+            (folder / file).write_text(json.dumps(data))
+        return edit
+
+    load = lambda folder, model=None: S2TSelector.from_pretrained(model or base_model_for(case), folder)  # noqa: E731
+    with pytest.raises(TypeError, match="already holds a PEFT adapter"):
+        load(saved, selector.model)
+    # a plain PEFT LoRA adapter is no S2T selector
+    plain = tmp_path / "plain-lora"
+    get_peft_model(make_model("llama", 64, False), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(plain)
+    with pytest.raises(FileNotFoundError, match="No `s2t_config.json` in .* written by `save_pretrained` of s2t_hf"):
+        load(plain)
+    # an `s2t_config.json` alone (e.g. written by `s2t-hf calibrate`) is no selector either
+    calibrated = tmp_path / "calibrated"
+    S2TConfig(trigger_threshold=1.0).save_pretrained(calibrated)
+    with pytest.raises(ValueError, match="has no `bin_token_ids`: it was not written by `S2TSelector"):
+        load(calibrated)
+    with pytest.raises(FileNotFoundError, match="No `adapter_config.json`"):
+        load(variant("no-adapter-config", lambda f: (f / "adapter_config.json").unlink()))
+    with pytest.raises(ValueError, match="`adapter_config.json` of .* is not a valid PEFT config"):
+        load(variant("bad-adapter-config", lambda f: (f / "adapter_config.json").write_text("{not json")))
+    with pytest.raises(ValueError, match=r"trains rows \[10, 11\] but `s2t_config.json` names `bin_token_ids`"):
+        load(variant("other-rows", edit_json("adapter_config.json", trainable_token_indices={"lm_head": [10, 11]})))
+    with pytest.raises(ValueError, match="Unrecognised `vocab_fingerprint` 'abc'.*check_fingerprint=False"):
+        load(variant("bad-fingerprint", edit_json("s2t_config.json", vocab_fingerprint="abc")))
+    # a pickle under the safetensors name is never unpickled
+    pickled = variant("pickled", lambda f: torch.save({"x": torch.zeros(2)}, f / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="is corrupt or truncated"):
+        load(pickled)
+    wider = make_config("llama", 64, False)
+    wider.hidden_size = 2 * HIDDEN  # another model of the family: same vocabulary, wider rows
+    with pytest.raises(ValueError, match=r"must hold one `trainable_tokens_delta` tensor of shape \(8, 32\)"):
+        load(saved, AutoModelForCausalLM.from_config(wider))
+    with pytest.raises(ValueError, match="Could not load the adapter of .* onto GPT2LMHeadModel: Target modules"):
+        S2TSelector.from_pretrained(make_model("gpt2", 64, False), saved, check_fingerprint=False)
+    # a selector saved without a fingerprint loads unchecked, with a warning in the log
+    unchecked = variant("no-fingerprint", edit_json("s2t_config.json", vocab_fingerprint=None))
+    with caplog.at_level("WARNING", logger="s2t_hf.selector"):
+        loaded = load(unchecked)
+    assert loaded.bin_token_ids == selector.bin_token_ids
+    assert "records no vocabulary fingerprint" in caplog.text
+
+
+def test_local_candidate_logits_name_the_scoring_form():
+    from s2t_hf.selection import local_candidate_logits
+
+    bins, values = torch.zeros(2, 3, 4), torch.linspace(0, 1, 4)
+    with pytest.raises(ValueError, match="`residual` scoring form needs `student_log_probs`"):
+        local_candidate_logits(bins, values, scoring="residual")
+    with pytest.raises(ValueError, match="`scoring` must be 'pure' or 'residual', got 'mixed'"):
+        local_candidate_logits(bins, values, scoring="mixed")

@@ -145,7 +145,7 @@ class _PlainCompletionsServer:
     has no `/tokenize`), on loopback: what the remote teacher must refuse at construction. Not a stand-in for vLLM,
     which `test_remote_teacher.py` runs for real."""
 
-    def __init__(self, delay: float = 0.0):
+    def __init__(self, delay: float = 0.0, models: list | None = None, raw_models_answer: bytes | None = None):
         import http.server
         import json
         import threading
@@ -156,7 +156,7 @@ class _PlainCompletionsServer:
                 pass
 
             def _send(self, status, payload):
-                body = json.dumps(payload).encode()
+                body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
@@ -168,7 +168,9 @@ class _PlainCompletionsServer:
 
             def do_GET(self):
                 time.sleep(delay)
-                self._send(200, {"data": [{"id": "plain", "max_model_len": 64}]})
+                if raw_models_answer is not None:
+                    return self._send(200, raw_models_answer)
+                self._send(200, {"data": [{"id": "plain", "max_model_len": 64}] if models is None else models})
 
             def do_POST(self):
                 self.rfile.read(int(self.headers["Content-Length"]))
@@ -179,7 +181,7 @@ class _PlainCompletionsServer:
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def close(self):
         self.httpd.shutdown()
@@ -207,3 +209,58 @@ def test_a_server_slower_than_the_timeout_is_retried_then_reported():
             RemoteTeacher(server.url, timeout=0.2, max_retries=1, backoff=0.01, check=False)
     finally:
         server.close()
+
+
+def test_remote_teacher_arguments_and_answers_it_cannot_use():
+    from s2t_hf.tasks import build_tokenizer
+
+    for kwargs, name in ((dict(max_concurrency=0), "max_concurrency"), (dict(top_logprobs=0), "top_logprobs")):
+        with pytest.raises(ValueError, match=f"`{name}` must be a positive integer, got 0"):
+            RemoteTeacher("http://127.0.0.1:8000", **kwargs)
+    with pytest.raises(ValueError, match="`timeout` must be positive and `backoff` non-negative, got 0 and 0.5"):
+        RemoteTeacher("http://127.0.0.1:8000", timeout=0)
+    for server_kwargs, error in (
+        (dict(raw_models_answer=b"<html>Bad Gateway</html>"), "answered with something that is not JSON: b'<html>"),
+        (dict(models=[]), "lists no model at `/v1/models`"),
+    ):
+        server = _PlainCompletionsServer(**server_kwargs)
+        try:
+            with pytest.raises(RemoteTeacherError, match=error):
+                RemoteTeacher(server.url, check=False, max_retries=0)
+        finally:
+            server.close()
+    server = _PlainCompletionsServer()  # serves a model of `max_model_len` 64, ignores `allowed_token_ids`
+    try:
+        student, tokenizer = tiny_model("llama", seed=0), build_tokenizer()
+        teacher = RemoteTeacher(server.url, tokenizer=tokenizer, check=False, max_retries=0)
+        with pytest.raises(ValueError, match="is not the one the `RemoteTeacher` was checked with"):
+            teacher.prepare(student, build_tokenizer(extra_words=["zebra"]))
+        teacher.prepare(student, tokenizer)
+        ids = torch.tensor([[5, 6, 7]])
+        valid = torch.ones(1, 2, dtype=torch.bool)
+        one = dict(rows=torch.tensor([0]), candidate_ids=torch.tensor([[8, 9]]), valid=valid)
+        with pytest.raises(RemoteTeacherError, match="returned a token outside `allowed_token_ids`"):
+            teacher.select(ids, torch.ones_like(ids), **one)
+        long = torch.arange(3, 73)[None]
+        with pytest.raises(RemoteTeacherError, match="context of 70 tokens does not fit .* `max_model_len` of 64"):
+            teacher.select(long, torch.ones_like(long), **one)
+        with pytest.raises(RemoteTeacherError, match="answered without `prompt_logprobs`"):
+            teacher.score_trajectories([[5, 6, 7, 8]], torch.tensor([[0, 2]]), torch.tensor([[8, 9]]))
+        with pytest.raises(RemoteTeacherError, match="trajectory of 70 tokens does not fit .* `max_model_len` of 64"):
+            teacher.score_trajectories([list(range(3, 73))], torch.tensor([[0, 69]]), torch.tensor([[8, 9]]))
+    finally:
+        server.close()
+
+
+def test_a_teacher_used_before_prepare_or_without_its_distribution():
+    student = tiny_model("llama", seed=0)
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(RuntimeError, match=r"Call `teacher.prepare\(student\)` before using the teacher"):
+        LocalTeacher(tiny_model("llama", seed=1)).next_log_probs(ids, torch.ones_like(ids))
+
+    class ClaimsFullDistribution(LastCandidateTeacher):
+        full_distribution = True  # but implements no `next_log_probs`
+
+    with S2TLogitsProcessor(student, teacher=ClaimsFullDistribution(), trigger="kl", trigger_threshold=0.1) as s2t:
+        with pytest.raises(NotImplementedError, match="cannot give its distribution over the whole vocabulary"):
+            student.generate(ids, logits_processor=[s2t], **GREEDY)

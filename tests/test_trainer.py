@@ -421,3 +421,53 @@ def test_accelerate_launch_two_processes(tmp_path, groups):
     single = S2TTrainer(selector=loaded, args=make_args(tmp_path)).evaluate(groups.select(range(10)))
     assert single["eval_agreement"] == pytest.approx(agreement)
     assert single["eval_spearman"] == pytest.approx(spearman, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(margin=-1.0), "`margin` must be non-negative"),
+        (dict(teacher_kl_weight=-0.1), "`teacher_kl_weight` must be non-negative"),
+        (dict(lm_kl_weight=-0.1), "`lm_kl_weight` must be non-negative"),
+        (dict(scoring="mixed"), r"`scoring` must be one of \('pure', 'residual'\) or None"),
+        (dict(residual_tau=0.0), "`residual_tau` must be positive"),
+        (dict(max_context_length=0), "`max_context_length` must be a positive integer or None"),
+    ],
+)
+def test_training_arguments_name_the_bad_field(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_args(tmp_path, **overrides)
+
+
+def test_trainer_refuses_what_it_cannot_train(tmp_path):
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    selector = make_selector("llama", scoring="pure")
+    args = make_args(tmp_path)
+    with pytest.raises(TypeError, match="pass `selector=` instead of `model=`"):
+        S2TTrainer(selector=selector, args=args, model=selector.model)
+    with pytest.raises(TypeError, match="`args` must be `S2TTrainingArguments`, got TrainingArguments"):
+        S2TTrainer(selector=selector, args=TrainingArguments(output_dir=str(tmp_path), report_to="none"))
+    selector.save_pretrained(tmp_path / "selector")
+    frozen = S2TSelector.from_pretrained(tiny_model("llama", seed=0), tmp_path / "selector")
+    with pytest.raises(ValueError, match="no trainable parameter.*is_trainable=True"):
+        S2TTrainer(selector=frozen, args=args)
+    # empty or foreign datasets are refused at construction, not at the first step
+    empty = Dataset.from_dict({"context_ids": [], "cand_ids": [], "teacher_probs": []})
+    with pytest.raises(ValueError, match="`train_dataset` is empty: it holds no selection groups"):
+        S2TTrainer(selector=selector, args=args, train_dataset=empty)
+    with pytest.raises(ValueError, match="`eval_dataset` is empty"):
+        S2TTrainer(selector=selector, args=args, eval_dataset={"dev": empty})
+    text = Dataset.from_dict({"text": ["tom has 5 apples ."]})
+    with pytest.raises(KeyError, match=r"missing \['context_ids', 'cand_ids', 'teacher_probs'\]"):
+        S2TTrainer(selector=selector, args=args, train_dataset=text)
+
+
+def test_groups_of_another_vocabulary_are_refused(tmp_path):
+    selector = make_selector("llama", scoring="pure")
+    trainer = S2TTrainer(selector=selector, args=make_args(tmp_path))
+    batch = synthetic_batch()
+    batch["cand_ids"][0, 0] = 500  # collected with a model of a larger vocabulary
+    with pytest.raises(ValueError, match="token id 500 but the selector's model has 112 vocabulary rows"):
+        trainer.compute_loss(selector.model, batch)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging as std_logging
+import os
 import sys
 import time
 from typing import Any
@@ -66,6 +67,9 @@ def cmd_calibrate(args) -> None:
     from .processor import S2TLogitsProcessor
     from .prompts import prompt_token_ids
 
+    if args.trigger == "kl" and not args.teacher:
+        raise SystemExit("error: `--trigger kl` needs `--teacher` (the KL signal compares the student with it).")
+    prompts = _read_prompts(args.prompts)
     student, tokenizer = _load_model(args.model), _load_tokenizer(args.tokenizer or args.model)
     teacher = _load_model(args.teacher)
     # formatted as `collect` formats them: the chat template applied when the tokenizer has one
@@ -97,13 +101,25 @@ def cmd_train(args) -> None:
     from datasets import load_from_disk
 
     from .config import S2TConfig
+    from .data import METADATA_NAME
     from .selector import S2TSelector
     from .trainer import S2TTrainer, S2TTrainingArguments
 
-    model, tokenizer = _load_model(args.model), _load_tokenizer(args.tokenizer or args.model)
-    dataset = load_from_disk(args.data)
+    metadata = os.path.join(args.data, METADATA_NAME)
+    if os.path.isfile(metadata):
+        with open(metadata, encoding="utf-8") as f:
+            if not json.load(f).get("complete"):
+                raise SystemExit(
+                    f"error: `{args.data}` holds an unfinished collection; run `s2t-hf collect` again with the same "
+                    "arguments to finish it."
+                )
+    try:
+        dataset = load_from_disk(args.data)
+    except IndexError:  # `datasets` cannot read back a saved dataset of zero rows
+        dataset = []
     if len(dataset) == 0:
         raise SystemExit(f"error: `{args.data}` holds no selection groups; collect some with `s2t-hf collect`.")
+    model, tokenizer = _load_model(args.model), _load_tokenizer(args.tokenizer or args.model)
     config = S2TConfig(selection="local", scoring=args.scoring, residual_tau=args.residual_tau)
     selector = S2TSelector.create(model, tokenizer, num_bins=args.num_bins, use_lora=not args.head_only, config=config)
     split = dataset.train_test_split(test_size=max(1, len(dataset) // 10), seed=0)

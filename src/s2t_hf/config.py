@@ -256,6 +256,15 @@ def resolve_file(path_or_repo_id: str | os.PathLike, filename: str, subfolder: s
                 f"No `{filename}` in `{path_or_repo_id}`. Is it a directory written by `save_pretrained` of s2t_hf?"
             )
         return path
+    name = os.fspath(path_or_repo_id)
+    if os.path.isfile(name):
+        raise NotADirectoryError(
+            f"`{name}` is a file; pass the directory written by `save_pretrained` (the one holding `{filename}`)."
+        )
+    if os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(
+            f"`{name}` does not exist: no such local directory, and it is not a Hub repository id ('org/name')."
+        )
     from huggingface_hub import hf_hub_download
 
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import os
 import shutil
 from collections.abc import Iterable, Sequence
@@ -235,8 +236,9 @@ def collect_selection_data(
         if key in generation_kwargs:
             raise ValueError(f"`generation_kwargs` must not set `{key}`; it is set by `collect_selection_data`.")
 
-    encoded = prompt_token_ids(prompts, tokenizer, chat_template=chat_template, name="prompts")
     vocab = output_rows(student)
+    encoded = _check_prompt_vocab(prompt_token_ids(prompts, tokenizer, chat_template=chat_template, name="prompts"),
+                                  vocab, "prompts")
     if suppress_token_ids is None:
         suppress_token_ids = list(range(len(tokenizer), vocab)) if tokenizer is not None else []
     suppress = sorted({int(i) for i in suppress_token_ids})
@@ -273,8 +275,11 @@ def collect_selection_data(
             processor = context.make_processor(threshold)
             if threshold is None:
                 calibration = (
-                    prompt_token_ids(
-                        calibration_prompts, tokenizer, chat_template=chat_template, name="calibration_prompts"
+                    _check_prompt_vocab(
+                        prompt_token_ids(
+                            calibration_prompts, tokenizer, chat_template=chat_template, name="calibration_prompts"
+                        ),
+                        vocab, "calibration_prompts",
                     )
                     if calibration_prompts is not None
                     else encoded[:32]
@@ -531,6 +536,18 @@ def _columns(rows: list[dict[str, Any]]) -> dict[str, list]:
     return {name: [row[name] for row in rows] for name in selection_features()}
 
 
+def _check_prompt_vocab(encoded: list[list[int]], vocab: int, name: str) -> list[list[int]]:
+    """`encoded` itself, once every token id is checked to lie in `[0, vocab)` (the student's output rows)."""
+    for index, ids in enumerate(encoded):
+        if not 0 <= min(ids) <= max(ids) < vocab:
+            outside = sorted({int(t) for t in ids if not 0 <= t < vocab})
+            raise ValueError(
+                f"`{name}[{index}]` holds token ids {outside[:8]} outside the student's vocabulary of {vocab} rows; "
+                "encode the prompts with the student's tokenizer."
+            )
+    return encoded
+
+
 def _fingerprint(settings: _Settings, encoded: list[list[int]], student, teacher) -> str:
     from .selector import vocab_fingerprint
 
@@ -693,14 +710,8 @@ class SelectionGroupCollator:
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not features:
             raise ValueError("`features` is empty; a batch needs at least one selection group.")
-        missing = [k for k in ("context_ids", "cand_ids", "teacher_probs") if k not in features[0]]
-        if missing:
-            raise KeyError(
-                f"Selection groups need `context_ids`, `cand_ids` and `teacher_probs`; missing {missing}. Build the "
-                "dataset with `collect_selection_data`, and keep `remove_unused_columns=False` in the training "
-                "arguments."
-            )
-        contexts = [_as_list(f["context_ids"]) for f in features]
+        check_selection_columns(features[0])
+        contexts = [_token_ids(f["context_ids"], "context_ids") for f in features]
         if self.max_context_length is not None:
             contexts = [c[-self.max_context_length :] for c in contexts]
         if any(len(c) == 0 for c in contexts):
@@ -708,7 +719,9 @@ class SelectionGroupCollator:
         length = max(len(c) for c in contexts)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        candidates = [_as_list(f["cand_ids"]) for f in features]
+        candidates = [_token_ids(f["cand_ids"], "cand_ids") for f in features]
+        if any(len(c) == 0 for c in candidates):
+            raise ValueError("A selection group has no `cand_ids`; every group needs its candidates (K >= 2).")
         num_candidates = max(len(c) for c in candidates)
         batch = len(features)
         input_ids = torch.full((batch, length), self.pad_token_id, dtype=torch.long)
@@ -722,16 +735,11 @@ class SelectionGroupCollator:
             input_ids[i, length - len(context) :] = torch.tensor(context, dtype=torch.long)
             attention_mask[i, length - len(context) :] = 1
             k = len(cands)
-            teacher = _as_list(feature["teacher_probs"])
-            if len(teacher) != k:
-                raise ValueError(
-                    f"A selection group has {k} `cand_ids` but {len(teacher)} `teacher_probs`; they must match."
-                )
             cand_ids[i, :k] = torch.tensor(cands, dtype=torch.long)
             cand_mask[i, :k] = True
-            teacher_probs[i, :k] = torch.tensor(teacher, dtype=torch.float32)
+            teacher_probs[i, :k] = _probabilities(feature["teacher_probs"], "teacher_probs", k)
             if with_student:
-                student_probs[i, :k] = torch.tensor(_as_list(feature["student_probs"]), dtype=torch.float32)
+                student_probs[i, :k] = _probabilities(feature["student_probs"], "student_probs", k)
         out = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -744,7 +752,45 @@ class SelectionGroupCollator:
         return out
 
 
+def check_selection_columns(columns: Iterable[str]) -> None:
+    """Raises a `KeyError` naming the selection-group columns missing from `columns` (a dataset's or a row's)."""
+    columns = set(columns)
+    missing = [k for k in ("context_ids", "cand_ids", "teacher_probs") if k not in columns]
+    if missing:
+        raise KeyError(
+            f"Selection groups need `context_ids`, `cand_ids` and `teacher_probs`; missing {missing}. Build the "
+            "dataset with `collect_selection_data`, and keep `remove_unused_columns=False` in the training "
+            "arguments."
+        )
+
+
 def _as_list(values: Any) -> list:
     if isinstance(values, torch.Tensor):
         return values.tolist()
     return list(values)
+
+
+def _token_ids(values: Any, name: str) -> list[int]:
+    """A group's `context_ids` or `cand_ids`: a flat list of non-negative integers."""
+    ids = _as_list(values)
+    if not all(_is_token_id(t) and t >= 0 for t in ids):
+        raise ValueError(
+            f"A selection group's `{name}` must be a flat list of token ids (integers >= 0), got {str(ids)[:120]}. "
+            "Build the dataset with `collect_selection_data`."
+        )
+    return ids
+
+
+def _probabilities(values: Any, name: str, num_candidates: int) -> torch.Tensor:
+    """A group's `teacher_probs` or `student_probs`: one finite, non-negative number per candidate."""
+    probs = _as_list(values)
+    if len(probs) != num_candidates:
+        raise ValueError(
+            f"A selection group has {num_candidates} `cand_ids` but {len(probs)} `{name}`; they must match."
+        )
+    if not all(isinstance(p, numbers.Real) and math.isfinite(p) and p >= 0 for p in probs):
+        raise ValueError(
+            f"A selection group's `{name}` must hold one finite, non-negative probability per candidate, got "
+            f"{str(probs)[:120]}."
+        )
+    return torch.tensor(probs, dtype=torch.float32)

@@ -532,6 +532,13 @@ class S2TSelector:
                 from transformers.pytorch_utils import Conv1D
 
                 target_modules = list(target_modules)
+                names = [name for name, _ in model.named_modules()]
+                if not any(n == t or n.endswith(f".{t}") for n in names for t in target_modules):
+                    raise ValueError(
+                        f"`target_modules={target_modules}` match no module of {type(model).__name__}; its "
+                        f"projections are {_projection_names(model, head)[0]}. Pass some of these, or leave "
+                        "`target_modules=None` to put LoRA on all of them."
+                    )
                 conv1d = any(
                     isinstance(m, Conv1D) and name.rsplit(".", 1)[-1] in target_modules
                     for name, m in model.named_modules()

@@ -25,8 +25,8 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import logging
 
 from .config import CONFIG_NAME, SCORING_KINDS
-from .data import SelectionGroupCollator
-from .kv import architecture_scoring_support, packed_candidate_masks, positions_from_attention_mask
+from .data import SelectionGroupCollator, check_selection_columns
+from .kv import architecture_scoring_support, output_rows, packed_candidate_masks, positions_from_attention_mask
 from .losses import lm_kl_divergence, selection_loss, selection_metrics
 from .selection import local_candidate_logits, selector_log_probs
 
@@ -123,6 +123,21 @@ class S2TTrainingArguments(TrainingArguments):
                 "`remove_unused_columns=True` would drop the selection-group columns (`context_ids`, `cand_ids`, "
                 "`teacher_probs`) that the collator reads; set `remove_unused_columns=False`."
             )
+
+
+def _check_dataset(dataset: Any, name: str) -> None:
+    """Refuses an empty dataset, or one without the selection-group columns, before training starts."""
+    for part in dataset.values() if isinstance(dataset, dict) else [dataset]:
+        if part is None or isinstance(part, torch.utils.data.IterableDataset):
+            continue
+        if hasattr(part, "__len__") and len(part) == 0:
+            raise ValueError(
+                f"`{name}` is empty: it holds no selection groups. Collect some with `collect_selection_data`, or "
+                "check the filter or split that emptied it."
+            )
+        columns = getattr(part, "column_names", None)
+        if columns is not None:
+            check_selection_columns(columns)
 
 
 @dataclass
@@ -233,6 +248,8 @@ class S2TTrainer(Trainer):
                 "The selector has no trainable parameter (loaded for inference?). Load it with "
                 "`S2TSelector.from_pretrained(model, path, is_trainable=True)` to continue training."
             )
+        _check_dataset(train_dataset, "train_dataset")
+        _check_dataset(eval_dataset, "eval_dataset")
         overrides = {}
         if args.scoring is not None:
             overrides["scoring"] = args.scoring
@@ -364,6 +381,14 @@ class S2TTrainer(Trainer):
         args = self.args
         config = self.selector.config
         cand_ids = inputs["cand_ids"]
+        rows = output_rows(self.selector.base_model)
+        largest = int(torch.maximum(inputs["input_ids"].max(), cand_ids.max()))
+        if largest >= rows:
+            raise ValueError(
+                f"The batch holds token id {largest} but the selector's model has {rows} vocabulary rows: the "
+                "selection groups were collected with another model or tokenizer. Collect them with the base model "
+                "of the selector."
+            )
         cand_mask = inputs.get("cand_mask")
         if cand_mask is None:
             cand_mask = torch.ones_like(cand_ids, dtype=torch.bool)

@@ -54,7 +54,11 @@ def threshold_for_rate(signals: torch.Tensor, rate: float) -> float:
         rate (`float`): target trigger rate in (0, 1).
     """
     if signals.numel() == 0:
-        raise ValueError("No signal values were collected; give calibration prompts that generate at least one token.")
+        raise ValueError(
+            "No signal values were collected: the calibration generations had no eligible step (the first "
+            "`warmup_tokens` generated tokens never count). Give more or longer prompts, raise `max_new_tokens`, "
+            "or lower `warmup_tokens`."
+        )
     if not 0.0 < rate < 1.0:
         raise ValueError(f"`target_rate` must lie in (0, 1), got {rate}.")
     values = signals.double().flatten()

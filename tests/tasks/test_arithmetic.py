@@ -408,3 +408,62 @@ def test_docstring_examples_run(module):
         runner.run(test)
     results = runner.summarize(verbose=False)
     assert results.attempted > 0 and results.failed == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(max_value=5), "`max_value` must be at least 9"),
+        (dict(min_distractors=2, max_distractors=1), "`min_distractors` and `max_distractors` must satisfy"),
+        (dict(max_fillers=-1), "`max_fillers` must be >= 0"),
+        (dict(multiply_probability=1.5), r"`multiply_probability` must be in \[0, 1\]"),
+    ],
+)
+def test_task_config_names_the_bad_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ArithmeticTaskConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(batch_size=0), "`batch_size` must be a positive int, got 0"),
+        (dict(student_target_accuracy=0.99), r"`student_target_accuracy` \(0.99\) must lie in"),
+        (dict(max_minutes=0), "`max_minutes` must be positive or None"),
+        (dict(num_threads=0), "`num_threads` must be >= 1 or None"),
+    ],
+)
+def test_pair_config_names_the_bad_field(kwargs, message):
+    from s2t_hf.tasks import PairTrainingConfig
+
+    with pytest.raises(ValueError, match=message):
+        PairTrainingConfig(**kwargs)
+
+
+def test_task_helpers_refuse_bad_arguments(tokenizer, tiny_model):
+    from s2t_hf.tasks import PairTrainingConfig, generate_solutions
+
+    with pytest.raises(ValueError, match="`num_problems` must be a non-negative int, got -1"):
+        generate_problems(-1, "train")
+    with pytest.raises(ValueError, match="`extra_words` must be non-empty words without whitespace, got 'two words'"):
+        build_tokenizer(extra_words=["two words"])
+    with pytest.raises(ValueError, match="`role` must be one of"):
+        PairTrainingConfig().model_config("assistant", tokenizer)
+    with pytest.raises(ValueError, match="`batch_size` must be >= 1, got 0"):
+        generate_solutions(tiny_model, tokenizer, generate_problems(1, "test"), batch_size=0)
+
+
+def test_load_pair_refuses_what_is_no_trained_pair(tmp_path, monkeypatch):
+    from conftest import custom_code_checkpoint
+
+    from s2t_hf.tasks import load_pair
+
+    with pytest.raises(FileNotFoundError, match=r"not a trained arithmetic pair: \['teacher', 'student'"):
+        load_pair(tmp_path / "nowhere")
+    for role in ("teacher", "student"):  # a pair folder whose checkpoints ask for custom code: never run
+        custom_code_checkpoint(tmp_path / "pair" / role)
+    (tmp_path / "pair" / "pair_info.json").write_text("{}")
+    monkeypatch.setattr("builtins.input", lambda *args: "y")  # no prompt asks for it (the user would say yes)
+    with pytest.raises(ValueError, match="(?s)contains custom code.*trust_remote_code"):
+        load_pair(tmp_path / "pair")
+    assert not (tmp_path / "pair" / "teacher" / "RAN").exists()

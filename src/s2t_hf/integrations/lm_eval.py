@@ -88,11 +88,16 @@ class S2TLM(HFLM):
         **kwargs: Any,
     ):
         s2t_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _CONFIG_FIELDS}
-        super().__init__(pretrained=pretrained, **kwargs)
         if selector is not None and teacher is not None and s2t_kwargs.get("selection", "local") == "local":
-            raise ValueError("Give either `selector` (S2T-Local) or `teacher` (S2T / takeover), or set `selection`.")
+            raise ValueError(
+                "Give either `selector` (S2T-Local) or `teacher` (S2T / takeover), not both; or set `selection` to "
+                "`teacher` or `takeover` to use the teacher with the selector's saved settings."
+            )
+        super().__init__(pretrained=pretrained, **kwargs)
         self.calibration_size = int(calibration_size)
-        self._teacher_object = self._load_teacher(teacher, teacher_model, teacher_dtype or kwargs.get("dtype", "auto"))
+        dtype = teacher_dtype or kwargs.get("dtype", "auto")
+        trust_remote_code = kwargs.get("trust_remote_code", False)
+        self._teacher_object = self._load_teacher(teacher, teacher_model, dtype, trust_remote_code)
         if selector is not None:
             processor = S2TLogitsProcessor.from_pretrained(selector, model=self.model, teacher=self._teacher_object,
                                                            tokenizer=self.tokenizer, **s2t_kwargs)
@@ -110,7 +115,9 @@ class S2TLM(HFLM):
                 "then calibrated on the first prompts) in `--model_args`."
             )
 
-    def _load_teacher(self, teacher: Any, served_model: str | None, dtype: Any) -> Any:
+    def _load_teacher(self, teacher: Any, served_model: str | None, dtype: Any, trust_remote_code: bool) -> Any:
+        """The teacher object: as given, a `RemoteTeacher` for an address, or a model loaded as the student is (its
+        custom code runs only with `trust_remote_code=True` in `--model_args`, as for the student)."""
         if teacher is None or not isinstance(teacher, str):
             return teacher
         if teacher.startswith(("http://", "https://")):
@@ -121,7 +128,7 @@ class S2TLM(HFLM):
 
         if isinstance(dtype, str) and dtype != "auto":
             dtype = getattr(torch, dtype)
-        model = AutoModelForCausalLM.from_pretrained(teacher, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(teacher, dtype=dtype, trust_remote_code=bool(trust_remote_code))
         return model.to(self.device).eval()
 
     def generate_until(self, requests, disable_tqdm: bool = False):

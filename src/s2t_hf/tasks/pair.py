@@ -711,9 +711,9 @@ def load_pair(path: str | os.PathLike) -> tuple[PreTrainedModel, PreTrainedModel
         raise FileNotFoundError(
             f"`path` ({path}) is not a trained arithmetic pair: {missing} missing. Train one with `train_pair`."
         )
-    teacher = AutoModelForCausalLM.from_pretrained(path / "teacher").eval()
-    student = AutoModelForCausalLM.from_pretrained(path / "student").eval()
-    tokenizer = AutoTokenizer.from_pretrained(path / "student")
+    teacher = AutoModelForCausalLM.from_pretrained(path / "teacher", trust_remote_code=False).eval()
+    student = AutoModelForCausalLM.from_pretrained(path / "student", trust_remote_code=False).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path / "student", trust_remote_code=False)
     return teacher, student, tokenizer
 
 
