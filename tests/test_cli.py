@@ -1,5 +1,5 @@
-"""The `s2t-hf` command line: what `calibrate` and `evaluate` compute, what it refuses before any work, and that it never
-runs a checkpoint's custom code."""
+"""The `s2t-hf` command line: what `calibrate` and `evaluate` compute, what it refuses before any work, and that it
+never runs a checkpoint's custom code."""
 
 from __future__ import annotations
 
@@ -115,13 +115,15 @@ def test_refused_before_any_work(checkpoint, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("tom has 5 apples .\n")
     out = str(tmp_path / "out")
-    with pytest.raises(SystemExit, match="`--trigger kl` needs `--teacher`"):
+    with pytest.raises(SystemExit) as refused:  # argparse: "the following arguments are required: --teacher"
         cli.main(["calibrate", "--model", str(checkpoint), "--prompts", str(prompts), "--trigger", "kl",
                   "--output-dir", out])
+    assert refused.value.code == 2
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     with pytest.raises(SystemExit, match="`.*empty.txt` holds no prompts"):
-        cli.main(["calibrate", "--model", str(checkpoint), "--prompts", str(empty), "--output-dir", out])
+        cli.main(["calibrate", "--model", str(checkpoint), "--teacher", str(checkpoint), "--prompts", str(empty),
+                  "--output-dir", out])
     data = tmp_path / "groups"
     Dataset.from_dict({"context_ids": [], "cand_ids": [], "teacher_probs": []}).save_to_disk(str(data))
     with pytest.raises(SystemExit, match="holds no selection groups; collect some with `s2t-hf collect`"):
@@ -138,7 +140,7 @@ def test_custom_code_of_a_checkpoint_never_runs(checkpoint, tmp_path, monkeypatc
     monkeypatch.setattr("builtins.input", lambda *args: "y")  # no prompt asks for it (the user would say yes)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("tom has 5 apples .\n")
-    common = ["--prompts", str(prompts), "--output-dir", str(tmp_path / "out")]
+    common = ["--prompts", str(prompts), "--teacher", str(checkpoint), "--output-dir", str(tmp_path / "out")]
     for arguments in (["--model", str(custom)], ["--model", str(checkpoint), "--tokenizer", str(custom)]):
         with pytest.raises(ValueError, match="(?s)contains custom code.*trust_remote_code"):
             cli.main(["calibrate", *arguments, *common])

@@ -265,19 +265,23 @@ def test_prompts_in_a_wrong_form_are_named(pair):
     def collect(prompts, **kwargs):
         return collect_selection_data(student, teacher, prompts=prompts, **kwargs)
 
-    for single in ("tom has 5 apples .", [5, 6, 7], [{"role": "user", "content": "hi"}], torch.tensor([5, 6, 7])):
-        with pytest.raises(TypeError, match=r"`prompts` must be a list of prompts, got a single prompt.*\[prompt\]"):
+    for single, named in (("tom has 5 apples .", "must be a list of prompts, got one string; wrap it in a list"),
+                          ([5, 6, 7], "holds integers: one prompt's token ids\\? Wrap it in a list"),
+                          ([{"role": "user", "content": "hi"}], "is one chat \\(a list of messages\\); wrap it")):
+        with pytest.raises(TypeError, match=f"`prompts` {named}"):
             collect(single)
+    with pytest.raises(ValueError, match=r"`prompts` as a tensor must be 2-D"):
+        collect(torch.tensor([5, 6, 7]))
     with pytest.raises(TypeError, match=r"`prompts\[1\]` must be a string, a list of chat messages or"):
         collect([[5, 6], 3.5])
-    with pytest.raises(ValueError, match=r"`prompts\[0\]` encodes to no tokens"):
+    with pytest.raises(ValueError, match=r"`prompts\[0\]` is empty \(no tokens\)"):
         collect([[]])
     with pytest.raises(ValueError, match=r"`prompts\[1\]` holds token ids \[96, 500\] outside the student's"):
         collect([[5, 6], [96, 7, 500]])
-    with pytest.raises(ValueError, match=r"`calibration_prompts\[0\]` holds token ids \[-1\]"):
+    with pytest.raises(ValueError, match=r"`calibration_prompts\[0\]` holds negative token ids"):
         collect([[5, 6]], mode="on_policy", calibration_prompts=[[-1, 5]])
     tokenizer = build_tokenizer()
-    with pytest.raises(ValueError, match=r"`prompts\[0\]` is a list of chat messages but the chat template is"):
+    with pytest.raises(ValueError, match=r"`prompts\[0\]` is a list of chat messages but `chat_template=False`"):
         collect([[{"role": "user", "content": "tom"}]], tokenizer=tokenizer, chat_template=False)
     tokenizer.chat_template = None
     with pytest.raises(ValueError, match="`chat_template=True` but the tokenizer has no chat template"):

@@ -22,7 +22,7 @@ import torch
 from transformers.utils import logging
 
 from .kv import output_rows, positions_from_attention_mask
-from .prompts import left_pad, prompt_token_ids
+from .prompts import is_token_id, left_pad, prompt_token_ids
 from .selection import top_k_candidates
 from .teachers import Teacher, as_teacher
 from .triggers import entropy_signal, kl_signal
@@ -773,7 +773,7 @@ def _as_list(values: Any) -> list:
 def _token_ids(values: Any, name: str) -> list[int]:
     """A group's `context_ids` or `cand_ids`: a flat list of non-negative integers."""
     ids = _as_list(values)
-    if not all(_is_token_id(t) and t >= 0 for t in ids):
+    if not all(is_token_id(t) and t >= 0 for t in ids):
         raise ValueError(
             f"A selection group's `{name}` must be a flat list of token ids (integers >= 0), got {str(ids)[:120]}. "
             "Build the dataset with `collect_selection_data`."

@@ -30,10 +30,13 @@ def _is_messages(prompt: Any) -> bool:
     return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(isinstance(m, dict) for m in prompt)
 
 
+def is_token_id(value: Any) -> bool:
+    """Whether `value` is an integer token id (Python or numpy integer; not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _is_token_ids(prompt: Any) -> bool:
-    return isinstance(prompt, (list, tuple)) and all(
-        isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt
-    )
+    return isinstance(prompt, (list, tuple)) and all(is_token_id(t) for t in prompt)
 
 
 def _as_prompt_list(prompts: Any, name: str) -> list[Any]:
@@ -48,7 +51,7 @@ def _as_prompt_list(prompts: Any, name: str) -> list[Any]:
     if _is_messages(prompts):
         raise TypeError(f"`{name}` is one chat (a list of messages); wrap it in a list for one prompt: `[messages]`.")
     prompts = list(prompts)
-    if prompts and all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompts):
+    if prompts and all(is_token_id(t) for t in prompts):
         raise TypeError(f"`{name}` holds integers: one prompt's token ids? Wrap it in a list: `[[{prompts[0]}, ...]]`.")
     return prompts
 
