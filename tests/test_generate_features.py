@@ -180,6 +180,8 @@ def test_refused_decoding_methods_are_named(path):
         (dict(assistant_model=tiny_model("llama", seed=2)), "assistant_model"),
         (dict(prompt_lookup_num_tokens=2), "prompt_lookup_num_tokens"),
     ]
+    if path == "fused":  # the drop-in path leaves these to transformers (they moved to `custom_generate` repos)
+        cases += [(dict(dola_layers="high"), "DoLa.*dola_layers"), (dict(penalty_alpha=0.6, top_k=4), "penalty_alpha")]
     for kwargs, named in cases:
         with s2t_for(model, "teacher", teacher) as s2t, pytest.raises(ValueError, match=named):
             run(model, s2t, path, input_ids=prompt, **kwargs)

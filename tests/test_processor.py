@@ -413,8 +413,10 @@ def test_wrong_construction_arguments_are_named():
         S2TLogitsProcessor(student, {"trigger": "never"})
     with pytest.raises(TypeError, match="`model` must be the model you call `generate` on"):
         S2TLogitsProcessor(None, trigger="never")
-    with pytest.raises(TypeError, match="unexpected keyword argument 'topk'"):
+    with pytest.raises(TypeError, match="Unknown S2T setting.*`topk` \\(did you mean `top_k`\\?\\)"):
         S2TLogitsProcessor(student, trigger="never", topk=4)
+    with pytest.raises(TypeError, match="`selector` must be an `S2TSelector`, got object"):
+        S2TLogitsProcessor(student, selector=object(), selection="local", trigger="always")
     with pytest.raises(TypeError, match="`teacher` must be a transformers model or a `Teacher`"):
         S2TLogitsProcessor(student, teacher="Qwen/Qwen2.5-32B-Instruct", trigger="always")
     config = S2TConfig(trigger="never", num_bins=2, bin_token_ids=[200, 201])  # a selector's config of another model
@@ -452,3 +454,11 @@ def test_teacher_on_another_device():
     with S2TLogitsProcessor(student, teacher=teacher, trigger="always", selection="takeover", warmup_tokens=0) as s2t:
         out = student.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=[s2t], **GREEDY)
     assert out.device.type == "cpu" and torch.equal(out, teacher_out.cpu())
+
+
+def test_a_closed_processor_says_so():
+    student, teacher = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    with S2TLogitsProcessor(student, teacher=teacher, trigger="always", top_k=4) as s2t:
+        student.generate(torch.tensor([[5, 6, 7]]), logits_processor=[s2t], **GREEDY)
+    with pytest.raises(ValueError, match="S2TLogitsProcessor is closed.*`with S2TLogitsProcessor"):
+        student.generate(torch.tensor([[5, 6, 7]]), logits_processor=[s2t], **GREEDY)

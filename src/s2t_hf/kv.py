@@ -82,6 +82,11 @@ class GenerationStateHook:
         self._handle = None
         self.attach()
 
+    @property
+    def attached(self) -> bool:
+        """Whether the hook is registered on the module."""
+        return self._handle is not None
+
     def attach(self) -> None:
         """Registers the hook on the module (again, after [`remove`]); a no-op while it is registered."""
         if self._handle is None:

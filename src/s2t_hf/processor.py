@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -140,6 +141,12 @@ class S2TLogitsProcessor(LogitsProcessor):
         record_triggers: bool = False,
         **config_kwargs: Any,
     ):
+        fields = {f.name for f in dataclasses.fields(S2TConfig)}
+        unknown = sorted(set(config_kwargs) - fields)
+        if unknown:
+            close = {name: difflib.get_close_matches(name, fields, n=1) for name in unknown}
+            hints = ", ".join(f"`{n}`" + (f" (did you mean `{c[0]}`?)" if c else "") for n, c in close.items())
+            raise TypeError(f"Unknown S2T setting(s) {hints}; the settings are the fields of `S2TConfig`.")
         if config is None:
             config = S2TConfig(**config_kwargs)
         elif config_kwargs:
@@ -171,6 +178,13 @@ class S2TLogitsProcessor(LogitsProcessor):
                 raise ValueError(
                     "`selection='local'` needs a trained `selector` (an `S2TSelector`); load one with "
                     "`S2TLogitsProcessor.from_pretrained(path_or_repo_id, model=model)`."
+                )
+            from .selector import S2TSelector
+
+            if not isinstance(selector, S2TSelector):
+                raise TypeError(
+                    f"`selector` must be an `S2TSelector`, got {type(selector).__name__}; load one with "
+                    "`S2TSelector.from_pretrained(model, path)` (or use `S2TLogitsProcessor.from_pretrained`)."
                 )
             if _unwrap(selector.model) is not self.student:
                 raise ValueError(
@@ -439,6 +453,11 @@ class S2TLogitsProcessor(LogitsProcessor):
 
     def _check_step(self, input_ids: torch.Tensor) -> None:
         record = self._hook.last
+        if not self._hook.attached:
+            raise ValueError(
+                "S2TLogitsProcessor is closed (its `with` block ended or `remove_hooks()` was called): use it inside "
+                "`with S2TLogitsProcessor(...) as s2t:`, or open it again with another `with` block."
+            )
         if record is None or self._hook.forwards == self._forwards_seen:
             raise ValueError(
                 "S2TLogitsProcessor was called without a new forward of its `model` since its last step. Either "

@@ -60,7 +60,11 @@ def generate(model: torch.nn.Module, s2t: S2TLogitsProcessor, **generate_kwargs:
         raise TypeError(f"`s2t` must be an `S2TLogitsProcessor`, got {type(s2t).__name__}.")
     if "custom_generate" in generate_kwargs:
         raise ValueError("`s2t_hf.generate` sets `custom_generate` itself; remove it from the arguments.")
-    for name, what in (("assistant_model", "assisted generation"), ("prompt_lookup_num_tokens", "prompt-lookup generation")):
+    refused = (
+        ("assistant_model", "assisted generation"), ("prompt_lookup_num_tokens", "prompt-lookup generation"),
+        ("dola_layers", "DoLa decoding"), ("penalty_alpha", "contrastive search"),
+    )
+    for name, what in refused:
         if generate_kwargs.get(name) is not None:
             raise ValueError(f"S2T supports greedy search and sampling only, not {what}: remove `{name}`.")
     if generate_kwargs.get("num_beams", 1) != 1:
