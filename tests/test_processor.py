@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import ARCHITECTURES, EOS, GREEDY, PAD, entropy_gap_threshold, left_padded_batch, tiny_model
 
-from s2t_hf import S2TConfig, S2TLogitsProcessor
+from s2t_hf import S2TConfig, S2TLogitsProcessor, S2TSelector
 
 
 def generated_rows(output: torch.Tensor, prompt_length: int) -> list[list[int]]:
@@ -247,21 +247,11 @@ def test_reserved_rows_are_never_generated():
     student = tiny_model("llama", seed=0)
     plain = student.generate(torch.tensor([[5, 6, 7]]), output_scores=True, return_dict_in_generate=True, **GREEDY)
     favourite = int(plain.scores[0].argmax())
-    selector = _FakeSelector(student, [favourite])
+    others = [t for t in range(80, 96) if t != favourite][:3]
+    selector = S2TSelector.create(student, bin_token_ids=[favourite, *others], use_lora=False)
     with S2TLogitsProcessor(student, trigger="never", selection="local", selector=selector) as s2t:
         out = student.generate(torch.tensor([[5, 6, 7]]), logits_processor=[s2t], **GREEDY)
     assert favourite not in out[0, 3:].tolist()
-
-
-class _FakeSelector:
-    """Only what the processor reads when it never triggers."""
-
-    preserves_cache = True
-
-    def __init__(self, model, bin_token_ids):
-        self.model = model
-        self.bin_token_ids = bin_token_ids
-        self.config = S2TConfig(selection="local")
 
 
 def test_unsupported_modes_raise():

@@ -80,7 +80,8 @@ def takeover_selection(
         `torch.Tensor` of shape `(batch,)`: token ids; -1 in a row whose allowed tokens all have `-inf` teacher scores
         (the teacher cannot rank any of them; the processor then keeps the student's top-1).
     """
-    logits = teacher_log_probs.float().nan_to_num(nan=float("-inf"))  # a NaN never wins
+    logits = teacher_log_probs.float()
+    logits = logits.masked_fill(torch.isnan(logits), float("-inf"))  # a NaN never wins
     if blocked_ids is not None and blocked_ids.numel():
         logits = logits.index_fill(-1, blocked_ids.to(logits.device), float("-inf"))
     if allowed is None:

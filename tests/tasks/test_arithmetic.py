@@ -449,7 +449,7 @@ def test_task_helpers_refuse_bad_arguments(tokenizer, tiny_model):
         build_tokenizer(extra_words=["two words"])
     with pytest.raises(ValueError, match="`role` must be one of"):
         PairTrainingConfig().model_config("assistant", tokenizer)
-    with pytest.raises(ValueError, match="`batch_size` must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="`batch_size` must be a positive integer, got 0"):
         generate_solutions(tiny_model, tokenizer, generate_problems(1, "test"), batch_size=0)
 
 
