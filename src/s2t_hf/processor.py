@@ -40,6 +40,17 @@ _ADAPTER_CHANGES_CACHE = (
     "(create the selector with `preserve_cache=True` to score on the cache)"
 )
 
+INPUTS_EMBEDS_REFUSED = (
+    "`generate` was given the prompt as `inputs_embeds`: S2T needs its token ids (the teacher reads them and "
+    "candidates are scored after them). Pass `input_ids` (and `attention_mask`) instead."
+)
+
+
+def forced_scores(scores: torch.Tensor, chosen: torch.Tensor, triggered: torch.Tensor) -> torch.Tensor:
+    """`scores` with every triggered row `-inf` but at its `chosen` token (score 0), so any decoding emits it."""
+    forced = torch.full_like(scores, float("-inf")).scatter_(-1, chosen.clamp_min(0)[:, None], 0.0)
+    return torch.where(triggered[:, None], forced, scores)
+
 
 @dataclasses.dataclass
 class PendingSelection:
@@ -410,10 +421,7 @@ class S2TLogitsProcessor(LogitsProcessor):
             calls += 1
         out = {name: totals.get(name, 0) for name in self._SUMMED_STATS}
         out["generate_calls"] = calls
-        out["trigger_rate"] = out["triggers"] / out["eligible_steps"] if out["eligible_steps"] else 0.0
-        out["teacher_hit_rate"] = out["teacher_hits"] / out["triggers"] if out["triggers"] else 0.0
-        out["flip_rate"] = out["flips"] / out["triggers"] if out["triggers"] else 0.0
-        return out
+        return _with_rates(out)
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -435,10 +443,7 @@ class S2TLogitsProcessor(LogitsProcessor):
             values = self._row_stats.get(name)
             out[name] = int(values.sum()) if values is not None else 0
             out[f"{name}_per_row"] = values.tolist() if values is not None else []
-        out["trigger_rate"] = out["triggers"] / out["eligible_steps"] if out["eligible_steps"] else 0.0
-        out["teacher_hit_rate"] = out["teacher_hits"] / out["triggers"] if out["triggers"] else 0.0
-        out["flip_rate"] = out["flips"] / out["triggers"] if out["triggers"] else 0.0
-        return out
+        return _with_rates(out)
 
     # ------------------------------------------------------------------ the processor
 
@@ -555,10 +560,7 @@ class S2TLogitsProcessor(LogitsProcessor):
         self._check_step(input_ids)
         if self._prompt_length is None:
             if input_ids.shape[1] == 0 and self.config.trigger != "never":
-                raise ValueError(
-                    "`generate` was given the prompt as `inputs_embeds`: S2T needs its token ids (the teacher reads "
-                    "them and candidates are scored after them). Pass `input_ids` (and `attention_mask`) instead."
-                )
+                raise ValueError(INPUTS_EMBEDS_REFUSED)
             if bool((torch.logsumexp(scores.float(), dim=-1).abs() < 1e-4).all()):
                 raise ValueError(
                     "S2TLogitsProcessor supports greedy search and sampling only, but it received normalised "
@@ -634,9 +636,7 @@ class S2TLogitsProcessor(LogitsProcessor):
             self._account(
                 input_ids, mask, signal, triggered, candidate_ids, candidate_log_probs, teacher_choice, chosen, None
             )
-        forced = torch.full_like(scores, float("-inf"))
-        forced.scatter_(-1, chosen.clamp_min(0)[:, None], 0.0)
-        return torch.where(triggered[:, None], forced, scores)
+        return forced_scores(scores, chosen, triggered)
 
     def _account(
         self, input_ids, mask, signal, triggered, candidate_ids, candidate_log_probs, teacher_choice, chosen,
@@ -867,6 +867,14 @@ class S2TLogitsProcessor(LogitsProcessor):
         self.reset()
         self.reset_total_stats()  # calibration decoded nothing to count
         return threshold
+
+
+def _with_rates(counts: dict[str, Any]) -> dict[str, Any]:
+    """`counts` with `trigger_rate`, `teacher_hit_rate` and `flip_rate` added (0 where nothing was counted)."""
+    counts["trigger_rate"] = counts["triggers"] / counts["eligible_steps"] if counts["eligible_steps"] else 0.0
+    counts["teacher_hit_rate"] = counts["teacher_hits"] / counts["triggers"] if counts["triggers"] else 0.0
+    counts["flip_rate"] = counts["flips"] / counts["triggers"] if counts["triggers"] else 0.0
+    return counts
 
 
 def _prompt_batches(

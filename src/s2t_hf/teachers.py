@@ -749,10 +749,7 @@ class RemoteTeacher(Teacher):
         token_ids = torch.tensor([a["token"] for a in answers], dtype=torch.long, device=device)
         matches = candidate_ids == token_ids[:, None]
         if not bool(matches.any(-1).all()):
-            raise RemoteTeacherError(
-                "The teacher server returned a token outside `allowed_token_ids`; it does not support vLLM's "
-                "`allowed_token_ids` extension."
-            )
+            raise self._outside_allowed_ids()
         top1 = None  # the teacher's top-1 over its vocabulary: the first of its raw top log-probabilities
         if all(a["top"] for a in answers):
             top1 = torch.tensor([max(a["top"], key=a["top"].get) for a in answers], dtype=torch.long, device=device)
@@ -781,10 +778,7 @@ class RemoteTeacher(Teacher):
             allowed_ids = allowed_rows[n].nonzero()[:, 0].tolist()
             constrained = self._parse_one(self._complete(contexts[n], **params, allowed_token_ids=allowed_ids))
             if not self._is_allowed(allowed_rows[n], constrained["token"]):
-                raise RemoteTeacherError(
-                    "The teacher server returned a token outside `allowed_token_ids`; it does not support vLLM's "
-                    "`allowed_token_ids` extension."
-                )
+                raise self._outside_allowed_ids()
             return {**constrained, "top1": answer["token"]}
 
         answers = self._map(one, list(range(len(contexts))))
@@ -797,6 +791,12 @@ class RemoteTeacher(Teacher):
             tops = [{**a["top"], a["token"]: a["log_prob"]} for a in answers]
             log_probs = self._fill_log_probs(contexts, candidate_ids, tops)
         return TeacherChoice(token_ids=token_ids, top1=top1, candidate_log_probs=log_probs)
+
+    def _outside_allowed_ids(self) -> RemoteTeacherError:
+        return RemoteTeacherError(
+            f"The teacher server at {self.base_url} returned a token outside `allowed_token_ids`; it does not support "
+            "vLLM's `allowed_token_ids` extension."
+        )
 
     @staticmethod
     def _is_allowed(allowed_row: torch.Tensor, token: int) -> bool:

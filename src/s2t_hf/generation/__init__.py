@@ -60,15 +60,11 @@ def generate(model: torch.nn.Module, s2t: S2TLogitsProcessor, **generate_kwargs:
         raise TypeError(f"`s2t` must be an `S2TLogitsProcessor`, got {type(s2t).__name__}.")
     if "custom_generate" in generate_kwargs:
         raise ValueError("`s2t_hf.generate` sets `custom_generate` itself; remove it from the arguments.")
-    refused = (
-        ("assistant_model", "assisted generation"), ("prompt_lookup_num_tokens", "prompt-lookup generation"),
-        ("dola_layers", "DoLa decoding"), ("penalty_alpha", "contrastive search"),
-    )
-    for name, what in refused:
-        if generate_kwargs.get(name) is not None:
-            raise ValueError(f"S2T supports greedy search and sampling only, not {what}: remove `{name}`.")
-    if generate_kwargs.get("num_beams", 1) != 1:
-        raise ValueError("S2T supports greedy search and sampling only, not beam search: set `num_beams=1`.")
+    # the other refused decoding methods are in the generation config, checked by the decoding method itself
+    if generate_kwargs.get("assistant_model") is not None:
+        raise ValueError(
+            "S2T supports greedy search and sampling only, not assisted generation: remove `assistant_model`."
+        )
     # transformers hands a callable `custom_generate` only the arguments `_sample` lacks, and drops the tokenizer: the
     # streamer goes by another name, stop strings as a stopping criterion built here
     streamer = generate_kwargs.get("streamer")

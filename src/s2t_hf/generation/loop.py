@@ -30,7 +30,7 @@ from ..kv import (
     scoring_masks,
     scoring_view,
 )
-from ..processor import PendingSelection, S2TLogitsProcessor
+from ..processor import INPUTS_EMBEDS_REFUSED, PendingSelection, S2TLogitsProcessor, forced_scores
 
 
 logger = logging.get_logger(__name__)
@@ -57,20 +57,28 @@ def _find_processor(logits_processor: LogitsProcessorList, s2t: S2TLogitsProcess
     return s2t
 
 
+# decoding methods a generation config can ask for that S2T does not serve (assisted generation's `assistant_model`
+# never reaches a decoding method: `s2t_hf.generate` refuses it)
+_REFUSED_MODES = (
+    ("prompt_lookup_num_tokens", "prompt-lookup generation"), ("dola_layers", "DoLa decoding"),
+    ("penalty_alpha", "contrastive search"),
+)
+
+
 def _check_model_kwargs(model_kwargs: dict[str, Any], generation_config) -> None:
+    for name, what in _REFUSED_MODES:
+        if getattr(generation_config, name, None) is not None:
+            raise ValueError(f"S2T supports greedy search and sampling only, not {what}: remove `{name}`.")
+    if getattr(generation_config, "num_beams", 1) != 1:
+        raise ValueError("S2T supports greedy search and sampling only, not beam search: set `num_beams=1`.")
     unknown = sorted(k for k, v in model_kwargs.items() if v is not None and k not in _HANDLED_KWARGS)
     if "inputs_embeds" in unknown:
-        raise ValueError(
-            "`generate` was given the prompt as `inputs_embeds`: S2T needs its token ids (the teacher reads them and "
-            "candidates are scored after them). Pass `input_ids` (and `attention_mask`) instead."
-        )
+        raise ValueError(INPUTS_EMBEDS_REFUSED)
     if unknown:
         raise ValueError(
             f"The fused S2T loop decodes from `input_ids` and `attention_mask` only; it got {unknown}. Use the drop-in "
             "path (`model.generate(..., logits_processor=[s2t])`) for these inputs."
         )
-    if getattr(generation_config, "num_beams", 1) != 1:
-        raise ValueError("The fused S2T loop supports greedy search and sampling only; set `num_beams=1`.")
     if not model_kwargs.get("use_cache", True):
         raise ValueError("The fused S2T loop decodes on a KV cache; remove `use_cache=False`.")
 
@@ -127,11 +135,6 @@ def s2t_sample(
     streamer = streamer if streamer is not None else s2t_streamer
     if synced_gpus:
         raise ValueError("The fused S2T loop does not support `synced_gpus`; run it on one device per process.")
-    if getattr(generation_config, "prompt_lookup_num_tokens", None) is not None:
-        raise ValueError(
-            "S2T supports greedy search and sampling only, not prompt-lookup generation: remove "
-            "`prompt_lookup_num_tokens`."
-        )
     _check_model_kwargs(model_kwargs, generation_config)
     if processor._hook.module is not model and processor.student is not model:
         raise ValueError("`s2t` was built for another model; build it with the model you call `generate` on.")
@@ -205,8 +208,7 @@ def s2t_sample(
                     model, processor, hook, cache, attention_mask, last_position + 1, tokens, pending
                 )
                 if scores_out is not None:  # as in the drop-in path: a triggered row's scores keep the selection only
-                    forced = torch.full_like(step_scores, float("-inf")).scatter_(-1, tokens[:, None], 0.0)
-                    scores_out = scores_out[:-1] + (torch.where(pending.triggered[:, None], forced, step_scores),)
+                    scores_out = scores_out[:-1] + (forced_scores(step_scores, tokens, pending.triggered),)
             input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
             last_position = last_position + 1
