@@ -44,3 +44,16 @@ with S2TLogitsProcessor(student, teacher=teacher, trigger="entropy", trigger_thr
     student.generate(input_ids=prompts, attention_mask=attention_mask, max_new_tokens=32, do_sample=False,
                      pad_token_id=0, logits_processor=[takeover])
     print("takeover trigger rate:", round(takeover.stats["trigger_rate"], 3))
+
+# The rest of a generation config still holds: no selection emits a token it rules out. Here the teacher takes over at
+# every step, without its favourite tokens and without ending before 16 tokens: its argmax among the allowed tokens.
+banned = sorted(set(out[:, prompts.shape[1] :][:, :4].flatten().tolist()) - {0, 1})
+constraints = dict(bad_words_ids=[[t] for t in banned], min_new_tokens=16)
+with S2TLogitsProcessor(student, teacher=teacher, trigger="always", selection="takeover", warmup_tokens=0) as always:
+    constrained = student.generate(input_ids=prompts, attention_mask=attention_mask, max_new_tokens=16,
+                                   do_sample=False, pad_token_id=0, logits_processor=[always], **constraints)
+teacher_own = teacher.generate(input_ids=prompts, attention_mask=attention_mask, max_new_tokens=16, do_sample=False,
+                               pad_token_id=0, **constraints)
+assert torch.equal(constrained, teacher_own)  # the teacher's own constrained decoding
+assert not set(constrained[:, prompts.shape[1] :].flatten().tolist()) & set(banned)
+print("constrained takeover == the teacher's constrained generate; banned tokens:", banned)
