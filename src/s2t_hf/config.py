@@ -18,7 +18,9 @@ logger = logging.get_logger(__name__)
 
 CONFIG_NAME = "s2t_config.json"
 
-TRIGGER_KINDS = ("entropy", "kl", "random", "always", "never")
+TRIGGER_KINDS = ("entropy", "kl", "learned", "random", "always", "never")
+# triggers whose signal crosses a calibrated threshold
+THRESHOLD_TRIGGERS = ("entropy", "kl", "learned")
 SELECTION_KINDS = ("teacher", "takeover", "local")
 SCORING_KINDS = ("pure", "residual")
 LOCAL_PATHS = ("auto", "cache", "recompute")
@@ -52,8 +54,9 @@ class S2TConfig:
     trigger_threshold: float | None = field(
         default=None,
         metadata={
-            "help": "Trigger when the signal (entropy or KL, in nats) exceeds this value. Set it directly or with "
-            "`S2TLogitsProcessor.calibrate`. Required for `entropy` and `kl` triggers at generation time."
+            "help": "Trigger when the signal (entropy or KL in nats, or the learned trigger row's logit) exceeds this "
+            "value. Set it directly or with `S2TLogitsProcessor.calibrate`. Required for `entropy`, `kl` and `learned` "
+            "triggers at generation time."
         },
     )
     trigger_rate: float | None = field(
@@ -68,6 +71,20 @@ class S2TConfig:
         default=3, metadata={"help": "Number of generated tokens at the start of each sequence that never trigger."}
     )
     seed: int | None = field(default=None, metadata={"help": "Seed of the `random` trigger's generator."})
+    trigger_token_id: int | None = field(
+        default=None,
+        metadata={
+            "help": "Vocabulary id of the learned trigger's reserved output row (set by "
+            "`S2TSelector.create(..., learned_trigger=True)`); its logit is the `learned` trigger's signal."
+        },
+    )
+    trigger_adapter_mode: str | None = field(
+        default=None,
+        metadata={
+            "help": "The adapter mode whose hidden states the trigger row was fit on (set by `fit_trigger_row`): "
+            "`scoring` (the base model's, LoRA off) or `generate` (LoRA on)."
+        },
+    )
 
     # Candidates
     top_k: int = field(default=8, metadata={"help": "Number K of the student's top candidates to select among."})
@@ -136,6 +153,8 @@ class S2TConfig:
         choose("scoring", SCORING_KINDS)
         choose("local_path", LOCAL_PATHS)
         choose("adapter_mode", ADAPTER_MODES)
+        if self.trigger_adapter_mode is not None:
+            choose("trigger_adapter_mode", ADAPTER_MODES)
         for name in ("top_k", "signal_top_k", "num_bins"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -163,6 +182,14 @@ class S2TConfig:
                 )
             if len(set(self.bin_token_ids)) != self.num_bins:
                 raise ValueError(f"`bin_token_ids` must be distinct, got {self.bin_token_ids}.")
+        if self.trigger_token_id is not None:
+            if not isinstance(self.trigger_token_id, int) or isinstance(self.trigger_token_id, bool):
+                raise ValueError(f"`trigger_token_id` must be an integer id, got {self.trigger_token_id!r}.")
+            if self.bin_token_ids is not None and self.trigger_token_id in self.bin_token_ids:
+                raise ValueError(
+                    f"`trigger_token_id` {self.trigger_token_id} is also a bin (`bin_token_ids`); the trigger needs a "
+                    "row of its own."
+                )
         if self.bin_values is not None:
             self.bin_values = [float(v) for v in self.bin_values]
             if len(self.bin_values) != self.num_bins:
@@ -170,6 +197,14 @@ class S2TConfig:
                     f"`bin_values` has {len(self.bin_values)} values but `num_bins` is {self.num_bins}; give one value "
                     "per bin or leave it None for linspace(0, 1, num_bins)."
                 )
+
+    @property
+    def reserved_token_ids(self) -> list[int]:
+        """Rows that are never generated: the bins and the learned trigger's row."""
+        ids = list(self.bin_token_ids or [])
+        if self.trigger_token_id is not None:
+            ids.append(self.trigger_token_id)
+        return ids
 
     @property
     def needs_teacher(self) -> bool:

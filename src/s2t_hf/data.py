@@ -29,7 +29,13 @@ from .triggers import entropy_signal, kl_signal
 from .version import __version__
 
 
-__all__ = ["COLLECTION_MODES", "SelectionGroupCollator", "collect_selection_data", "selection_features"]
+__all__ = [
+    "COLLECTION_MODES",
+    "SelectionGroupCollator",
+    "collect_selection_data",
+    "selection_features",
+    "trajectory_features",
+]
 
 logger = logging.get_logger(__name__)
 
@@ -37,6 +43,7 @@ COLLECTION_MODES = ("teacher_forced", "on_policy")
 COLLECTION_SIGNALS = ("kl", "entropy")
 METADATA_NAME = "collection.json"
 SHARDS_DIR = "shards"
+TRAJECTORIES_DIR = "trajectories"
 _FORMAT_VERSION = 1
 
 
@@ -58,6 +65,29 @@ def selection_features():
     )
 
 
+def trajectory_features():
+    """
+    The `datasets.Features` of a trajectory dataset (`collect_selection_data(..., return_trajectories=True)`): one row
+    per student trajectory, with what a selection group holds at *every* eligible position, to label and fit the
+    learned trigger ([`~s2t_hf.learned_trigger.fit_trigger_row`]).
+    """
+    from datasets import Features, Sequence as Seq, Value
+
+    return Features(
+        {
+            "prompt_index": Value("int32"),
+            "input_ids": Seq(Value("int32")),
+            "prompt_length": Value("int32"),
+            "steps": Seq(Value("int32")),
+            "cand_ids": Seq(Seq(Value("int32"))),
+            "teacher_probs": Seq(Seq(Value("float32"))),
+            "teacher_top1": Seq(Value("int32")),
+            "entropy": Seq(Value("float32")),
+            "kl": Seq(Value("float32")),
+        }
+    )
+
+
 @dataclass
 class _Settings:
     """What determines the collected groups (hashed for resuming)."""
@@ -73,6 +103,7 @@ class _Settings:
     shard_size: int
     suppress_token_ids: list[int]
     generation_kwargs: dict[str, Any] = field(default_factory=dict)
+    trajectories: bool = False
 
 
 def collect_selection_data(
@@ -99,6 +130,7 @@ def collect_selection_data(
     resume: bool = True,
     shard_size: int = 256,
     show_progress: bool = True,
+    return_trajectories: bool = False,
 ):
     """
     Collects selection groups `{context_ids, cand_ids[K], teacher_probs[K], ...}` at the student's divergence points.
@@ -120,6 +152,12 @@ def collect_selection_data(
     top-K, best first), `teacher_probs` (the teacher's *absolute* probabilities of the candidates), `student_probs`,
     `teacher_top1` (the teacher's argmax over the whole vocabulary, for hit@K statistics) and the provenance
     `prompt_index` (position in `prompts`), `step` (generated tokens before the decision) and `signal` (its value).
+
+    With `return_trajectories=True` (teacher-forced mode) the same pass also returns the student's trajectories, one
+    row per prompt (see [`trajectory_features`]): the token ids, and at every eligible position (`steps`: generated
+    tokens before the decision) the student's top-K candidates, the teacher's probabilities of them, its top-1, the
+    student's entropy and the KL (NaN for a remote teacher). They label and fit the learned trigger
+    ([`~s2t_hf.learned_trigger.fit_trigger_row`]) at no extra teacher cost.
 
     Prompts are processed in shards of `shard_size`; with `save_to`, each finished shard is written to disk and a later
     call with the same arguments resumes after the last finished shard. In `"teacher_forced"` mode the top `fraction`
@@ -180,9 +218,13 @@ def collect_selection_data(
             Prompts per shard (the unit of resuming).
         show_progress (`bool`, *optional*, defaults to `True`):
             Show a tqdm progress bar over prompts (hidden when transformers' progress bars are disabled).
+        return_trajectories (`bool`, *optional*, defaults to `False`):
+            Also return the trajectory dataset (teacher-forced mode only); with `save_to` it is written to
+            `save_to/trajectories`.
 
     Returns:
-        `datasets.Dataset`: one row per selection group.
+        `datasets.Dataset`: one row per selection group; with `return_trajectories=True`, the tuple
+        `(groups, trajectories)`.
 
     Examples:
 
@@ -211,6 +253,11 @@ def collect_selection_data(
         raise ValueError(f"`fraction` must lie in (0, 1], got {fraction}.")
     if signal not in COLLECTION_SIGNALS:
         raise ValueError(f"`signal` must be one of {COLLECTION_SIGNALS}, got {signal!r}.")
+    if return_trajectories and mode != "teacher_forced":
+        raise ValueError(
+            "`return_trajectories=True` needs `mode='teacher_forced'`: on-policy trajectories follow the teacher's "
+            "choices after each trigger, so they are not the student's own steps the learned trigger is fit on."
+        )
     if signal != "kl" and mode != "teacher_forced":
         raise ValueError(
             f"`signal={signal!r}` applies to `mode='teacher_forced'`; on-policy groups come from KL triggers."
@@ -256,15 +303,21 @@ def collect_selection_data(
         shard_size=shard_size,
         suppress_token_ids=suppress,
         generation_kwargs={k: repr(v) for k, v in sorted(generation_kwargs.items())},
+        trajectories=bool(return_trajectories),
     )
     context = _Context(student, teacher, tokenizer, settings, generation_kwargs, batch_size)
 
     store = None
     if save_to is not None:
-        store = _ShardStore(os.fspath(save_to), _fingerprint(settings, encoded, student, teacher), resume)
+        store = _ShardStore(
+            os.fspath(save_to), _fingerprint(settings, encoded, student, teacher), resume, return_trajectories
+        )
         if store.complete:
             logger.info(f"Loading the complete selection dataset already collected in `{save_to}`.")
-            return datasets.load_from_disk(os.fspath(save_to))
+            groups = datasets.load_from_disk(os.fspath(save_to))
+            if return_trajectories:
+                return groups, datasets.load_from_disk(os.path.join(os.fspath(save_to), TRAJECTORIES_DIR))
+            return groups
 
     processor = None
     try:
@@ -290,7 +343,7 @@ def collect_selection_data(
             if store is not None:
                 store.update(trigger_threshold=threshold)
 
-        shards = []
+        shards, trajectory_shards = [], []
         num_shards = math.ceil(len(encoded) / shard_size)
         done = sum(min(shard_size, len(encoded) - i * shard_size) for i in range(num_shards) if store and store.has(i))
         from transformers.utils.logging import tqdm
@@ -306,13 +359,22 @@ def collect_selection_data(
                 start = shard_index * shard_size
                 if store is not None and store.has(shard_index):
                     shards.append(store.load(shard_index))
+                    if return_trajectories:
+                        trajectory_shards.append(store.load(shard_index, TRAJECTORIES_DIR))
                     continue
                 chunk = list(enumerate(encoded[start : start + shard_size], start=start))
                 if mode == "teacher_forced":
-                    rows = context.teacher_forced_shard(chunk, bar)
+                    rows, trajectory_rows = context.teacher_forced_shard(chunk, bar)
                 else:
-                    rows = context.on_policy_shard(processor, chunk, bar)
+                    rows, trajectory_rows = context.on_policy_shard(processor, chunk, bar), []
                 shard = datasets.Dataset.from_dict(_columns(rows), features=selection_features())
+                if return_trajectories:
+                    trajectories = datasets.Dataset.from_dict(
+                        _columns(trajectory_rows, trajectory_features()), features=trajectory_features()
+                    )
+                    if store is not None:
+                        trajectories = store.save(shard_index, trajectories, TRAJECTORIES_DIR)
+                    trajectory_shards.append(trajectories)
                 if store is not None:
                     shard = store.save(shard_index, shard)
                 shards.append(shard)
@@ -335,9 +397,10 @@ def collect_selection_data(
             f"longer prompts, {hint}."
         )
     logger.info(f"Collected {len(dataset)} selection groups from {len(encoded)} prompts ({mode}).")
+    trajectories = datasets.concatenate_datasets(trajectory_shards) if return_trajectories else None
     if store is not None:
-        dataset = store.finish(dataset)
-    return dataset
+        dataset, trajectories = store.finish(dataset, trajectories)
+    return (dataset, trajectories) if return_trajectories else dataset
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -393,10 +456,14 @@ class _Context:
             yield indices, prompts, padded["input_ids"], padded["attention_mask"]
 
     @torch.no_grad()
-    def teacher_forced_shard(self, chunk: list[tuple[int, list[int]]], bar) -> list[dict[str, Any]]:
+    def teacher_forced_shard(
+        self, chunk: list[tuple[int, list[int]]], bar
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The shard's selection groups, and its trajectories when the settings ask for them."""
         settings = self.settings
         positions_seen = 0
         found: list[tuple[float, int, int, list[int], dict[str, Any]]] = []
+        trajectories: list[dict[str, Any]] = []
         for indices, prompts, input_ids, attention_mask in self._batches(chunk):
             output = self.student.generate(
                 input_ids=input_ids, attention_mask=attention_mask, **self.generate_kwargs()
@@ -459,6 +526,11 @@ class _Context:
                 teacher_log_probs, teacher_top1 = self.scorer.score_trajectories(trajectories, targets, cand_ids)
                 teacher_probs = teacher_log_probs.exp()
                 # ---
+            if settings.trajectories:
+                trajectories += self._trajectory_rows(
+                    indices, prompts, generated_lists, lengths.tolist(), rows, cols, cand_ids, teacher_probs,
+                    teacher_top1, flat_student[flat_index], flat_teacher[flat_index] if flat_teacher is not None else None,
+                )
             for n, (row, step) in enumerate(zip(rows.tolist(), cols.tolist())):
                 record = {
                     "cand_ids": cand_ids[n].tolist(),
@@ -470,7 +542,7 @@ class _Context:
                 context = prompts[row] + generated_lists[row][:step]
                 found.append((record["signal"], indices[row], step, context, record))
         if not found:
-            return []
+            return [], trajectories
         count = min(len(found), max(1, round(settings.fraction * positions_seen)))
         signals = torch.tensor([f[0] for f in found], dtype=torch.float64)
         chosen = sorted(signals.topk(count).indices.tolist(), key=lambda i: (found[i][1], found[i][2]))
@@ -478,6 +550,40 @@ class _Context:
         for i in chosen:
             _, prompt_index, step, context, record = found[i]
             out.append({"context_ids": context, **record, "prompt_index": prompt_index, "step": step})
+        return out, trajectories
+
+    def _trajectory_rows(
+        self, indices, prompts, generated_lists, lengths, rows, cols, cand_ids, teacher_probs, teacher_top1,
+        student_logits, teacher_log_probs,
+    ) -> list[dict[str, Any]]:
+        """One row per trajectory of a batch: its eligible positions with candidates, teacher values and signals."""
+        settings = self.settings
+        entropy = entropy_signal(student_logits, settings.signal_top_k).tolist()
+        if teacher_log_probs is not None:
+            kl = kl_signal(student_logits, teacher_log_probs, settings.signal_top_k).tolist()
+        else:
+            kl = [float("nan")] * len(entropy)
+        per_row: dict[int, list[int]] = {}
+        for n, row in enumerate(rows.tolist()):
+            per_row.setdefault(row, []).append(n)
+        cand_lists, prob_lists, top1_list = cand_ids.tolist(), teacher_probs.tolist(), teacher_top1.tolist()
+        step_list = cols.tolist()
+        out = []
+        for row in range(len(indices)):
+            found = per_row.get(row, [])
+            out.append(
+                {
+                    "prompt_index": indices[row],
+                    "input_ids": prompts[row] + generated_lists[row][: lengths[row]],
+                    "prompt_length": len(prompts[row]),
+                    "steps": [step_list[n] for n in found],
+                    "cand_ids": [cand_lists[n] for n in found],
+                    "teacher_probs": [prob_lists[n] for n in found],
+                    "teacher_top1": [int(top1_list[n]) for n in found],
+                    "entropy": [entropy[n] for n in found],
+                    "kl": [kl[n] for n in found],
+                }
+            )
         return out
 
     def make_processor(self, threshold: float | None):
@@ -532,8 +638,8 @@ class _Context:
         return out
 
 
-def _columns(rows: list[dict[str, Any]]) -> dict[str, list]:
-    return {name: [row[name] for row in rows] for name in selection_features()}
+def _columns(rows: list[dict[str, Any]], features=None) -> dict[str, list]:
+    return {name: [row[name] for row in rows] for name in (features or selection_features())}
 
 
 def _check_prompt_vocab(encoded: list[list[int]], vocab: int, name: str) -> list[list[int]]:
@@ -552,7 +658,10 @@ def _fingerprint(settings: _Settings, encoded: list[list[int]], student, teacher
     from .selector import vocab_fingerprint
 
     digest = hashlib.sha256()
-    digest.update(json.dumps(asdict(settings), sort_keys=True).encode())
+    values = asdict(settings)
+    if not values["trajectories"]:
+        del values["trajectories"]  # collections made before trajectories existed keep their fingerprint
+    digest.update(json.dumps(values, sort_keys=True).encode())
     for role, model in (("student", student), ("teacher", teacher)):
         if isinstance(model, Teacher):  # a `Teacher`: its model, or the server and model name of a remote one
             model = getattr(model, "model", None)
@@ -569,8 +678,9 @@ def _fingerprint(settings: _Settings, encoded: list[list[int]], student, teacher
 class _ShardStore:
     """Finished shards of a collection under `root/shards`, and the final dataset in `root`."""
 
-    def __init__(self, root: str, fingerprint: str, resume: bool):
+    def __init__(self, root: str, fingerprint: str, resume: bool, trajectories: bool = False):
         self.root = root
+        self.trajectories = trajectories
         self.fingerprint = fingerprint
         self.metadata_path = os.path.join(root, METADATA_NAME)
         metadata = None
@@ -608,6 +718,7 @@ class _ShardStore:
 
     def _clear(self) -> None:
         shutil.rmtree(os.path.join(self.root, SHARDS_DIR), ignore_errors=True)
+        shutil.rmtree(os.path.join(self.root, TRAJECTORIES_DIR), ignore_errors=True)
         for name in os.listdir(self.root):
             if name in (METADATA_NAME, "state.json", "dataset_info.json") or (
                 name.startswith("data-") and name.endswith(".arrow")
@@ -624,34 +735,39 @@ class _ShardStore:
         self.metadata.update(values)
         self._write_metadata()
 
-    def _shard_path(self, index: int) -> str:
-        return os.path.join(self.root, SHARDS_DIR, f"shard-{index:05d}")
+    def _shard_path(self, index: int, kind: str = "shard") -> str:
+        return os.path.join(self.root, SHARDS_DIR, f"{kind}-{index:05d}")
 
     def has(self, index: int) -> bool:
-        return os.path.isfile(os.path.join(self._shard_path(index), "state.json"))
+        kinds = ("shard", TRAJECTORIES_DIR) if self.trajectories else ("shard",)
+        return all(os.path.isfile(os.path.join(self._shard_path(index, kind), "state.json")) for kind in kinds)
 
-    def load(self, index: int):
+    def load(self, index: int, kind: str = "shard"):
         import datasets
 
-        return datasets.load_from_disk(self._shard_path(index))
+        return datasets.load_from_disk(self._shard_path(index, kind))
 
-    def save(self, index: int, shard):
-        path = self._shard_path(index)
+    def save(self, index: int, shard, kind: str = "shard"):
+        path = self._shard_path(index, kind)
         temporary = path + ".tmp"
         shutil.rmtree(temporary, ignore_errors=True)
         shard.save_to_disk(temporary)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(temporary, path)
-        return self.load(index)
+        return self.load(index, kind)
 
-    def finish(self, dataset):
+    def finish(self, dataset, trajectories=None):
         import datasets
 
         dataset.save_to_disk(self.root)
+        if trajectories is not None:
+            trajectories.save_to_disk(os.path.join(self.root, TRAJECTORIES_DIR))
         self.update(complete=True, num_groups=len(dataset))
         dataset = datasets.load_from_disk(self.root)
+        if trajectories is not None:
+            trajectories = datasets.load_from_disk(os.path.join(self.root, TRAJECTORIES_DIR))
         shutil.rmtree(os.path.join(self.root, SHARDS_DIR), ignore_errors=True)
-        return dataset
+        return dataset, trajectories
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from transformers import LogitsProcessor, PreTrainedModel
 from transformers.generation.logits_process import LOGITS_PROCESSOR_INPUTS_DOCSTRING
 from transformers.utils import add_start_docstrings, logging
 
-from .config import S2TConfig
+from .config import THRESHOLD_TRIGGERS, S2TConfig
 from .kv import (
     GenerationStateHook,
     architecture_scoring_support,
@@ -104,7 +104,10 @@ class S2TLogitsProcessor(LogitsProcessor):
             may sit on another device and dtype; probabilities are compared in float32 on the student's device) or a
             [`~s2t_hf.teachers.Teacher`], e.g. a [`~s2t_hf.teachers.RemoteTeacher`] served by vLLM (not with `kl`).
         selector (`S2TSelector`, *optional*):
-            The local selector, needed by `selection="local"`.
+            The local selector, needed by `selection="local"` and by `trigger="learned"` (whose signal is the logit of
+            the selector's trigger row: a linear probe on the student's final hidden state, read from the scores
+            `generate` computes anyway). With `adapter_mode="scoring"` the selector's LoRA is off while the student
+            generates, whatever the selection.
         tokenizer (`PreTrainedTokenizerBase`, *optional*):
             The shared tokenizer. Needed only when the teacher's and the student's output sizes differ (padded
             vocabularies): only the tokenizer's ids are compared then.
@@ -184,24 +187,23 @@ class S2TLogitsProcessor(LogitsProcessor):
                 f"`selection={config.selection!r}` with `trigger={config.trigger!r}` needs a `teacher` model. Pass "
                 "`teacher=...`, or use `selection='local'` with a trained selector and a teacher-free trigger."
             )
-        if config.selection == "local":
-            if selector is None:
-                raise ValueError(
-                    "`selection='local'` needs a trained `selector` (an `S2TSelector`); load one with "
-                    "`S2TLogitsProcessor.from_pretrained(path_or_repo_id, model=model)`."
-                )
-            from .selector import S2TSelector
-
-            if not isinstance(selector, S2TSelector):
-                raise TypeError(
-                    f"`selector` must be an `S2TSelector`, got {type(selector).__name__}; load one with "
-                    "`S2TSelector.from_pretrained(model, path)` (or use `S2TLogitsProcessor.from_pretrained`)."
-                )
-            if _unwrap(selector.model) is not self.student:
-                raise ValueError(
-                    "The selector is attached to another model than `model`. Load it onto the model you generate with: "
-                    "`S2TSelector.from_pretrained(model, path)`."
-                )
+        if config.selection == "local" and selector is None:
+            raise ValueError(
+                "`selection='local'` needs a trained `selector` (an `S2TSelector`); load one with "
+                "`S2TLogitsProcessor.from_pretrained(path_or_repo_id, model=model)`."
+            )
+        if config.trigger == "learned" and selector is None:
+            raise ValueError(
+                "`trigger='learned'` reads the learned trigger row of a selector: pass `selector=...` (an `S2TSelector` "
+                "created with `learned_trigger=True` and fit with `s2t_hf.learned_trigger.fit_trigger_row`), or load "
+                "one with `S2TLogitsProcessor.from_pretrained(path_or_repo_id, model=model)` (add "
+                "`selection='teacher', teacher=...` for collaborative S2T)."
+            )
+        if selector is not None:
+            self._check_selector(selector)
+        self._trigger_row: int | None = None
+        if config.trigger == "learned":
+            self._trigger_row = self._learned_trigger_row(selector, config)
         self.student_vocab = output_rows(self.student)
         for name in ("top_k", "signal_top_k"):
             if getattr(config, name) > self.student_vocab:
@@ -219,14 +221,14 @@ class S2TLogitsProcessor(LogitsProcessor):
 
         reserved: list[int] = []
         if selector is not None:
-            reserved = list(selector.bin_token_ids)
-        elif config.bin_token_ids is not None:
-            reserved = list(config.bin_token_ids)
+            reserved = list(selector.reserved_token_ids)
+        else:
+            reserved = list(config.reserved_token_ids)
         self.reserved_ids = torch.tensor(sorted(reserved), dtype=torch.long)
         bad = [i for i in reserved if not 0 <= i < self.student_vocab]
         if bad:
             raise ValueError(
-                f"Reserved bin rows {bad} lie outside the model's {self.student_vocab} output rows. Was the selector "
+                f"Reserved rows {bad} (bins, trigger) lie outside the model's {self.student_vocab} output rows. Was the selector "
                 "saved for another model?"
             )
         if self._teacher is not None:
@@ -273,7 +275,7 @@ class S2TLogitsProcessor(LogitsProcessor):
         # (masked) nor fed, so the student's own distribution is untouched: they stay merged, in both adapter modes,
         # while the processor is open.
         self._token_layers: list[torch.nn.Module] = []
-        if config.selection == "local":
+        if selector is not None:
             from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
             from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -286,6 +288,46 @@ class S2TLogitsProcessor(LogitsProcessor):
         self.reset()
 
     # ------------------------------------------------------------------ construction helpers
+
+    def _check_selector(self, selector: Any) -> None:
+        from .selector import S2TSelector
+
+        if not isinstance(selector, S2TSelector):
+            raise TypeError(
+                f"`selector` must be an `S2TSelector`, got {type(selector).__name__}; load one with "
+                "`S2TSelector.from_pretrained(model, path)` (or use `S2TLogitsProcessor.from_pretrained`)."
+            )
+        if _unwrap(selector.model) is not self.student:
+            raise ValueError(
+                "The selector is attached to another model than `model`. Load it onto the model you generate with: "
+                "`S2TSelector.from_pretrained(model, path)`."
+            )
+
+    @staticmethod
+    def _learned_trigger_row(selector: Any, config: S2TConfig) -> int:
+        """The selector's trigger row, once it is checked to be fit for the hidden states this processor decodes with."""
+        row = selector.trigger_token_id
+        if row is None:
+            raise ValueError(
+                "`trigger='learned'` needs a selector with a trigger row: this one was created without one. Create it "
+                "with `S2TSelector.create(..., learned_trigger=True)` and fit the row with "
+                "`s2t_hf.learned_trigger.fit_trigger_row(selector, trajectories)`."
+            )
+        fit_on = selector.config.trigger_adapter_mode
+        if fit_on is None:
+            raise ValueError(
+                "The selector's trigger row was never fit (it is still zero: a constant logit that cannot rank steps). "
+                "Fit it with `s2t_hf.learned_trigger.fit_trigger_row(selector, trajectories)` first."
+            )
+        if fit_on != config.adapter_mode:
+            what = {"scoring": "the base model's (LoRA off)", "generate": "the adapted model's (LoRA on)"}
+            logger.warning(
+                f"The learned trigger row was fit on {what[fit_on]} hidden states, but this processor generates with "
+                f"`adapter_mode={config.adapter_mode!r}`, i.e. {what[config.adapter_mode]}: its logit is read off "
+                f"other hidden states than it was fit on. Pass `adapter_mode={fit_on!r}`, or fit the row again with "
+                f"`fit_trigger_row(..., adapter_mode={config.adapter_mode!r})`."
+            )
+        return int(row)
 
     @classmethod
     def from_pretrained(
@@ -491,14 +533,18 @@ class S2TLogitsProcessor(LogitsProcessor):
         # O(batch) and no host sync here: checked at the step's one sync (`_any_triggered`)
         self._reordered = (input_ids[:, -2] != previous[:, -1]).any()
 
-    def _any_triggered(self, triggered: torch.Tensor, scores: torch.Tensor, active: torch.Tensor) -> bool:
+    def _any_triggered(
+        self, triggered: torch.Tensor, scores: torch.Tensor, active: torch.Tensor, unreadable: torch.Tensor | None
+    ) -> bool:
         """
         The step's one host sync: whether any row triggered, checked together with whether rows were reordered since
-        the last step and whether an active row's scores are broken (NaN or `+inf`, or no finite token left).
+        the last step, whether an active row's scores are broken (NaN or `+inf`, or no finite token left) and, for the
+        learned trigger, whether an earlier logits processor ruled out its row (`unreadable`).
         """
         # one reduction: a row's max is NaN if it holds a NaN, +inf if it holds +inf, -inf if no token is finite
         broken = ~torch.isfinite(scores.amax(-1))
         checks = [triggered.any(), (broken & active).any()]
+        checks.append(unreadable.any() if unreadable is not None else checks[0].new_zeros(()))
         if self._reordered is not None:
             checks.append(self._reordered)
         flags = torch.stack(checks).tolist()
@@ -509,7 +555,13 @@ class S2TLogitsProcessor(LogitsProcessor):
                 "finite token: the model's logits are broken (e.g. an overflow in float16; try bfloat16 or float32), "
                 "or the logits processors before S2T ruled out every token."
             )
-        if len(flags) > 2 and flags[2]:
+        if flags[2]:
+            logger.warning_once(
+                "A logits processor that runs before S2T (e.g. `prefix_allowed_tokens_fn`, `suppress_tokens` or a "
+                "custom one listed first) set the learned trigger's row to -inf, so the learned trigger cannot fire "
+                "at such steps. Leave the row (`config.trigger_token_id`) out of what those processors rule out."
+            )
+        if len(flags) > 3 and flags[3]:
             raise ValueError(
                 "S2TLogitsProcessor supports greedy search and sampling only: rows were reordered between steps, as "
                 "beam search does. Use `num_beams=1`."
@@ -529,8 +581,12 @@ class S2TLogitsProcessor(LogitsProcessor):
             return torch.ones_like(input_ids)
         return mask.to(input_ids.device)
 
-    def _signal(self, scores: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    def _signal(
+        self, scores: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, trigger_logits: torch.Tensor | None
+    ) -> torch.Tensor | None:
         kind = self.config.trigger
+        if kind == "learned":
+            return trigger_logits
         if kind == "entropy":
             return entropy_signal(scores, self.config.signal_top_k)
         if kind == "kl":
@@ -570,6 +626,8 @@ class S2TLogitsProcessor(LogitsProcessor):
         self._previous_ids = input_ids
         self._teacher_logits = None
         device = scores.device
+        # the learned trigger's signal: its row's logit, read before the reserved rows are masked
+        trigger_logits = scores[:, self._trigger_row].float() if self._trigger_row is not None else None
         if self.reserved_ids.numel():
             scores = scores.index_fill(-1, self.reserved_ids.to(device), float("-inf"))
 
@@ -584,7 +642,7 @@ class S2TLogitsProcessor(LogitsProcessor):
             self._row_stats["eligible_steps"] += eligible
             return scores
         mask = self._attention_mask(input_ids)
-        signal = self._signal(scores, input_ids, mask)
+        signal = self._signal(scores, input_ids, mask, trigger_logits)
         if self._teacher_logits is None and self._teacher is not None and not self.lazy_teacher and active.any():
             self._teacher_logits = self._teacher.next_log_probs(input_ids, mask)
         if self._calibrating and signal is not None:
@@ -593,7 +651,8 @@ class S2TLogitsProcessor(LogitsProcessor):
         self._row_stats["steps"] += active
         self._row_stats["eligible_steps"] += eligible
         self._row_stats["triggers"] += triggered
-        if not self._any_triggered(triggered, scores, active):
+        unreadable = (trigger_logits == float("-inf")) & eligible if trigger_logits is not None else None
+        if not self._any_triggered(triggered, scores, active, unreadable):
             return scores
 
         candidate_ids, candidate_log_probs, valid = top_k_candidates(
@@ -821,7 +880,8 @@ class S2TLogitsProcessor(LogitsProcessor):
         """
         Sets `trigger_threshold` so that the trigger fires on a fraction `target_rate` of eligible steps.
 
-        Generates greedily (no triggers) on `prompts`, collects the trigger signal (entropy or KL) at every eligible step
+        Generates greedily (no triggers) on `prompts`, collects the trigger signal (entropy, KL or the learned trigger
+        row's logit) at every eligible step
         and takes its `1 - target_rate` quantile. Held-out prompts then trigger at about that rate.
 
         Args:
@@ -840,8 +900,11 @@ class S2TLogitsProcessor(LogitsProcessor):
         Returns:
             `float`: the threshold, also stored in `processor.config.trigger_threshold`.
         """
-        if self.config.trigger not in ("entropy", "kl"):
-            raise ValueError(f"Only `entropy` and `kl` triggers have a threshold; this processor uses {self.config.trigger!r}.")
+        if self.config.trigger not in THRESHOLD_TRIGGERS:
+            raise ValueError(
+                f"Only the {', '.join(f'`{t}`' for t in THRESHOLD_TRIGGERS)} triggers have a threshold; this processor "
+                f"uses {self.config.trigger!r}."
+            )
         target_rate = target_rate if target_rate is not None else self.config.trigger_rate
         if target_rate is None:
             raise ValueError("Give `target_rate`, the fraction of eligible steps that should trigger (e.g. 0.01).")

@@ -163,22 +163,22 @@ def _reserved_token_ids(tokenizer, head_rows: int) -> list[int]:
     )
 
 
-def _check_explicit_ids(ids, num_bins: int, head_rows: int, tokenizer) -> list[int]:
+def _check_explicit_ids(ids, num_bins: int, head_rows: int, tokenizer, name: str = "bin_token_ids") -> list[int]:
     try:
         ids = [int(i) for i in ids]
     except (TypeError, ValueError) as error:
-        raise ValueError(f"`bin_token_ids` must be a list of integers, got {ids!r}.") from error
+        raise ValueError(f"`{name}` must be a list of integers, got {ids!r}.") from error
     if len(ids) != num_bins:
         raise ValueError(
-            f"`bin_token_ids` has {len(ids)} ids but `num_bins` is {num_bins}; give one id per bin or change "
+            f"`{name}` has {len(ids)} ids but `num_bins` is {num_bins}; give one id per bin or change "
             "`num_bins`."
         )
     if len(set(ids)) != len(ids):
-        raise ValueError(f"`bin_token_ids` must be distinct, got {ids}.")
+        raise ValueError(f"`{name}` must be distinct, got {ids}.")
     out_of_range = [i for i in ids if not 0 <= i < head_rows]
     if out_of_range:
         raise ValueError(
-            f"`bin_token_ids` {out_of_range} are out of range: the model's output head has {head_rows} rows (ids 0 to "
+            f"`{name}` {out_of_range} are out of range: the model's output head has {head_rows} rows (ids 0 to "
             f"{head_rows - 1}). Pick ids below {head_rows}, resize the embeddings first, or leave "
             "`bin_token_ids=None` so that S2TSelector chooses free rows (it adds rows when none are free)."
         )
@@ -191,7 +191,7 @@ def _check_explicit_ids(ids, num_bins: int, head_rows: int, tokenizer) -> list[i
         if ordinary:
             shown = ", ".join(f"{i} ({tokenizer.convert_ids_to_tokens(i)!r})" for i in ordinary[:8])
             raise ValueError(
-                f"`bin_token_ids` contains tokens the tokenizer uses: {shown}. Bins must be rows the model never has "
+                f"`{name}` contains tokens the tokenizer uses: {shown}. Bins must be rows the model never has "
                 f"to generate: ids >= len(tokenizer) ({size}), unused reserved tokens such as "
                 "`<|reserved_special_token_N|>`, or tokens you added yourself. Leave `bin_token_ids=None` to let "
                 "S2TSelector choose (it adds rows to the embeddings when none are free)."
@@ -355,9 +355,10 @@ class S2TSelector:
         if config.bin_token_ids is None:
             raise ValueError("`config.bin_token_ids` is not set; build the selector with `S2TSelector.create`.")
         head_rows = _head_rows(model.get_base_model())
-        if max(config.bin_token_ids) >= head_rows:
+        if max(config.reserved_token_ids) >= head_rows:
             raise ValueError(
-                f"`config.bin_token_ids` go up to {max(config.bin_token_ids)} but the model's output head has only "
+                f"`config.bin_token_ids` (and `trigger_token_id`) go up to {max(config.reserved_token_ids)} but the "
+                "model's output head has only "
                 f"{head_rows} rows (was it grown by `config.num_added_rows` = {config.num_added_rows}?)."
             )
         self.model = model
@@ -375,6 +376,16 @@ class S2TSelector:
     def bin_token_ids(self) -> list[int]:
         """Vocabulary ids of the B reserved rows."""
         return list(self.config.bin_token_ids)
+
+    @property
+    def trigger_token_id(self) -> int | None:
+        """Vocabulary id of the learned trigger's row (`None` for a selector made without `learned_trigger=True`)."""
+        return self.config.trigger_token_id
+
+    @property
+    def reserved_token_ids(self) -> list[int]:
+        """Every row the selector reserves (never generated): the bins, then the learned trigger's row if any."""
+        return self.config.reserved_token_ids
 
     @property
     def bin_values(self) -> torch.Tensor:
@@ -417,6 +428,28 @@ class S2TSelector:
         with self.model.disable_adapter():
             yield
 
+    @contextlib.contextmanager
+    def lora_disabled(self) -> Iterator[None]:
+        """
+        Context manager in which the LoRA layers are off and the reserved rows (bins, trigger) stay on: the model the
+        processor generates with under `adapter_mode="scoring"` (the base model's hidden states and ordinary logits).
+        """
+        from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [
+            m for m in self.model.modules()
+            if isinstance(m, BaseTunerLayer) and not isinstance(m, TrainableTokensLayer) and not m.disable_adapters
+        ]
+        # only the flag: PEFT's `enable_adapters(True)` would also make the adapter's weights trainable again
+        for layer in layers:
+            layer._disable_adapters = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer._disable_adapters = False
+
     def trainable_parameter_names(self) -> list[str]:
         """Names of the parameters that train: LoRA weights and the delta of the B output rows."""
         return [name for name, parameter in self.model.named_parameters() if parameter.requires_grad]
@@ -450,6 +483,8 @@ class S2TSelector:
         lora_dropout: float = 0.05,
         target_modules: list[str] | None = None,
         preserve_cache: bool = False,
+        learned_trigger: bool = False,
+        trigger_token_id: int | None = None,
         config: S2TConfig | None = None,
     ) -> S2TSelector:
         """
@@ -460,7 +495,8 @@ class S2TSelector:
         tokens (`<|reserved_special_token_N|>`, `<unusedN>`, ...); else B new rows added with
         `resize_token_embeddings` (recorded in `config.num_added_rows`, repeated on load). The bins start at zero, so
         the initial bin distribution is uniform; LoRA starts with B = 0, so every ordinary logit is exactly the base
-        model's.
+        model's. With `learned_trigger=True` one more row, chosen the same way, holds the learned trigger (a linear
+        probe on the final hidden state, fit by [`~s2t_hf.learned_trigger.fit_trigger_row`]; `trigger="learned"`).
 
         Args:
             model (`PreTrainedModel`):
@@ -484,6 +520,11 @@ class S2TSelector:
                 (`CACHE_PRESERVING_PROJECTIONS`), so that the adapter leaves the KV cache as the base model's (see
                 [`~S2TSelector.preserves_cache`]). Used with `adapter_mode="scoring"`: the student generates as
                 itself and the selector scores candidates on its live cache, as fast as teacher selection.
+            learned_trigger (`bool`, *optional*, defaults to `False`):
+                Reserve one more row for the learned trigger (`config.trigger_token_id`). It starts at zero (a constant
+                logit) until [`~s2t_hf.learned_trigger.fit_trigger_row`] fits it.
+            trigger_token_id (`int`, *optional*):
+                Explicit id of the trigger's row (implies `learned_trigger=True`); needed when `bin_token_ids` is given.
             config (`S2TConfig`, *optional*):
                 Settings to save with the selector; defaults to `S2TConfig(selection="local")`.
 
@@ -506,6 +547,8 @@ class S2TSelector:
             raise ValueError(f"`num_bins` must be a positive integer, got {num_bins!r}.")
         if bin_token_ids is None and config.bin_token_ids is not None and len(config.bin_token_ids) == num_bins:
             bin_token_ids = config.bin_token_ids
+            if learned_trigger and trigger_token_id is None:
+                trigger_token_id = config.trigger_token_id
         if config.bin_values is not None and len(config.bin_values) != num_bins:
             raise ValueError(
                 f"`config.bin_values` has {len(config.bin_values)} values but `num_bins` is {num_bins}; make them "
@@ -513,8 +556,26 @@ class S2TSelector:
             )
 
         head_name, head = _head(model)
-        ids, num_added = _choose_bin_rows(model, tokenizer, num_bins, bin_token_ids)
-        fingerprint = vocab_fingerprint(model, tokenizer, exclude_token_ids=ids)
+        learned_trigger = learned_trigger or trigger_token_id is not None
+        if learned_trigger and trigger_token_id is None and bin_token_ids is not None:
+            raise ValueError(
+                "`learned_trigger=True` with explicit `bin_token_ids` needs `trigger_token_id` too (the id of the "
+                "trigger's row), or leave both unset so that S2TSelector chooses free rows."
+            )
+        choose_trigger = learned_trigger and trigger_token_id is None
+        ids, num_added = _choose_bin_rows(model, tokenizer, num_bins + int(choose_trigger), bin_token_ids)
+        if choose_trigger:
+            ids, trigger_token_id = ids[:-1], ids[-1]
+        elif trigger_token_id is not None:
+            trigger_token_id = _check_explicit_ids(
+                [trigger_token_id], 1, _head_rows(model) + num_added, tokenizer, name="trigger_token_id"
+            )[0]
+            if trigger_token_id in ids:
+                raise ValueError(
+                    f"`trigger_token_id` {trigger_token_id} is also a bin row ({ids}); give the trigger a row of its own."
+                )
+        reserved = ids + ([trigger_token_id] if trigger_token_id is not None else [])
+        fingerprint = vocab_fingerprint(model, tokenizer, exclude_token_ids=reserved)
         if num_added:
             _grow(model, num_added)
             head_name, head = _head(model)
@@ -566,12 +627,12 @@ class S2TSelector:
                 target_modules=target_modules,
                 layers_to_transform=layers_to_transform,
                 fan_in_fan_out=conv1d,
-                trainable_token_indices={head_name: ids},
+                trainable_token_indices={head_name: reserved},
                 task_type="CAUSAL_LM",
                 bias="none",
             )
         else:
-            peft_config = TrainableTokensConfig(token_indices=ids, target_modules=[head_name])
+            peft_config = TrainableTokensConfig(token_indices=reserved, target_modules=[head_name])
         base_name = _name_or_path(model)
         was_training = model.training
         with _quiet_peft_warnings():
@@ -587,6 +648,8 @@ class S2TSelector:
             config,
             num_bins=num_bins,
             bin_token_ids=ids,
+            trigger_token_id=trigger_token_id,
+            trigger_adapter_mode=None,
             base_model_name_or_path=base_name,
             vocab_fingerprint=fingerprint,
             num_added_rows=num_added,
@@ -684,6 +747,11 @@ class S2TSelector:
             f"| selection | `{config.selection}` |",
             f"| scoring | `{config.scoring}`{residual} |",
             f"| trigger | `{config.trigger}` |",
+            *(
+                [f"| trigger_token_id | {config.trigger_token_id} (learned trigger row) |"]
+                if config.trigger_token_id is not None
+                else []
+            ),
             f"| top_k | {config.top_k} |",
             f"| num_bins | {config.num_bins} |",
             f"| vocab_fingerprint | `{config.vocab_fingerprint}` |",
@@ -811,20 +879,22 @@ class S2TSelector:
                 f"`{ADAPTER_CONFIG_NAME}` of `{path_or_repo_id}` is not a valid PEFT config: {error}"
             ) from error
         indices = _adapter_token_indices(peft_config)
-        if indices is not None and [int(i) for i in indices] != list(config.bin_token_ids):
+        reserved = config.reserved_token_ids
+        if indices is not None and [int(i) for i in indices] != reserved:
             raise ValueError(
                 f"The adapter of `{path_or_repo_id}` trains rows {list(indices)} but `{CONFIG_NAME}` names "
-                f"`bin_token_ids` {config.bin_token_ids}; the two files come from different selectors."
+                f"`bin_token_ids` {config.bin_token_ids} and `trigger_token_id` {config.trigger_token_id}; the two "
+                "files come from different selectors."
             )
         state = _read_adapter_weights(weights_path, path_or_repo_id)
         hidden = int(_head(model)[1].weight.shape[1])
         token_keys = [k for k in state if k.endswith("trainable_tokens_delta")]
-        if len(token_keys) != 1 or tuple(state[token_keys[0]].shape) != (config.num_bins, hidden):
+        if len(token_keys) != 1 or tuple(state[token_keys[0]].shape) != (len(reserved), hidden):
             shapes = {k: tuple(state[k].shape) for k in token_keys}
             raise ValueError(
                 f"`{ADAPTER_WEIGHTS_NAME}` of `{path_or_repo_id}` must hold one `trainable_tokens_delta` tensor of "
-                f"shape ({config.num_bins}, {hidden}) (the bin rows for this model), found {shapes or 'none'}. The "
-                "file is incomplete or belongs to another model."
+                f"shape ({len(reserved)}, {hidden}) (the bin rows for this model, and the trigger row if any), found "
+                f"{shapes or 'none'}. The file is incomplete or belongs to another model."
             )
 
         rows_before = int(_input_weight(model).shape[0])
@@ -893,7 +963,7 @@ def _rows_to_add(model: nn.Module, config: S2TConfig, source, check_fingerprint:
                     f"vocabulary rows, but `model` has {rows}. Load the selector onto its own base model, or pass "
                     "`check_fingerprint=False` to override."
                 )
-            found = _fingerprint(_input_weight(model), expected_rows, num_ordinary, config.bin_token_ids)
+            found = _fingerprint(_input_weight(model), expected_rows, num_ordinary, config.reserved_token_ids)
             if found != config.vocab_fingerprint:
                 raise ValueError(
                     f"The vocabulary fingerprint of `model` ({found}) differs from the one the selector at `{source}` "
@@ -904,7 +974,7 @@ def _rows_to_add(model: nn.Module, config: S2TConfig, source, check_fingerprint:
     if not added or already_grown:
         return 0
     head_rows = _head_rows(model)
-    if max(config.bin_token_ids) < head_rows:
+    if max(config.reserved_token_ids) < head_rows:
         return 0  # the rows are already there (e.g. grown by the caller); nothing to add
     return added
 
