@@ -203,6 +203,59 @@ def test_save_and_resume(pair, tmp_path, monkeypatch):
         collect_selection_data(student, teacher, save_to=foreign, **kwargs)
 
 
+def test_trajectories_hold_every_eligible_position(pair, tmp_path, monkeypatch):
+    """`return_trajectories=True`: the same pass gives, at every eligible position of each trajectory, what a group at
+    that position holds (with `fraction=1` every position is a group) and the student's entropy there."""
+    student, teacher = pair
+    prompts = random_prompts(6, seed=4)
+    kwargs = dict(prompts=prompts, top_k=K, fraction=1.0, max_new_tokens=8, show_progress=False, shard_size=4)
+    groups, trajectories = collect_selection_data(student, teacher, return_trajectories=True, **kwargs)
+    assert groups.to_dict() == collect_selection_data(student, teacher, **kwargs).to_dict()
+    assert sorted(trajectories["prompt_index"]) == list(range(len(prompts)))
+    by_position = {(g["prompt_index"], g["step"]): g for g in groups}
+    count = 0
+    for row in trajectories:
+        prompt = prompts[row["prompt_index"]]
+        assert row["input_ids"][: len(prompt)] == prompt and row["prompt_length"] == len(prompt)
+        assert row["steps"] == sorted(row["steps"]) and min(row["steps"]) == 3  # warmup_tokens
+        for n, step in enumerate(row["steps"]):
+            group = by_position[(row["prompt_index"], step)]
+            assert group["context_ids"] == row["input_ids"][: len(prompt) + step]
+            assert row["cand_ids"][n] == group["cand_ids"] and row["teacher_top1"][n] == group["teacher_top1"]
+            assert row["teacher_probs"][n] == pytest.approx(group["teacher_probs"])
+            assert row["kl"][n] == pytest.approx(group["signal"], rel=1e-5, abs=1e-7)
+            expected = entropy_signal(recompute(student, group["context_ids"])[None], 64)
+            assert row["entropy"][n] == pytest.approx(float(expected), rel=1e-3, abs=1e-5)
+            count += 1
+    assert count == len(groups)
+
+    # saved with the groups and resumed shard by shard
+    original = data_module._Context.teacher_forced_shard
+    calls = []
+
+    def interrupted(self, chunk, bar):
+        calls.append(chunk[0][0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, chunk, bar)
+
+    target = tmp_path / "collection"
+    monkeypatch.setattr(data_module._Context, "teacher_forced_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        collect_selection_data(student, teacher, return_trajectories=True, save_to=target, **kwargs)
+    monkeypatch.setattr(data_module._Context, "teacher_forced_shard", original)
+    resumed = collect_selection_data(student, teacher, return_trajectories=True, save_to=target, **kwargs)
+    again = collect_selection_data(student, teacher, return_trajectories=True, save_to=target, **kwargs)
+    for groups_again, trajectories_again in (resumed, again):
+        assert groups_again.to_dict() == groups.to_dict()
+        assert trajectories_again.to_dict() == trajectories.to_dict()
+    assert datasets.load_from_disk(str(target / "trajectories")).to_dict() == trajectories.to_dict()
+    with pytest.raises(ValueError, match="resume=False"):  # collected with trajectories: other settings
+        collect_selection_data(student, teacher, save_to=target, **kwargs)
+    with pytest.raises(ValueError, match="`return_trajectories=True` needs `mode='teacher_forced'`"):
+        collect_selection_data(student, teacher, prompts=prompts, mode="on_policy", return_trajectories=True)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Errors
 

@@ -410,7 +410,7 @@ def test_wrong_construction_arguments_are_named():
     with pytest.raises(TypeError, match="`teacher` must be a transformers model or a `Teacher`"):
         S2TLogitsProcessor(student, teacher="Qwen/Qwen2.5-32B-Instruct", trigger="always")
     config = S2TConfig(trigger="never", num_bins=2, bin_token_ids=[200, 201])  # a selector's config of another model
-    with pytest.raises(ValueError, match=r"Reserved bin rows \[200, 201\] lie outside the model's 96 output rows"):
+    with pytest.raises(ValueError, match=r"Reserved rows \[200, 201\] \(bins, trigger\) lie outside the model's 96 output"):
         S2TLogitsProcessor(student, config)
 
 
@@ -429,7 +429,7 @@ def test_calibration_arguments_are_checked():
         with pytest.raises(ValueError, match="no eligible step .*lower `warmup_tokens`"):
             s2t.calibrate(prompts, target_rate=0.1, max_new_tokens=2)  # warmup_tokens=3: no step counts
     with S2TLogitsProcessor(student, teacher=teacher, trigger="random", trigger_rate=0.1) as s2t:
-        with pytest.raises(ValueError, match="Only `entropy` and `kl` triggers have a threshold"):
+        with pytest.raises(ValueError, match="Only the `entropy`, `kl`, `learned` triggers have a threshold"):
             s2t.calibrate(prompts, target_rate=0.1)
 
 

@@ -512,7 +512,7 @@ def test_wrapping_a_peft_model_checks_its_config():
         S2TSelector(selector.model, selector.config.to_dict())
     with pytest.raises(ValueError, match="`config.bin_token_ids` is not set"):
         S2TSelector(selector.model, S2TConfig(selection="local"))
-    with pytest.raises(ValueError, match="`config.bin_token_ids` go up to 81 but the model's output head has only 66"):
+    with pytest.raises(ValueError, match=r"`config.bin_token_ids` \(and `trigger_token_id`\) go up to 81 but the model's output head has only 66"):
         S2TSelector(selector.model, S2TConfig(selection="local", num_bins=2, bin_token_ids=[80, 81]))
 
 

@@ -263,7 +263,7 @@ def collect_selection_data(
             f"`signal={signal!r}` applies to `mode='teacher_forced'`; on-policy groups come from KL triggers."
         )
     trigger_rate = fraction if trigger_rate is None else trigger_rate
-    if not 0.0 < trigger_rate < 1.0:
+    if mode == "on_policy" and not 0.0 < trigger_rate < 1.0:  # `fraction=1` is fine in teacher-forced mode
         raise ValueError(f"`trigger_rate` must lie in (0, 1), got {trigger_rate}.")
     for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size), ("shard_size", shard_size)):
         if not isinstance(value, int) or value < 1:
