@@ -1,8 +1,9 @@
 """The whole S2T pipeline on a laptop CPU, on the built-in arithmetic task (`s2t-hf demo`).
 
 Stages: train or load the teacher/student pair -> calibrate triggers -> local sufficiency (hit@K at trigger steps) ->
-collect selection data -> train the local selector (pure and residual forms) -> evaluate Greedy, Maj@8, S2T,
-Takeover and S2T-Local on the test split -> table, JSON and PNG plots.
+collect selection data (and the student's labelled trajectories) -> train the local selector (pure and residual forms)
+and fit its learned trigger row -> evaluate Greedy, Maj@8, S2T, Takeover and S2T-Local on the test split, with the
+entropy, KL and learned triggers, and accuracy against trigger rate -> table, JSON and PNG plots.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import time
 from collections import Counter
@@ -47,6 +49,24 @@ class DemoConfig:
     num_train_problems: int = field(default=3000, metadata={"help": "Training problems for selection data."})
     num_dev_groups: int = field(default=1000, metadata={"help": "Held-out groups for early stopping."})
     trigger_rate: float = field(default=0.10, metadata={"help": "Target trigger rate at inference."})
+    learned_trigger: bool = field(
+        default=True,
+        metadata={
+            "help": "Fit the selector's learned trigger row on the collected trajectories and add S2T and S2T-Local "
+            "rows with it, at `trigger_rate` and at half of it."
+        },
+    )
+    trigger_label: str = field(
+        default="fixable",
+        metadata={"help": "What the learned trigger predicts: one of `s2t_hf.learned_trigger.TRIGGER_LABELS`."},
+    )
+    sweep_rates: tuple[float, ...] = field(
+        default=(0.025, 0.05, 0.1, 0.2),
+        metadata={
+            "help": "Trigger rates of the accuracy-against-rate sweep (entropy and learned triggers, S2T and the best "
+            "S2T-Local form); empty: no sweep."
+        },
+    )
     collect_fraction: float = field(default=0.10, metadata={"help": "Fraction of positions kept as groups."})
     collect_signal: str = field(
         default="entropy",
@@ -116,20 +136,23 @@ class _Generator:
         self.max_new_tokens = max_new_tokens
         self.fused = fused
 
-    def generate_kwargs(self, model) -> dict[str, Any]:
-        rows = output_rows(model)
+    def generate_kwargs(self, model, processor: S2TLogitsProcessor | None = None) -> dict[str, Any]:
+        """`generate`'s arguments; the output rows above the tokenizer are suppressed, but for the processor's
+        reserved rows (it masks them itself, and reads the learned trigger's row)."""
+        reserved = set(processor.reserved_ids.tolist()) if processor is not None else set()
+        suppress = [i for i in range(len(self.tokenizer), output_rows(model)) if i not in reserved]
         return dict(
             max_new_tokens=self.max_new_tokens,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
-            suppress_tokens=list(range(len(self.tokenizer), rows)) or None,
+            suppress_tokens=suppress or None,
         )
 
     def run(
         self, model, prompts, processor=None, desc="generate", batch_size: int | None = None, **kwargs
     ) -> tuple[list[str], float]:
         """The decoded solutions and the seconds they took; `processor` decodes with S2T (fused loop if `fused`)."""
-        gen = {**self.generate_kwargs(model), "do_sample": False, **kwargs}
+        gen = {**self.generate_kwargs(model, processor), "do_sample": False, **kwargs}
         if processor is not None and not self.fused:
             gen["logits_processor"] = [processor]
         started = time.perf_counter()
@@ -177,6 +200,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         config (`DemoConfig`, *optional*): the settings; defaults reproduce `docs/benchmarks.md`.
     """
     from .data import collect_selection_data
+    from .learned_trigger import fit_trigger_row
     from .metrics import load_metric
     from .selector import S2TSelector
     from .tasks import ArithmeticTaskConfig, PairTrainingConfig, default_pair_dir, generate_problems, train_pair
@@ -185,7 +209,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     os.makedirs(config.output_dir, exist_ok=True)
     results: dict[str, Any] = {"config": dataclasses.asdict(config), "timings": {}}
     demo_started = time.perf_counter()
-    stages = tqdm(total=7, desc="s2t demo")
+    stages = tqdm(total=8, desc="s2t demo")
 
     def stage(name: str):
         stages.set_postfix_str(name)
@@ -312,12 +336,12 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     # 5. selection data
     stage("collect selection data")
     started = time.perf_counter()
-    dataset = collect_selection_data(
+    dataset, trajectories = collect_selection_data(
         student, teacher, tokenizer, train_prompts, mode="teacher_forced", top_k=config.collect_top_k,
         fraction=config.collect_fraction, signal=config.collect_signal, max_new_tokens=runner.max_new_tokens,
         batch_size=config.batch_size,
         chat_template=False, suppress_token_ids=list(range(len(tokenizer), output_rows(student))),
-        save_to=os.path.join(config.output_dir, "selection_data"),
+        save_to=os.path.join(config.output_dir, "collection"), return_trajectories=True,
     )
     results["timings"]["collect_s"] = time.perf_counter() - started
     split = _split_by_prompt(dataset, config.num_dev_groups, config.seed)
@@ -327,51 +351,204 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     # 6. train the local selector(s)
     stage("train the selector")
     selectors = {}
+    learned = config.learned_trigger and _labels_vary(trajectories, config)
     for form in config.forms:
         started = time.perf_counter()
         selectors[form], results.setdefault("selector_training", {})[form] = _train_selector(
             config, form, student, tokenizer, split, thresholds["entropy"]
         )
         results["timings"][f"train_{form}_s"] = time.perf_counter() - started
+        if learned:
+            started = time.perf_counter()
+            # the row reads the hidden states the student generates with (the base model's in scoring mode), so it is
+            # the same for every form; each selector carries its own copy
+            report = fit_trigger_row(
+                selectors[form], trajectories, label=config.trigger_label, top_k=config.top_k,
+                adapter_mode=config.local_adapter_mode, target_rate=config.trigger_rate, seed=config.seed,
+            )
+            results.setdefault("learned_trigger", {})[form] = report
+            results["timings"][f"fit_trigger_{form}_s"] = time.perf_counter() - started
+            logger.info(f"Learned trigger ({form}): held-out AUROC {report['auroc']}")
     stages.update()
 
     # 7. S2T-Local: thresholds recalibrated on the adapted student (its distribution moved a little in training)
     stage("evaluate S2T-Local")
+    triggers = ["entropy", "kl"] + (["learned"] if learned else [])
+
+    def evaluate(selector, selection: str, kind: str, rate: float, name: str | None, desc: str):
+        """Calibrates `kind` to `rate` on the validation problems and decodes the test split; `name` records a row of
+        the table (with its per-request time). Returns the accuracy, the statistics and the calibrated processor's
+        config."""
+        model = selector.base_model if selector is not None else student
+        kwargs = dict(teacher=teacher) if kind == "kl" or selection != "local" else {}
+        local = dict(selector=selector, adapter_mode=config.local_adapter_mode) if selector is not None else {}
+        with S2TLogitsProcessor(
+            model, selector.config if selector is not None else None, selection=selection, trigger=kind,
+            top_k=config.top_k, **local, **kwargs, **common,
+        ) as s2t:
+            threshold = s2t.calibrate(
+                calibration_prompts, target_rate=rate, batch_size=config.batch_size,
+                **runner.generate_kwargs(model, s2t),
+            )
+            completions, seconds = runner.run(model, test_prompts, s2t, desc=desc)
+            stats, local_path = s2t.total_stats, s2t.stats["local_path"]  # every batch of the test set
+            accuracy = _accuracy(completions, test)
+            if name is not None:
+                record(name, completions, seconds, stats, accuracy=accuracy, latency_s=latency(model, s2t))
+                methods[name]["trigger_threshold"] = threshold
+                if selection == "local":
+                    methods[name]["local_path"] = local_path
+            return accuracy, stats, s2t.config
+
+    # the saved selectors decode with the learned trigger (its row is in the adapter) when there is one
+    saved_trigger = "learned" if learned else "entropy"
     for form, selector in selectors.items():
-        model = selector.base_model
-        for kind in ("entropy", "kl"):
-            kwargs = dict(teacher=teacher) if kind == "kl" else {}
-            with S2TLogitsProcessor(
-                model, selector.config, selector=selector, selection="local", trigger=kind, top_k=config.top_k,
-                adapter_mode=config.local_adapter_mode, **kwargs, **common,
-            ) as s2t:
-                threshold = s2t.calibrate(
-                    calibration_prompts, target_rate=config.trigger_rate, batch_size=config.batch_size,
-                    **runner.generate_kwargs(model),
+        for kind in triggers:
+            rates = [config.trigger_rate] + ([config.trigger_rate / 2] if kind == "learned" else [])
+            for rate in rates:
+                name = f"S2T-Local {form} ({kind}{', half rate' if rate != config.trigger_rate else ''})"
+                _, _, processor_config = evaluate(selector, "local", kind, rate, name, name)
+                results.setdefault("local_thresholds", {})[f"{form}/{kind}@{rate:g}"] = (
+                    processor_config.trigger_threshold
                 )
-                results.setdefault("local_thresholds", {})[f"{form}/{kind}"] = threshold
-                completions, seconds = runner.run(model, test_prompts, s2t, desc=f"S2T-Local {form} {kind}")
-                stats, local_path = s2t.total_stats, s2t.stats["local_path"]  # every batch of the test set
-                record(f"S2T-Local {form} ({kind})", completions, seconds, stats, latency_s=latency(model, s2t))
-                methods[f"S2T-Local {form} ({kind})"]["local_path"] = local_path
-                if kind == "entropy":
-                    selector.config = dataclasses.replace(s2t.config, selection="local")
+                if kind == saved_trigger and rate == config.trigger_rate:
+                    selector.config = dataclasses.replace(processor_config, selection="local")
                     selector.save_pretrained(
                         os.path.join(config.output_dir, f"selector-{form}"),
-                        metrics={"test accuracy": methods[f"S2T-Local {form} ({kind})"]["accuracy"]},
+                        metrics={"test accuracy": methods[name]["accuracy"]},
                     )
-        completions, seconds = runner.run(model, test_prompts, desc=f"greedy with {form} adapter")
-        record(f"Greedy with {form} adapter (LoRA on)", completions, seconds, latency_s=latency(model))
+        completions, seconds = runner.run(selector.base_model, test_prompts, desc=f"greedy with {form} adapter")
+        record(f"Greedy with {form} adapter (LoRA on)", completions, seconds, latency_s=latency(selector.base_model))
+    if learned and selectors:
+        # collaborative S2T with the learned trigger: the teacher selects, the selector's row only says when (with
+        # `adapter_mode="scoring"` the student generates as itself, so any form's selector serves)
+        selector = next(iter(selectors.values()))
+        for rate in (config.trigger_rate, config.trigger_rate / 2):
+            name = f"S2T (learned{', half rate' if rate != config.trigger_rate else ''})"
+            evaluate(selector, "teacher", "learned", rate, name, name)
+    stages.update()
+
+    # 8. accuracy against trigger rate, for S2T and the best S2T-Local form, with the entropy and learned triggers
+    if config.sweep_rates and selectors:
+        stage("accuracy against trigger rate")
+        best_form = max(selectors, key=lambda f: methods[f"S2T-Local {f} (entropy)"]["accuracy"])
+        sweep = {}
+        for method, selection, selector in (
+            ("S2T", "teacher", next(iter(selectors.values()))), (f"S2T-Local {best_form}", "local", selectors[best_form])
+        ):
+            for kind in ("entropy", "learned") if learned else ("entropy",):
+                points = []
+                for rate in config.sweep_rates:
+                    name = _row_name(method, kind, rate, config.trigger_rate)
+                    if name is not None and name in methods:  # a row of the table already
+                        row = methods[name]
+                        points.append(dict(target_rate=rate, accuracy=row["accuracy"], trigger_rate=row["trigger_rate"],
+                                           teacher_calls=row["teacher_calls"]))
+                        continue
+                    accuracy, stats, _ = evaluate(
+                        selector if kind == "learned" or selection == "local" else None, selection, kind, rate, None,
+                        f"{method} {kind} @ {rate:g}",
+                    )
+                    points.append(dict(target_rate=rate, accuracy=accuracy, trigger_rate=stats["trigger_rate"],
+                                       teacher_calls=stats["teacher_calls"]))
+                sweep.setdefault(method, {})[kind] = points
+        results["rate_sweep"] = sweep
     stages.update()
     stages.close()
 
-    results["methods"] = methods
+    results["methods"] = _ordered(methods)
+    results["targets"] = learned_trigger_targets(results)
     results["timings"]["total_s"] = time.perf_counter() - demo_started
     with open(os.path.join(config.output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     if config.plots:
         write_plots(results, config.output_dir)
     return results
+
+
+def _labels_vary(trajectories, config: DemoConfig) -> bool:
+    """Whether the trajectories hold both labels of the learned trigger (a pair whose student always agrees with the
+    teacher leaves nothing to learn: the learned rows are then left out, with a warning)."""
+    from .learned_trigger import trigger_labels
+
+    labels = torch.cat([trigger_labels(row, config.top_k, config.trigger_label) for row in trajectories])
+    if labels.numel() and 0 < int(labels.sum()) < labels.numel():
+        return True
+    logger.warning(
+        f"The learned trigger is left out: every collected position has the same `{config.trigger_label}` label "
+        f"({labels.numel()} positions), so there is nothing to fit."
+    )
+    return False
+
+
+def _row_name(method: str, kind: str, rate: float, demo_rate: float) -> str | None:
+    """The table row of `method` with the `kind` trigger at `rate`, if the demo decodes one."""
+    if math.isclose(rate, demo_rate):
+        return f"{method} ({kind})"
+    if kind == "learned" and math.isclose(rate, demo_rate / 2):
+        return f"{method} (learned, half rate)"
+    return None
+
+
+_ROW_GROUPS = ("Greedy", "Teacher greedy", "Maj@", "S2T (", "Takeover (", "S2T-Local ")
+
+
+def _ordered(methods: dict[str, Any]) -> dict[str, Any]:
+    """The table's rows grouped by method (the learned-trigger rows next to the entropy and KL ones), else in the
+    order they were decoded."""
+
+    def group(name: str) -> int:
+        for index, prefix in reversed(list(enumerate(_ROW_GROUPS))):
+            if name == prefix or (prefix.endswith(("(", "@", " ")) and name.startswith(prefix)):
+                return index
+        return len(_ROW_GROUPS)
+
+    def form(name: str) -> str:
+        # S2T-Local rows and their adapter's greedy row: by form
+        for part in ("pure", "residual"):
+            if f" {part} " in f" {name} ":
+                return part
+        return ""
+
+    order = {name: i for i, name in enumerate(methods)}
+    names = sorted(methods, key=lambda n: (group(n) if not n.startswith("Greedy with") else group("S2T-Local "),
+                                           form(n), order[n]))
+    return {name: methods[name] for name in names}
+
+
+def learned_trigger_targets(results: dict[str, Any]) -> dict[str, Any]:
+    """
+    The learned trigger's targets (docs/benchmarks.md), measured on one demo run: its held-out AUROC against the
+    entropy's (margin >= 0.05), S2T at half the rate with it against S2T with the entropy trigger at the full rate
+    (>= -1 point), and the best teacher-free S2T-Local row against Greedy (>= 1.30x) and the best Maj@N.
+    """
+    methods = results["methods"]
+    greedy = methods["Greedy"]["accuracy"]
+    # teacher-free rows only (the `kl` trigger asks the teacher at every step)
+    local = {n: r["accuracy"] for n, r in methods.items() if n.startswith("S2T-Local ") and "(kl" not in n}
+    majority = [r["accuracy"] for n, r in methods.items() if n.startswith("Maj@")]
+    out: dict[str, Any] = {}
+    if local:
+        best = max(local, key=local.get)
+        out["best_local"] = {
+            "row": best, "accuracy": local[best], "x_greedy": local[best] / greedy if greedy else float("nan"),
+            "minus_best_maj": local[best] - max(majority) if majority else float("nan"),
+        }
+        out["best_local"]["met"] = out["best_local"]["x_greedy"] >= 1.30 and out["best_local"]["minus_best_maj"] > 0
+    reports = results.get("learned_trigger") or {}
+    if reports:
+        auroc = next(iter(reports.values()))["auroc"]
+        out["auroc"] = {**auroc, "margin_over_entropy": auroc["learned"] - auroc["entropy"]}
+        out["auroc"]["met"] = out["auroc"]["margin_over_entropy"] >= 0.05
+    if "S2T (learned, half rate)" in methods and "S2T (entropy)" in methods:
+        half, full = methods["S2T (learned, half rate)"], methods["S2T (entropy)"]
+        out["s2t_half_rate"] = {
+            "learned_half_rate": half["accuracy"], "entropy_full_rate": full["accuracy"],
+            "difference": half["accuracy"] - full["accuracy"],
+            "teacher_calls": {"learned_half_rate": half["teacher_calls"], "entropy_full_rate": full["teacher_calls"]},
+        }
+        out["s2t_half_rate"]["met"] = out["s2t_half_rate"]["difference"] >= -0.01
+    return out
 
 
 def _split_by_prompt(dataset, num_dev_groups: int, seed: int):
@@ -406,7 +583,7 @@ def _train_selector(config: DemoConfig, form: str, student, tokenizer, split, en
     )
     selector = S2TSelector.create(
         model, tokenizer, num_bins=16, use_lora=True, preserve_cache=config.selector_preserve_cache,
-        config=selector_config,
+        learned_trigger=config.learned_trigger, config=selector_config,
     )
     output_dir = os.path.join(config.output_dir, f"selector-{form}")
     steps_per_epoch = max(1, len(split["train"]) // config.selector_batch_size)
@@ -484,7 +661,7 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def write_plots(results: dict[str, Any], output_dir: str) -> list[str]:
-    """hit@K curve and accuracy/time per method as PNG files; returns their paths."""
+    """hit@K curve, accuracy/time per method and accuracy against trigger rate as PNG files; returns their paths."""
     try:
         import matplotlib
 
@@ -529,4 +706,25 @@ def write_plots(results: dict[str, Any], output_dir: str) -> list[str]:
     paths.append(os.path.join(output_dir, "methods.png"))
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
+
+    sweep = results.get("rate_sweep")
+    if sweep:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method, by_trigger in sweep.items():
+            for kind, points in by_trigger.items():
+                ax.plot(
+                    [p["trigger_rate"] for p in points], [p["accuracy"] for p in points], marker="o",
+                    linestyle="-" if kind == "learned" else "--", label=f"{method}, {kind} trigger",
+                )
+        ax.axhline(greedy["accuracy"], color="gray", lw=0.8, label="Greedy")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("trigger rate (measured on the test split)")
+        ax.set_ylabel("test accuracy")
+        ax.set_title("Accuracy against trigger rate")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(os.path.join(output_dir, "trigger_rates.png"))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
     return paths

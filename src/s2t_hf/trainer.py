@@ -393,6 +393,8 @@ class S2TTrainer(Trainer):
         if cand_mask is None:
             cand_mask = torch.ones_like(cand_ids, dtype=torch.bool)
         bins = torch.tensor(self.selector.bin_token_ids, device=cand_ids.device)
+        # rows that are never generated (bins and the learned trigger's row) are left out of every distribution
+        reserved = torch.tensor(self.selector.reserved_token_ids, device=cand_ids.device)
         use_lm_kl = args.lm_kl_weight > 0
         base_logits = self._base_logits(inputs, keep=0) if use_lm_kl else None
         forward = self._forward(model, inputs, need_context_logits=use_lm_kl)
@@ -401,7 +403,7 @@ class S2TTrainer(Trainer):
         if config.scoring == "residual":
             # the selector's own log-probabilities of the candidates (adapter on, bins masked), as the processor
             # computes them in both adapter modes
-            student_log_probs = selector_log_probs(forward.last_context_logits, cand_ids, bins)
+            student_log_probs = selector_log_probs(forward.last_context_logits, cand_ids, reserved)
         bin_logits = forward.candidate_logits.index_select(-1, bins)
         candidate_logits = local_candidate_logits(
             bin_logits,
@@ -422,7 +424,7 @@ class S2TTrainer(Trainer):
         lm_kl = None
         if use_lm_kl:
             lm_kl = lm_kl_divergence(
-                base_logits, forward.context_logits, inputs["attention_mask"], ignore_token_ids=bins
+                base_logits, forward.context_logits, inputs["attention_mask"], ignore_token_ids=reserved
             )
             per_group = per_group + args.lm_kl_weight * lm_kl
 
