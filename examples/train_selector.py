@@ -7,8 +7,10 @@
 3. Train the selector (16 reserved output rows + LoRA on the last layer's query, output and MLP projections, residual
    scoring, active only while scoring) with `S2TTrainer`, evaluating agreement with the teacher's choice on held-out
    problems, early stopping and keeping the best checkpoint. This is the recipe of `s2t-hf demo`.
-4. Decode test problems greedily and with S2T-Local (entropy trigger calibrated to a 10% rate, K = 8) and compare
-   accuracies.
+4. Fit the learned trigger's row on the student's labelled trajectories from step 2 (`fit_trigger_row`): held-out
+   AUROC of the learned row, the entropy and the KL for "the teacher's top-1 is a lower candidate".
+5. Decode test problems greedily, with S2T-Local (entropy and learned triggers calibrated to a 10% rate, K = 8) and
+   with collaborative S2T asking the teacher only where the learned trigger fires, at 5%; compare accuracies.
 
     python examples/train_selector.py --output-dir runs/arithmetic-selector [--problems 3000] [--max-steps 3000]
 
@@ -33,6 +35,7 @@ from s2t_hf import (
     S2TTrainingArguments,
     collect_selection_data,
 )
+from s2t_hf.learned_trigger import fit_trigger_row
 from s2t_hf.tasks import evaluate_greedy, generate_problems, train_pair
 
 
@@ -61,10 +64,15 @@ def main() -> None:
     collect = dict(mode=args.mode, top_k=16, fraction=0.1, trigger_rate=0.1, max_new_tokens=64, batch_size=64)
     if args.mode == "teacher_forced":
         collect["signal"] = "entropy"
+    # teacher-forced collection also returns the trajectories the learned trigger is fit on (same pass)
+    trajectories = None
     train_groups = collect_selection_data(
         student, teacher, tokenizer, prompts("train", args.problems),
-        save_to=os.path.join(args.output_dir, "groups-train"), **collect,
+        save_to=os.path.join(args.output_dir, "groups-train"), return_trajectories=args.mode == "teacher_forced",
+        **collect,
     )
+    if args.mode == "teacher_forced":
+        train_groups, trajectories = train_groups
     dev_groups = collect_selection_data(
         student, teacher, tokenizer, prompts("validation", args.dev_problems),
         save_to=os.path.join(args.output_dir, "groups-dev"), **collect,
@@ -76,7 +84,10 @@ def main() -> None:
         selection="local", trigger="entropy", top_k=8, scoring="residual", residual_tau=0.1, adapter_mode="scoring"
     )
     # the student generates as itself; the selector's LoRA leaves the KV cache alone, so it scores on the live cache
-    selector = S2TSelector.create(student, tokenizer, preserve_cache=True, config=config)
+    # (one more reserved row for the learned trigger)
+    selector = S2TSelector.create(
+        student, tokenizer, preserve_cache=True, learned_trigger=trajectories is not None, config=config
+    )
     training_args = S2TTrainingArguments(
         output_dir=args.output_dir,
         max_steps=args.max_steps,
@@ -109,7 +120,12 @@ def main() -> None:
     metrics = trainer.evaluate()
     print(json.dumps({k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}, indent=2))
 
-    # 4. decoding: greedy vs S2T-Local with an entropy trigger calibrated to 10% of the steps
+    # 4. the learned trigger: a probe on the base model's final hidden state (the student generates as itself)
+    if trajectories is not None:
+        report = fit_trigger_row(selector, trajectories, label="fixable", adapter_mode="scoring", seed=args.seed)
+        print("held-out AUROC:", json.dumps({k: round(v, 3) for k, v in report["auroc"].items()}))
+
+    # 5. decoding: greedy vs S2T-Local with the entropy (and learned) trigger calibrated to 10% of the steps
     test = generate_problems(args.test_problems, split="test", seed=args.seed)
     with selector.adapter_disabled():
         greedy = evaluate_greedy(selector.base_model, tokenizer, test)
@@ -117,12 +133,29 @@ def main() -> None:
         tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False)
         for p in generate_problems(100, split="validation", seed=args.seed + 1)
     ]
-    with S2TLogitsProcessor(selector.base_model, selector.config, selector=selector, tokenizer=tokenizer) as s2t:
-        s2t.calibrate(calibration, target_rate=0.1, max_new_tokens=64)
-        selector.config = s2t.config  # save the calibrated threshold with the selector
-        local = evaluate_greedy(selector.base_model, tokenizer, test, logits_processor=[s2t])
+    accuracies = {"greedy": greedy}
+    for trigger in ("entropy", "learned") if trajectories is not None else ("entropy",):
+        with S2TLogitsProcessor(
+            selector.base_model, selector.config, selector=selector, tokenizer=tokenizer, trigger=trigger
+        ) as s2t:
+            s2t.calibrate(calibration, target_rate=0.1, max_new_tokens=64)
+            accuracies[f"S2T-Local ({trigger})"] = evaluate_greedy(
+                selector.base_model, tokenizer, test, logits_processor=[s2t]
+            )
+            calibrated = s2t.config
+    selector.config = calibrated  # save the (last) calibrated trigger with the selector
+    if trajectories is not None:
+        # collaborative S2T: the teacher selects, at the half of the steps where the learned row is highest
+        with S2TLogitsProcessor(
+            selector.base_model, selector.config, selector=selector, tokenizer=tokenizer, teacher=teacher,
+            selection="teacher",
+        ) as s2t:
+            s2t.calibrate(calibration, target_rate=0.05, max_new_tokens=64)
+            accuracies["S2T (learned, 5%)"] = evaluate_greedy(
+                selector.base_model, tokenizer, test, logits_processor=[s2t]
+            )
     trainer.save_model()  # the final directory loads with S2TLogitsProcessor.from_pretrained(dir, model=student)
-    print(f"test accuracy: greedy {greedy:.1%}, S2T-Local {local:.1%} ({args.test_problems} problems)")
+    print(f"test accuracy ({args.test_problems} problems): " + ", ".join(f"{k} {v:.1%}" for k, v in accuracies.items()))
 
 
 if __name__ == "__main__":

@@ -60,9 +60,10 @@ def hidden_states(model, sequence: list[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reference_learned_s2t(selector, teacher, prompt, threshold, top_k, warmup, max_new_tokens):
+def reference_learned_s2t(selector, teacher, prompt, threshold, top_k, warmup, max_new_tokens, entropy_weight=0.0):
     """Slow, independent collaborative S2T with the learned trigger: batch 1, no cache, every prefix encoded again with
-    the LoRA off; the trigger value is the base model's final hidden state times the row's weights."""
+    the LoRA off; the trigger value is the base model's final hidden state times the row's weights, plus the weighted
+    entropy of the student's top-64 (reserved rows masked)."""
     model = selector.base_model
     row = trigger_weights(selector).detach().float()
     sequence = list(prompt)
@@ -71,6 +72,8 @@ def reference_learned_s2t(selector, teacher, prompt, threshold, top_k, warmup, m
             logits = model(torch.tensor([sequence])).logits[0, -1].float()
             signal = float(hidden_states(model, sequence)[-1] @ row)
             logits[RESERVED] = float("-inf")
+            top = torch.softmax(logits.topk(64).values, -1)
+            signal += entropy_weight * float(-(top * top.log()).sum())
             token = int(logits.argmax())
             if step >= warmup and signal > threshold:
                 candidates = logits.topk(top_k).indices
@@ -159,17 +162,18 @@ def test_selector_reserves_and_saves_the_trigger_row(tmp_path):
 # Reading the row inside generate
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_learned_trigger_with_teacher_selection_equals_the_slow_reference(fused):
+@pytest.mark.parametrize("fused, entropy_weight", [(False, 0.0), (True, 0.0), (False, 1.5)])
+def test_learned_trigger_with_teacher_selection_equals_the_slow_reference(fused, entropy_weight):
     import s2t_hf
 
     student, teacher = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
     selector = learned_selector(student)
+    selector.config.trigger_entropy_weight = entropy_weight
     prompts, input_ids, attention_mask = left_padded_batch()
     # a threshold in the middle of the row's values on these prompts
     with selector.adapter_disabled():
         values = torch.cat([hidden_states(selector.base_model, p) @ trigger_weights(selector).detach() for p in prompts])
-    threshold = float(values.median())
+    threshold = float(values.median()) + entropy_weight * 2.0
     with S2TLogitsProcessor(
         student, selector.config, selector=selector, teacher=teacher, selection="teacher", trigger="learned",
         trigger_threshold=threshold, top_k=4, warmup_tokens=1, adapter_mode="scoring", record_triggers=True,
@@ -183,7 +187,9 @@ def test_learned_trigger_with_teacher_selection_equals_the_slow_reference(fused)
         assert 0 < s2t.stats["triggers"] < s2t.stats["eligible_steps"]
     got = rows_until_eos(output, input_ids.shape[1])
     for prompt, row in zip(prompts, got):
-        assert row == reference_learned_s2t(selector, teacher, prompt, threshold, 4, 1, GREEDY["max_new_tokens"])
+        assert row == reference_learned_s2t(
+            selector, teacher, prompt, threshold, 4, 1, GREEDY["max_new_tokens"], entropy_weight
+        )
 
 
 def test_the_trigger_row_is_never_generated_and_the_cache_stays_the_base_models():
@@ -315,6 +321,7 @@ def test_fit_recovers_a_planted_linear_signal(collected, adapter_mode):
     with (selector.lora_disabled() if adapter_mode == "scoring" else torch.no_grad()):
         relabelled = planted_trajectories(selector.model, trajectories, direction)
     report = fit_trigger_row(selector, relabelled, adapter_mode=adapter_mode, top_k=8, target_rate=0.25)
+    assert report["entropy_weight"] == selector.config.trigger_entropy_weight != 0.0
     assert selector.config.trigger == "learned" and selector.config.trigger_adapter_mode == adapter_mode
     assert 0.2 < report["positive_rate"] < 0.8
     assert report["auroc"]["learned"] > 0.97, report

@@ -78,6 +78,13 @@ class S2TConfig:
             "`S2TSelector.create(..., learned_trigger=True)`); its logit is the `learned` trigger's signal."
         },
     )
+    trigger_entropy_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "The learned trigger's signal is its row's logit plus this weight times the student's entropy "
+            "(on the top-`signal_top_k` support, as for the `entropy` trigger); fit with the row by `fit_trigger_row`."
+        },
+    )
     trigger_adapter_mode: str | None = field(
         default=None,
         metadata={

@@ -1,7 +1,10 @@
 """The learned trigger: one reserved output row whose logit says "a selection here changes the token for the better".
 
 The row is a linear probe on the student's final hidden state (the input of its output head), so the processor reads it
-from the scores `generate` computes anyway: no extra forward and no teacher at inference (`trigger="learned"`).
+from the scores `generate` computes anyway: no extra forward and no teacher at inference (`trigger="learned"`). By
+default the probe also weighs the student's entropy (`config.trigger_entropy_weight`, computed from the same scores):
+entropy is a non-linear function of the logits that no single row can express, and the row then learns what entropy
+misses (where along a solution selection pays) instead of a rough copy of it.
 
 It is fit as a cheap separate step after data collection, not as a loss term of [`S2TTrainer`]:
 
@@ -198,7 +201,7 @@ def _forward_positions(
 
 
 def _logistic_regression(features: torch.Tensor, labels: torch.Tensor, l2: float, max_iter: int) -> torch.Tensor:
-    """Weights `(hidden,)` of an L2-regularised logistic regression (with intercept) on standardised features, mapped
+    """Weights `(features,)` of an L2-regularised logistic regression (with intercept) on standardised features, mapped
     back to the raw features; the intercept is dropped (the calibrated threshold absorbs it)."""
     x = features.double()
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
@@ -292,10 +295,18 @@ def trigger_signals(
     warmup_tokens = warmup_tokens if warmup_tokens is not None else config.warmup_tokens
     adapter_mode = adapter_mode or config.trigger_adapter_mode or config.adapter_mode
     positions = _positions(rows, top_k, label, warmup_tokens)
-    _, learned = _forward_positions(selector, rows, warmup_tokens, adapter_mode, batch_size, selector.trigger_token_id)
-    if learned is None:
-        learned = torch.zeros(0)
-    return {"learned": learned.double(), "entropy": positions.entropy, "kl": positions.kl, "labels": positions.labels}
+    _, row_logits = _forward_positions(
+        selector, rows, warmup_tokens, adapter_mode, batch_size, selector.trigger_token_id
+    )
+    learned = _learned_signal(row_logits, positions, config.trigger_entropy_weight)
+    return {"learned": learned, "entropy": positions.entropy, "kl": positions.kl, "labels": positions.labels}
+
+
+def _learned_signal(row_logits: torch.Tensor | None, positions: _Positions, entropy_weight: float) -> torch.Tensor:
+    """The learned trigger's signal as the processor computes it: the row's logit plus the weighted entropy."""
+    if row_logits is None:
+        return torch.zeros(0, dtype=torch.float64)
+    return row_logits.double() + entropy_weight * positions.entropy
 
 
 def fit_trigger_row(
@@ -307,6 +318,7 @@ def fit_trigger_row(
     warmup_tokens: int | None = None,
     adapter_mode: str | None = None,
     target_rate: float | None = None,
+    with_entropy: bool = True,
     validation_fraction: float = 0.2,
     l2: float = 1e-3,
     max_iter: int = 200,
@@ -339,6 +351,8 @@ def fit_trigger_row(
             `"scoring"` or `"generate"`; defaults to `selector.config.adapter_mode`.
         target_rate (`float`, *optional*):
             Also set the threshold for this trigger rate (see above).
+        with_entropy (`bool`, *optional*, defaults to `True`):
+            Fit the entropy's weight with the row (`config.trigger_entropy_weight`); `False`: the row alone.
         validation_fraction (`float`, *optional*, defaults to 0.2):
             Prompts held out (the row is fit on the others) to report the AUROC of each signal.
         l2 (`float`, *optional*, defaults to 1e-3), max_iter (`int`, *optional*, defaults to 200):
@@ -409,7 +423,11 @@ def fit_trigger_row(
             "nothing to learn. Collect more trajectories, or use another `label` or `top_k`."
         )
     features, _ = _forward_positions(selector, fit_rows, warmup_tokens, adapter_mode, batch_size, None)
+    if with_entropy:
+        features = torch.cat([features, fit.entropy.float()[:, None]], dim=1)
     weights = _logistic_regression(features, fit.labels, l2, max_iter)
+    entropy_weight = float(weights[-1]) if with_entropy else 0.0
+    weights = weights[:-1] if with_entropy else weights
     if not bool(torch.isfinite(weights).all()):
         raise ValueError(
             "Fitting the trigger row gave non-finite weights (the hidden states hold NaN or inf values?); check the "
@@ -427,17 +445,17 @@ def fit_trigger_row(
         validation = _positions(validation_rows, top_k, label, warmup_tokens)
         validation_positions = int(validation.labels.numel())
         if validation_positions:
-            _, learned = _forward_positions(selector, validation_rows, warmup_tokens, adapter_mode, batch_size, row)
+            _, row_logits = _forward_positions(selector, validation_rows, warmup_tokens, adapter_mode, batch_size, row)
             auroc = {
-                "learned": roc_auc(learned, validation.labels),
+                "learned": roc_auc(_learned_signal(row_logits, validation, entropy_weight), validation.labels),
                 "entropy": roc_auc(validation.entropy, validation.labels),
                 "kl": roc_auc(validation.kl, validation.labels),
             }
     threshold = None
-    updates: dict[str, Any] = {"trigger_adapter_mode": adapter_mode}
+    updates: dict[str, Any] = {"trigger_adapter_mode": adapter_mode, "trigger_entropy_weight": entropy_weight}
     if target_rate is not None:
-        _, learned_fit = _forward_positions(selector, fit_rows, warmup_tokens, adapter_mode, batch_size, row)
-        threshold = threshold_for_rate(learned_fit, target_rate)
+        _, row_logits = _forward_positions(selector, fit_rows, warmup_tokens, adapter_mode, batch_size, row)
+        threshold = threshold_for_rate(_learned_signal(row_logits, fit, entropy_weight), target_rate)
         updates.update(trigger="learned", trigger_threshold=threshold, trigger_rate=target_rate)
     selector.config = dataclasses.replace(config, **updates)
     return {
@@ -446,6 +464,7 @@ def fit_trigger_row(
         "adapter_mode": adapter_mode,
         "positions": {"fit": int(fit.labels.numel()), "validation": validation_positions},
         "positive_rate": positives / fit.labels.numel(),
+        "entropy_weight": entropy_weight,
         "auroc": auroc,
         "threshold": threshold,
     }

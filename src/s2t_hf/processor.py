@@ -586,6 +586,10 @@ class S2TLogitsProcessor(LogitsProcessor):
     ) -> torch.Tensor | None:
         kind = self.config.trigger
         if kind == "learned":
+            if self.config.trigger_entropy_weight:
+                return trigger_logits + self.config.trigger_entropy_weight * entropy_signal(
+                    scores, self.config.signal_top_k
+                )
             return trigger_logits
         if kind == "entropy":
             return entropy_signal(scores, self.config.signal_top_k)
