@@ -326,8 +326,9 @@ def fit_trigger_row(
     seed: int = 0,
 ) -> dict[str, Any]:
     """
-    Fits the selector's trigger row: a logistic regression of `label` on the student's final hidden state at every
-    eligible position of `trajectories`, written into the row (the intercept is left to the threshold).
+    Fits the selector's trigger row: a logistic regression of `label` on the student's final hidden state (and, with
+    `with_entropy`, its entropy) at every eligible position of `trajectories`; the hidden-state weights go into the
+    row, the entropy's into `config.trigger_entropy_weight`, the intercept is left to the threshold.
 
     The features are the hidden states the processor will read the row off: the base model's for
     `adapter_mode="scoring"` (LoRA off while generating), the adapted model's for `"generate"`. The mode is recorded
