@@ -157,6 +157,14 @@ def long_left_padded_batch():
     return prompts, input_ids, attention_mask
 
 
+def rows_until_eos(output, prompt_length):
+    """Each row's generated tokens, up to and including its first EOS."""
+    rows = []
+    for row in output[:, prompt_length:].tolist():
+        rows.append(row[: row.index(EOS) + 1] if EOS in row else row)
+    return rows
+
+
 GREEDY = dict(do_sample=False, pad_token_id=PAD, max_new_tokens=12)
 
 

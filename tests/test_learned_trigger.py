@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from conftest import EOS, GREEDY, PAD, left_padded_batch, tiny_model
+from conftest import EOS, GREEDY, PAD, left_padded_batch, rows_until_eos, tiny_model
 
 from s2t_hf import S2TLogitsProcessor, S2TSelector, collect_selection_data
 from s2t_hf.learned_trigger import fit_trigger_row, roc_auc, trigger_labels, trigger_signals
@@ -83,13 +83,6 @@ def reference_learned_s2t(selector, teacher, prompt, threshold, top_k, warmup, m
             if token == EOS:
                 break
     return sequence[len(prompt) :]
-
-
-def rows_until_eos(output, prompt_length):
-    rows = []
-    for row in output[:, prompt_length:].tolist():
-        rows.append(row[: row.index(EOS) + 1] if EOS in row else row)
-    return rows
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, EOS, GREEDY, left_padded_batch, long_left_padded_batch, tiny_model
+from conftest import ARCHITECTURES, EOS, GREEDY, left_padded_batch, long_left_padded_batch, rows_until_eos, tiny_model
 
 from s2t_hf import S2TLogitsProcessor, S2TSelector
 
@@ -50,13 +50,6 @@ def reference_local(model, prompt, max_new_tokens, top_k, bins, scoring="pure", 
         if token == EOS:
             break
     return sequence[len(prompt) :]
-
-
-def rows_until_eos(output, prompt_length):
-    rows = []
-    for row in output[:, prompt_length:].tolist():
-        rows.append(row[: row.index(EOS) + 1] if EOS in row else row)
-    return rows
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
