@@ -1,7 +1,7 @@
 """Soak: many consecutive `generate` calls with one `S2TLogitsProcessor`, resident memory and per-call state.
 
 For every configuration (each trigger with teacher selection, takeover, S2T-Local in both adapter modes, the fused
-loop), one processor serves `--calls` consecutive `generate` calls on a left-padded batch of a tiny model. Resident
+loop, the learned trigger), one processor serves `--calls` consecutive `generate` calls on a left-padded batch of a tiny model. Resident
 memory (VmRSS) is read after the warm-up calls and at the end; the processor's per-call state (records, statistics,
 the teacher's cache, the hook's record, the model's hooks) is checked to stay the same size.
 
@@ -53,7 +53,17 @@ def processor_for(name: str):
     fused = selection.endswith("fused")
     selection = selection.removesuffix("-fused")
     if selection.startswith("local"):
-        selector = S2TSelector.create(model, bin_token_ids=BINS, preserve_cache=True)
+        if trigger == "learned":  # a random trigger row (as if fit), read from the model's output by a forward hook
+            from s2t_hf.learned_trigger import _write_row
+
+            selector = S2TSelector.create(
+                model, bin_token_ids=BINS[:-1], trigger_token_id=BINS[-1], preserve_cache=True
+            )
+            _write_row(selector, BINS[-1], torch.randn(32, generator=torch.Generator().manual_seed(0)))
+            selector.config.trigger_adapter_mode = "generate"
+            kwargs["trigger_threshold"] = 0.0
+        else:
+            selector = S2TSelector.create(model, bin_token_ids=BINS, preserve_cache=True)
         mode = "scoring" if selection == "local-scoring" else "generate"
         scoring = "residual" if mode == "scoring" else "pure"
         processor = S2TLogitsProcessor(model, selector=selector, selection="local", adapter_mode=mode,
@@ -65,7 +75,7 @@ def processor_for(name: str):
 
 CONFIGS = [
     "never-teacher", "always-teacher", "random-teacher", "entropy-teacher", "kl-teacher", "always-takeover",
-    "entropy-local", "entropy-local-scoring", "entropy-local-fused",
+    "entropy-local", "entropy-local-scoring", "entropy-local-fused", "learned-local-fused",
 ]
 
 
@@ -75,7 +85,7 @@ def state_size(processor, model) -> dict[str, int]:
         "records": len(processor.records),
         "row_stats": sum(v.numel() for v in processor._row_stats.values()),
         "teacher_cache_tokens": int(teacher_cache.get_seq_length()) if teacher_cache is not None else 0,
-        "model_hooks": len(model._forward_pre_hooks),
+        "model_hooks": len(model._forward_pre_hooks) + len(model._forward_hooks),
         "signals": len(processor._signals),
     }
 
@@ -109,7 +119,7 @@ def soak(name: str, calls: int, warmup: int = 20, max_new_tokens: int = 8) -> di
         gc.collect()
         rss_end = rss_mib()
         objects_end = len(gc.get_objects())
-    hooks_after = len(model._forward_pre_hooks)
+    hooks_after = len(model._forward_pre_hooks) + len(model._forward_hooks)
     return {
         "config": name,
         "calls": calls,

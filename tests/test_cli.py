@@ -39,8 +39,13 @@ def model_dirs(tmp_path_factory):
 
 
 def run(capsys, *argv) -> dict:
+    """The command's JSON summary: its whole output, or its last line where the trainer logged before it."""
     main([str(a) for a in argv])
-    return json.loads(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    try:
+        return json.loads(out)
+    except json.JSONDecodeError:
+        return json.loads(out.strip().splitlines()[-1])
 
 
 def test_calibrate_formats_chat_prompts_with_the_template(model_dirs, capsys, tmp_path):
@@ -99,6 +104,40 @@ def test_evaluate_greedy_and_s2t_local(model_dirs, capsys, monkeypatch):
         main(["evaluate", "--model", str(model_dirs / "student"), "--num-problems", "0"])
 
 
+def test_collect_train_and_evaluate_with_a_learned_trigger(model_dirs, capsys, tmp_path):
+    """`collect --trajectories` -> `train --learned-trigger --trigger-rate` -> the saved selector decodes with the
+    learned trigger at its fitted threshold, which `evaluate` uses as saved."""
+    from datasets import load_from_disk
+
+    from s2t_hf.learned_trigger import trigger_signals
+    from s2t_hf.tasks import generate_problems
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(p.text for p in generate_problems(24, "train", seed=0)))
+    data, out = tmp_path / "data", tmp_path / "selector"
+    collected = run(
+        capsys, "collect", "--model", model_dirs / "student", "--teacher", model_dirs / "teacher", "--prompts",
+        prompts, "--top-k", 8, "--max-new-tokens", 10, "--fraction", 0.5, "--output-dir", data, "--trajectories",
+    )  # fmt: skip
+    assert collected["trajectories"] == 24 and collected["groups"] > 0
+    trained = run(
+        capsys, "train", "--model", model_dirs / "student", "--data", data, "--num-bins", 4, "--epochs", 1,
+        "--output-dir", out, "--learned-trigger", "--trigger-rate", 0.2,
+    )  # fmt: skip
+    assert set(trained["trigger_auroc"]) == {"learned", "entropy", "kl"}
+    config = S2TConfig.from_pretrained(out)
+    assert config.trigger == "learned" and config.trigger_threshold == pytest.approx(trained["trigger_threshold"])
+    # the saved row fires on ~20% of the trajectories' positions, as fitted
+    student = AutoModelForCausalLM.from_pretrained(model_dirs / "student")
+    selector = S2TSelector.from_pretrained(student, out)
+    signals = trigger_signals(selector, load_from_disk(str(data / "trajectories")))
+    assert abs(float((signals["learned"] > config.trigger_threshold).double().mean()) - 0.2) < 0.05
+    rows = run(capsys, "evaluate", "--model", model_dirs / "student", "--selector", out, "--num-problems", 6,
+               "--max-new-tokens", 12, "--batch-size", 4)
+    local = rows["S2T-Local"]
+    assert local["trigger_threshold"] == pytest.approx(config.trigger_threshold) and local["triggers"] > 0
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny student with the arithmetic task's tokenizer, saved like a Hub checkpoint."""
@@ -133,6 +172,20 @@ def test_refused_before_any_work(checkpoint, tmp_path):
     (unfinished / "collection.json").write_text('{"format": 1, "complete": false}')
     with pytest.raises(SystemExit, match="holds an unfinished collection; run `s2t-hf collect` again"):
         cli.main(["train", "--model", str(checkpoint), "--data", str(unfinished), "--output-dir", out])
+    with pytest.raises(SystemExit, match="`--trajectories` needs `--mode teacher_forced`"):
+        cli.main(["collect", "--model", str(checkpoint), "--teacher", str(checkpoint), "--prompts", str(prompts),
+                  "--mode", "on_policy", "--trajectories", "--output-dir", out])
+    with pytest.raises(SystemExit, match="holds none; collect with `s2t-hf collect --trajectories`"):
+        cli.main(["train", "--model", str(checkpoint), "--data", str(data), "--output-dir", out, "--learned-trigger"])
+    with pytest.raises(SystemExit, match="`--trigger-rate` sets the learned trigger's threshold; add"):
+        cli.main(["train", "--model", str(checkpoint), "--data", str(data), "--output-dir", out, "--trigger-rate", "0.1"])
+    narrow = tmp_path / "narrow"  # trajectories collected with `--top-k 4`, for a selector of K=8
+    Dataset.from_dict({"context_ids": [[3]], "cand_ids": [[4, 5]], "teacher_probs": [[0.5, 0.5]]}).save_to_disk(
+        str(narrow)
+    )
+    Dataset.from_dict({"cand_ids": [[[4, 5, 6, 7]]]}).save_to_disk(str(narrow / "trajectories"))
+    with pytest.raises(SystemExit, match="collected with `--top-k 4`, but the learned trigger is fit for the selector's K=8"):
+        cli.main(["train", "--model", str(checkpoint), "--data", str(narrow), "--output-dir", out, "--learned-trigger"])
 
 
 def test_custom_code_of_a_checkpoint_never_runs(checkpoint, tmp_path, monkeypatch):

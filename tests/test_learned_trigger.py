@@ -155,8 +155,19 @@ def test_selector_reserves_and_saves_the_trigger_row(tmp_path):
 # Reading the row inside generate
 
 
-@pytest.mark.parametrize("fused, entropy_weight", [(False, 0.0), (True, 0.0), (False, 1.5)])
-def test_learned_trigger_with_teacher_selection_equals_the_slow_reference(fused, entropy_weight):
+def rule_out_reserved_rows(batch_id, input_ids):
+    """A `prefix_allowed_tokens_fn` that allows every ordinary token: it rules out the reserved rows, as any
+    constraint rules out the tokens it does not allow."""
+    return [i for i in range(96) if i not in RESERVED]
+
+
+@pytest.mark.parametrize(
+    "fused, entropy_weight, constrained", [(False, 0.0, False), (True, 0.0, False), (False, 1.5, False),
+                                          (False, 0.0, True), (True, 1.5, True)],
+)
+def test_learned_trigger_with_teacher_selection_equals_the_slow_reference(fused, entropy_weight, constrained):
+    """Also with logits processors before S2T that rule out the trigger row (`constrained`): the row is read from the
+    model's output, so the trigger fires where it would without them."""
     import s2t_hf
 
     student, teacher = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
@@ -171,11 +182,14 @@ def test_learned_trigger_with_teacher_selection_equals_the_slow_reference(fused,
         student, selector.config, selector=selector, teacher=teacher, selection="teacher", trigger="learned",
         trigger_threshold=threshold, top_k=4, warmup_tokens=1, adapter_mode="scoring", record_triggers=True,
     ) as s2t:
+        earlier = dict(suppress_tokens=RESERVED, prefix_allowed_tokens_fn=rule_out_reserved_rows) if constrained else {}
         if fused:
-            output = s2t_hf.generate(student, s2t=s2t, input_ids=input_ids, attention_mask=attention_mask, **GREEDY)
+            output = s2t_hf.generate(
+                student, s2t=s2t, input_ids=input_ids, attention_mask=attention_mask, **earlier, **GREEDY
+            )
         else:
             output = student.generate(
-                input_ids=input_ids, attention_mask=attention_mask, logits_processor=[s2t], **GREEDY
+                input_ids=input_ids, attention_mask=attention_mask, logits_processor=[s2t], **earlier, **GREEDY
             )
         assert 0 < s2t.stats["triggers"] < s2t.stats["eligible_steps"]
     got = rows_until_eos(output, input_ids.shape[1])
@@ -235,20 +249,32 @@ def test_local_selection_with_the_learned_trigger_scores_on_the_live_cache():
     assert torch.equal(outputs["cache"], outputs["recompute"])
 
 
-def test_a_processor_that_rules_out_the_row_is_named(caplog):
+def test_the_fused_local_loop_reads_the_row_past_earlier_processors():
+    """S2T-Local in the fused loop (`adapter_mode="generate"`: the row is read from the logits of the forward that
+    also scored the candidates) fires at the same steps, with the same tokens, when `suppress_tokens` rules the
+    trigger row out."""
+    import s2t_hf
+
     student = tiny_model("llama", seed=0)
     selector = learned_selector(student)
+    selector.config.trigger_adapter_mode = "generate"
     _, input_ids, attention_mask = left_padded_batch()
-    with S2TLogitsProcessor(
-        student, selector.config, selector=selector, selection="local", trigger="learned", trigger_threshold=-1e9,
-        adapter_mode="scoring",
-    ) as s2t, caplog.at_level(logging.WARNING):
-        student.generate(
-            input_ids=input_ids, attention_mask=attention_mask, logits_processor=[s2t], suppress_tokens=[TRIGGER],
-            **GREEDY,
-        )
-        assert s2t.stats["triggers"] == 0
-    assert "set the learned trigger's row to -inf" in caplog.text
+    runs = {}
+    for suppress in (None, RESERVED):
+        with S2TLogitsProcessor(
+            student, selector.config, selector=selector, selection="local", trigger="learned", trigger_threshold=0.0,
+            top_k=4, adapter_mode="generate",
+        ) as s2t:
+            output = s2t_hf.generate(
+                student, s2t=s2t, input_ids=input_ids, attention_mask=attention_mask, suppress_tokens=suppress,
+                **GREEDY,
+            )
+            assert s2t.stats["local_path"] == "fused"
+            runs[suppress is None] = (output, s2t.stats["triggers"], s2t.stats["eligible_steps"])
+    (plain, triggers, eligible), (suppressed, triggers_suppressed, _) = runs[True], runs[False]
+    assert 0 < triggers < eligible
+    assert triggers_suppressed == triggers
+    assert torch.equal(suppressed, plain)
 
 
 def test_learned_trigger_construction_errors(caplog):

@@ -87,24 +87,40 @@ def cmd_calibrate(args) -> None:
 def cmd_collect(args) -> None:
     from .data import collect_selection_data
 
+    if args.trajectories and args.mode != "teacher_forced":
+        raise SystemExit(
+            "error: `--trajectories` needs `--mode teacher_forced` (on-policy trajectories follow the teacher's "
+            "choices, not the student's own decoding)."
+        )
+    prompts = _read_prompts(args.prompts)
     student, tokenizer = _load_model(args.model), _load_tokenizer(args.tokenizer or args.model)
     teacher = _load_model(args.teacher)
-    dataset = collect_selection_data(
-        student, teacher, tokenizer, _read_prompts(args.prompts), mode=args.mode, top_k=args.top_k,
+    collected = collect_selection_data(
+        student, teacher, tokenizer, prompts, mode=args.mode, top_k=args.top_k,
         fraction=args.fraction, trigger_rate=args.fraction if args.mode == "on_policy" else None,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, save_to=args.output_dir,
+        return_trajectories=args.trajectories,
     )
-    print(json.dumps({"groups": len(dataset), "saved": args.output_dir}))
+    dataset, trajectories = collected if args.trajectories else (collected, None)
+    summary = {"groups": len(dataset), "saved": args.output_dir}
+    if trajectories is not None:
+        summary["trajectories"] = len(trajectories)
+    print(json.dumps(summary))
 
 
 def cmd_train(args) -> None:
     from datasets import load_from_disk
 
     from .config import S2TConfig
-    from .data import METADATA_NAME
+    from .data import METADATA_NAME, TRAJECTORIES_DIR
+    from .learned_trigger import fit_trigger_row
     from .selector import S2TSelector
     from .trainer import S2TTrainer, S2TTrainingArguments
 
+    if args.trigger_rate is not None and not args.learned_trigger:
+        raise SystemExit("error: `--trigger-rate` sets the learned trigger's threshold; add `--learned-trigger`.")
+    if args.trigger_rate is not None and not 0.0 < args.trigger_rate < 1.0:
+        raise SystemExit(f"error: `--trigger-rate` must lie in (0, 1), got {args.trigger_rate}.")
     metadata = os.path.join(args.data, METADATA_NAME)
     if os.path.isfile(metadata):
         with open(metadata, encoding="utf-8") as f:
@@ -113,15 +129,33 @@ def cmd_train(args) -> None:
                     f"error: `{args.data}` holds an unfinished collection; run `s2t-hf collect` again with the same "
                     "arguments to finish it."
                 )
+    trajectories_path = os.path.join(args.data, TRAJECTORIES_DIR)
+    if args.learned_trigger and not os.path.isdir(trajectories_path):
+        raise SystemExit(
+            f"error: `--learned-trigger` fits the trigger row on the student's trajectories, but `{args.data}` holds "
+            "none; collect with `s2t-hf collect --trajectories`."
+        )
     try:
         dataset = load_from_disk(args.data)
     except IndexError:  # `datasets` cannot read back a saved dataset of zero rows
         dataset = []
     if len(dataset) == 0:
         raise SystemExit(f"error: `{args.data}` holds no selection groups; collect some with `s2t-hf collect`.")
-    model, tokenizer = _load_model(args.model), _load_tokenizer(args.tokenizer or args.model)
     config = S2TConfig(selection="local", scoring=args.scoring, residual_tau=args.residual_tau)
-    selector = S2TSelector.create(model, tokenizer, num_bins=args.num_bins, use_lora=not args.head_only, config=config)
+    trajectories = load_from_disk(trajectories_path) if args.learned_trigger else None
+    candidates = trajectories[0]["cand_ids"] if trajectories is not None and len(trajectories) else []
+    if candidates:  # the first trajectory's positions, each with the collected K candidates
+        collected_k = len(candidates[0])
+        if collected_k < config.top_k:
+            raise SystemExit(
+                f"error: the trajectories were collected with `--top-k {collected_k}`, but the learned trigger is fit "
+                f"for the selector's K={config.top_k}; collect again with `--top-k {config.top_k}` or more."
+            )
+    model, tokenizer = _load_model(args.model), _load_tokenizer(args.tokenizer or args.model)
+    selector = S2TSelector.create(
+        model, tokenizer, num_bins=args.num_bins, use_lora=not args.head_only, config=config,
+        learned_trigger=args.learned_trigger,
+    )
     split = dataset.train_test_split(test_size=max(1, len(dataset) // 10), seed=0)
     training_args = S2TTrainingArguments(
         output_dir=args.output_dir, num_train_epochs=args.epochs, learning_rate=args.learning_rate,
@@ -132,8 +166,14 @@ def cmd_train(args) -> None:
         selector=selector, args=training_args, train_dataset=split["train"], eval_dataset=split["test"]
     )
     trainer.train()
+    metrics = trainer.evaluate()
+    if trajectories is not None:
+        # after training: the trainer's weight decay would shrink a row fit before it
+        report = fit_trigger_row(selector, trajectories, target_rate=args.trigger_rate)
+        metrics["trigger_auroc"] = report["auroc"]
+        metrics["trigger_threshold"] = report["threshold"]
     trainer.save_model(args.output_dir)
-    print(json.dumps(trainer.evaluate()))
+    print(json.dumps(metrics))
 
 
 def cmd_evaluate(args) -> None:
@@ -231,6 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_argument("--max-new-tokens", type=int, default=256)
     collect.add_argument("--batch-size", type=int, default=8)
     collect.add_argument("--output-dir", required=True)
+    collect.add_argument(
+        "--trajectories", action="store_true",
+        help="also keep every position of the student's trajectories (in OUTPUT_DIR/trajectories), to fit a learned "
+        "trigger with `s2t-hf train --learned-trigger`",
+    )
     collect.set_defaults(func=cmd_collect)
 
     train = sub.add_parser("train", help="train a local selector on collected groups")
@@ -245,6 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--learning-rate", type=float, default=5e-5)
     train.add_argument("--batch-size", type=int, default=4)
     train.add_argument("--output-dir", required=True)
+    train.add_argument(
+        "--learned-trigger", action="store_true",
+        help="reserve a trigger row and fit it after training on the trajectories of `s2t-hf collect --trajectories`",
+    )
+    train.add_argument(
+        "--trigger-rate", type=float,
+        help="with --learned-trigger: save the selector with trigger='learned' at this rate on the trajectories",
+    )
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("evaluate", help="accuracy of greedy and S2T-Local on the built-in task")

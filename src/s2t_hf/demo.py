@@ -138,11 +138,9 @@ class _Generator:
         self.max_new_tokens = max_new_tokens
         self.fused = fused
 
-    def generate_kwargs(self, model, processor: S2TLogitsProcessor | None = None) -> dict[str, Any]:
-        """`generate`'s arguments; the output rows above the tokenizer are suppressed, but for the processor's
-        reserved rows (it masks them itself, and reads the learned trigger's row)."""
-        reserved = set(processor.reserved_ids.tolist()) if processor is not None else set()
-        suppress = [i for i in range(len(self.tokenizer), output_rows(model)) if i not in reserved]
+    def generate_kwargs(self, model) -> dict[str, Any]:
+        """`generate`'s arguments; the output rows above the tokenizer are suppressed."""
+        suppress = list(range(len(self.tokenizer), output_rows(model)))
         return dict(
             max_new_tokens=self.max_new_tokens,
             pad_token_id=self.tokenizer.pad_token_id,
@@ -154,7 +152,7 @@ class _Generator:
         self, model, prompts, processor=None, desc="generate", batch_size: int | None = None, **kwargs
     ) -> tuple[list[str], float]:
         """The decoded solutions and the seconds they took; `processor` decodes with S2T (fused loop if `fused`)."""
-        gen = {**self.generate_kwargs(model, processor), "do_sample": False, **kwargs}
+        gen = {**self.generate_kwargs(model), "do_sample": False, **kwargs}
         if processor is not None and not self.fused:
             gen["logits_processor"] = [processor]
         started = time.perf_counter()
@@ -390,7 +388,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         ) as s2t:
             threshold = s2t.calibrate(
                 calibration_prompts, target_rate=rate, batch_size=config.batch_size,
-                **runner.generate_kwargs(model, s2t),
+                **runner.generate_kwargs(model),
             )
             completions, seconds = runner.run(model, test_prompts, s2t, desc=desc)
             stats, local_path = s2t.total_stats, s2t.stats["local_path"]  # every batch of the test set

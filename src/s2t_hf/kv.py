@@ -45,6 +45,8 @@ class ForwardRecord:
     position_ids: torch.Tensor | None
     # False when `generate` passed a prepared mask (e.g. a dict per layer kind) the padding could not be read from
     mask_readable: bool = True
+    # the watched output row's logit at the last position, as the model returned it (before any logits processor)
+    watched_logits: torch.Tensor | None = None
 
 
 def padding_mask_from_4d(mask: torch.Tensor, length: int, window: int | None = None) -> torch.Tensor | None:
@@ -65,12 +67,21 @@ class GenerationStateHook:
     A forward pre-hook (registered with `with_kwargs=True`) that records what `generate` passes to the model.
 
     The cache is held through a weak reference so the hook never keeps a finished generation's cache alive.
-    `on_prefill` is called when a forward starts on an empty cache (a new `generate` call).
+    `on_prefill` is called when a forward starts on an empty cache (a new `generate` call). With `watch_row`, a forward
+    hook also records that output row's logit at the last position from the model's own output
+    (`ForwardRecord.watched_logits`), before any logits processor can change it.
     """
 
-    def __init__(self, module: torch.nn.Module, on_prefill=None, keep_previous_sliding: bool = False):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        on_prefill=None,
+        keep_previous_sliding: bool = False,
+        watch_row: int | None = None,
+    ):
         self.module = module
         self.on_prefill = on_prefill
+        self.watch_row = watch_row
         self.paused = False
         self.last: ForwardRecord | None = None
         # forwards recorded so far: the processor checks that a new one happened before each of its steps
@@ -80,6 +91,7 @@ class GenerationStateHook:
         self.previous_sliding: list | None = None
         self._cache_ref = None
         self._handle = None
+        self._output_handle = None
         self.attach()
 
     @property
@@ -91,6 +103,21 @@ class GenerationStateHook:
         """Registers the hook on the module (again, after [`remove`]); a no-op while it is registered."""
         if self._handle is None:
             self._handle = self.module.register_forward_pre_hook(self, with_kwargs=True)
+        if self._output_handle is None and self.watch_row is not None:
+            self._output_handle = self.module.register_forward_hook(self._read_output)
+
+    def _read_output(self, module, args, output) -> None:
+        if self.paused or self.last is None:
+            return
+        logits = getattr(output, "logits", None)
+        if logits is None and isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+            logits = output[0]  # `return_dict=False`, no labels: the logits come first
+        if isinstance(logits, torch.Tensor) and logits.dim() == 3:
+            self.last.watched_logits = self.watched(logits[:, -1])
+
+    def watched(self, logits: torch.Tensor) -> torch.Tensor:
+        """The watched row of one position's logits `(batch, vocab)`, as a float32 copy (the logits are not kept)."""
+        return logits[:, self.watch_row].float().clone()
 
     def __call__(self, module, args, kwargs):
         if self.paused:
@@ -131,15 +158,21 @@ class GenerationStateHook:
         position_ids: torch.Tensor | None,
         cache_length_before: int = 0,
         mask_readable: bool = True,
+        next_logits: torch.Tensor | None = None,
     ) -> None:
-        """Records a forward; the fused decoding loop calls it for the forwards it runs with the hook paused."""
+        """
+        Records a forward; the fused decoding loop calls it for the forwards it runs with the hook paused, with the
+        logits `(batch, vocab)` that forward yields for the next step (`next_logits`: the watched row is read there).
+        """
         self.forwards += 1
+        watched = next_logits is not None and self.watch_row is not None
         self.last = ForwardRecord(
             input_length=input_length,
             cache_length_before=cache_length_before,
             attention_mask=attention_mask,
             position_ids=position_ids,
             mask_readable=mask_readable,
+            watched_logits=self.watched(next_logits) if watched else None,
         )
         self._cache_ref = weakref.ref(cache) if cache is not None else None
 
@@ -157,9 +190,10 @@ class GenerationStateHook:
             self.paused = previous
 
     def remove(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        for handle in (self._handle, self._output_handle):
+            if handle is not None:
+                handle.remove()
+        self._handle = self._output_handle = None
         self.last = None
         self.previous_sliding = None
         self._cache_ref = None

@@ -262,7 +262,9 @@ class S2TLogitsProcessor(LogitsProcessor):
         # The residual form with `adapter_mode="scoring"` encodes the step's last token again (adapter on); on a
         # sliding-window layer that needs the layer's state from before the step's forward.
         self._rescore = config.selection == "local" and config.scoring == "residual" and config.adapter_mode == "scoring"
-        self._hook = GenerationStateHook(self.student, on_prefill=self.reset, keep_previous_sliding=self._rescore)
+        self._hook = GenerationStateHook(
+            self.student, on_prefill=self.reset, keep_previous_sliding=self._rescore, watch_row=self._trigger_row
+        )
         # set by the fused decoding loop (`s2t_hf.generate`) while it runs: local selection is then deferred to its
         # decoding forward instead of a forward of its own
         self._fused = False
@@ -533,18 +535,14 @@ class S2TLogitsProcessor(LogitsProcessor):
         # O(batch) and no host sync here: checked at the step's one sync (`_any_triggered`)
         self._reordered = (input_ids[:, -2] != previous[:, -1]).any()
 
-    def _any_triggered(
-        self, triggered: torch.Tensor, scores: torch.Tensor, active: torch.Tensor, unreadable: torch.Tensor | None
-    ) -> bool:
+    def _any_triggered(self, triggered: torch.Tensor, scores: torch.Tensor, active: torch.Tensor) -> bool:
         """
         The step's one host sync: whether any row triggered, checked together with whether rows were reordered since
-        the last step, whether an active row's scores are broken (NaN or `+inf`, or no finite token left) and, for the
-        learned trigger, whether an earlier logits processor ruled out its row (`unreadable`).
+        the last step and whether an active row's scores are broken (NaN or `+inf`, or no finite token left).
         """
         # one reduction: a row's max is NaN if it holds a NaN, +inf if it holds +inf, -inf if no token is finite
         broken = ~torch.isfinite(scores.amax(-1))
         checks = [triggered.any(), (broken & active).any()]
-        checks.append(unreadable.any() if unreadable is not None else checks[0].new_zeros(()))
         if self._reordered is not None:
             checks.append(self._reordered)
         flags = torch.stack(checks).tolist()
@@ -555,13 +553,7 @@ class S2TLogitsProcessor(LogitsProcessor):
                 "finite token: the model's logits are broken (e.g. an overflow in float16; try bfloat16 or float32), "
                 "or the logits processors before S2T ruled out every token."
             )
-        if flags[2]:
-            logger.warning_once(
-                "A logits processor that runs before S2T (e.g. `prefix_allowed_tokens_fn`, `suppress_tokens` or a "
-                "custom one listed first) set the learned trigger's row to -inf, so the learned trigger cannot fire "
-                "at such steps. Leave the row (`config.trigger_token_id`) out of what those processors rule out."
-            )
-        if len(flags) > 3 and flags[3]:
+        if len(flags) > 2 and flags[2]:
             raise ValueError(
                 "S2TLogitsProcessor supports greedy search and sampling only: rows were reordered between steps, as "
                 "beam search does. Use `num_beams=1`."
@@ -580,6 +572,21 @@ class S2TLogitsProcessor(LogitsProcessor):
         if mask is None or mask.shape != input_ids.shape:
             return torch.ones_like(input_ids)
         return mask.to(input_ids.device)
+
+    def _learned_trigger_logits(self, scores: torch.Tensor) -> torch.Tensor:
+        """
+        The learned trigger's row logit at this step, as the model computed it: recorded by the hook from the model's
+        output, so the logits processors before S2T (`suppress_tokens`, `prefix_allowed_tokens_fn`, a grammar) that
+        rule the row out, as they rule out every token they do not allow, leave the signal as it was.
+        """
+        logits = self._hook.last.watched_logits
+        if logits is None or logits.shape[0] != scores.shape[0]:
+            raise ValueError(
+                "The learned trigger could not read its row from the model's output: the forward of "
+                f"{type(self.student).__name__} returned no `logits` of shape (batch, length, vocab). Use a "
+                "transformers causal LM, or another trigger."
+            )
+        return logits.to(scores.device)
 
     def _signal(
         self, scores: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, trigger_logits: torch.Tensor | None
@@ -630,8 +637,7 @@ class S2TLogitsProcessor(LogitsProcessor):
         self._previous_ids = input_ids
         self._teacher_logits = None
         device = scores.device
-        # the learned trigger's signal: its row's logit, read before the reserved rows are masked
-        trigger_logits = scores[:, self._trigger_row].float() if self._trigger_row is not None else None
+        trigger_logits = self._learned_trigger_logits(scores) if self._trigger_row is not None else None
         if self.reserved_ids.numel():
             scores = scores.index_fill(-1, self.reserved_ids.to(device), float("-inf"))
 
@@ -655,8 +661,7 @@ class S2TLogitsProcessor(LogitsProcessor):
         self._row_stats["steps"] += active
         self._row_stats["eligible_steps"] += eligible
         self._row_stats["triggers"] += triggered
-        unreadable = (trigger_logits == float("-inf")) & eligible if trigger_logits is not None else None
-        if not self._any_triggered(triggered, scores, active, unreadable):
+        if not self._any_triggered(triggered, scores, active):
             return scores
 
         candidate_ids, candidate_log_probs, valid = top_k_candidates(

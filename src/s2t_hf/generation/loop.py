@@ -265,8 +265,10 @@ def _fused_step(
     tokens = torch.where(triggered, chosen, tokens)
     _append_chosen_slots(cache, view, slot, num_slots)
     next_attention = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=-1)
-    hook.note(input_length=1, cache=cache, attention_mask=next_attention, position_ids=positions)
     processor._totals["local_path"] = "fused"
     rows = torch.arange(tokens.shape[0], device=logits.device)
     next_logits = logits[rows, slot.to(logits.device)].to(dtype=torch.float32, device=tokens.device)
+    hook.note(
+        input_length=1, cache=cache, attention_mask=next_attention, position_ids=positions, next_logits=next_logits
+    )
     return tokens, next_logits
