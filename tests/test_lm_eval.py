@@ -141,6 +141,48 @@ def test_s2t_entropy_trigger_calibrated_from_a_rate(workspace):
     assert model.s2t_stats["eligible_steps"] > 0
 
 
+def test_s2t_with_a_saved_learned_trigger_calibrated_from_a_rate(tmp_path):
+    """A selector saved with a fit learned trigger row drives collaborative S2T in lm-eval: loaded with
+    `from_pretrained`, its trigger calibrated from a rate on the first prompts, firing at about that rate."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    from s2t_hf import S2TSelector
+    from s2t_hf.learned_trigger import _write_row
+    from s2t_hf.tasks import build_tokenizer, padded_vocab_size
+
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=padded_vocab_size(len(tokenizer)), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, initializer_range=0.2,
+    )  # fmt: skip
+    for name, seed in (("student", 0), ("teacher", 1)):  # spare output rows for the selector's reserved rows
+        torch.manual_seed(seed)
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    selector = S2TSelector.create(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "student"), tokenizer, num_bins=4, use_lora=False,
+        learned_trigger=True,
+    )
+    _write_row(selector, selector.trigger_token_id, torch.randn(32, generator=torch.Generator().manual_seed(0)))
+    selector.config.trigger, selector.config.trigger_adapter_mode = "learned", selector.config.adapter_mode
+    selector.save_pretrained(tmp_path / "selector")
+
+    model = get_model("s2t")(
+        pretrained=str(tmp_path / "student"), selector=str(tmp_path / "selector"), selection="teacher",
+        teacher=str(tmp_path / "teacher"), trigger_rate=0.3, device="cpu", dtype="float32", batch_size=4,
+    )
+    requests = [
+        Instance("generate_until", {}, (q, {"until": ["<eos>"], "max_gen_toks": 10, "do_sample": False}), i)
+        for i, q in enumerate(QUESTIONS)
+    ]
+    assert len(model.generate_until(requests)) == len(QUESTIONS)
+    assert model.s2t.config.trigger == "learned" and model.s2t.config.trigger_threshold is not None
+    stats = model.s2t_stats
+    assert 0 < stats["triggers"] < stats["eligible_steps"]
+
+
 def test_s2t_model_arguments_are_checked(workspace, tmp_path, monkeypatch):
     from lm_eval.api.registry import get_model
 
