@@ -343,6 +343,24 @@ def test_padded_teacher_vocabulary_is_compared_on_tokenizer_ids():
     assert out[0, : len(sequence)].tolist() == sequence
 
 
+def test_a_student_token_beyond_the_teachers_rows_is_named():
+    """A padded student that emits one of its padding rows (no token) which the smaller teacher lacks: a clear error
+    that says how to keep the student off those rows, not an index error inside the teacher's embedding."""
+    student = tiny_model("qwen2", seed=0, vocab_size=128)
+    teacher = tiny_model("qwen2", seed=1)  # 96 rows
+    prompt = torch.tensor([[5, 6, 7]])
+
+    def first_token_a_padding_row(batch_id, input_ids):
+        return [100] if input_ids.shape[-1] == prompt.shape[1] else list(range(90))
+
+    with S2TLogitsProcessor(
+        student, teacher=teacher, tokenizer=_Tokenizer(90), trigger="always", selection="teacher", warmup_tokens=0
+    ) as s2t:
+        with pytest.raises(ValueError, match=r"token id 100, a padding row .* beyond the teacher's 96 rows"):
+            student.generate(prompt, logits_processor=[s2t], prefix_allowed_tokens_fn=first_token_a_padding_row,
+                             **GREEDY)
+
+
 @pytest.mark.parametrize("trigger, syncs_per_step", [("never", 0), ("random", 1)])
 def test_host_syncs_per_step(trigger, syncs_per_step, monkeypatch):
     """`never` costs no host synchronisation per step, other triggers one (and nothing that grows with the length)."""

@@ -235,6 +235,7 @@ class LocalTeacher(Teacher):
         self.tokenizer = tokenizer
         self.vocab_size: int | None = None
         self.comparable_vocab: int | None = None
+        self.teacher_rows: int | None = None
         self.blocked_ids = torch.zeros(0, dtype=torch.long)
         self.reset()
 
@@ -250,6 +251,7 @@ class LocalTeacher(Teacher):
         student_vocab = output_rows(_unwrap(student))
         teacher_vocab = output_rows(_unwrap(self.model))
         self.vocab_size = self.comparable_vocab = student_vocab
+        self.teacher_rows = teacher_vocab
         if teacher_vocab == student_vocab:
             return
         size = len(tokenizer) if tokenizer is not None else None
@@ -294,6 +296,13 @@ class LocalTeacher(Teacher):
             self._cache = DynamicCache(config=teacher.config)
             self._seen = 0
         new_ids = input_ids[:, self._seen :]
+        if self.teacher_rows < self.vocab_size and new_ids.numel() and int(new_ids.max()) >= self.teacher_rows:
+            raise ValueError(
+                f"The student generated token id {int(new_ids.max())}, a padding row of its output layer beyond the "
+                f"teacher's {self.teacher_rows} rows, so the teacher cannot read it. Keep the student off the rows "
+                f"above the tokenizer: `generate(..., suppress_tokens=list(range({self.comparable_vocab}, "
+                f"{self.vocab_size})))`."
+            )
         positions = positions_from_attention_mask(attention_mask)[:, self._seen :]
         with torch.no_grad():
             logits = teacher(
