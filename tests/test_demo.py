@@ -86,9 +86,12 @@ def test_demo_runs_every_stage_at_toy_size(tmp_path):
     # the sweep reuses the table's rows at the demo's rate (and half of it for the learned trigger)
     assert sweep["S2T"]["learned"][0]["accuracy"] == results["methods"]["S2T (learned, half rate)"]["accuracy"]
     assert sweep["S2T"]["entropy"][1]["accuracy"] == results["methods"]["S2T (entropy)"]["accuracy"]
-    for row in results["methods"].values():
+    for name, row in results["methods"].items():
         assert 0.0 <= row["accuracy"] <= 1.0 and row["seconds"] > 0
-        assert row["latency_seconds"] > 0 and row["latency_ratio"] > 0 and row["latency_per_token_ratio"] > 0
+        if "half rate" in name:  # timed per request at the demo's rate only
+            assert "latency_seconds" not in row
+        else:
+            assert row["latency_seconds"] > 0 and row["latency_ratio"] > 0 and row["latency_per_token_ratio"] > 0
     for name in ("S2T (entropy)", "S2T-Local residual (entropy)"):
         assert 0.0 < results["methods"][name]["trigger_rate"] < 1.0
     # the demo's selector scores on the student's live cache (cache-preserving LoRA, adapter active only to score)
