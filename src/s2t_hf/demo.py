@@ -34,9 +34,9 @@ logger = logging.get_logger(__name__)
 @dataclass
 class DemoConfig:
     """
-    Settings of `s2t-hf demo`. With a cached pair the defaults take ~14 minutes on 2 idle CPU cores (20.3 minutes
-    with `num_latency=100`: per-request timing, paired with a greedy run each time, is most of the evaluation); the
-    first run adds the pair's training (11-13 minutes). `learned_trigger=False, sweep_rates=()` leaves out the learned
+    Settings of `s2t-hf demo`. The first run took 27.4 minutes on 2 idle CPU cores: the pair's training 13.7, the rest
+    13.6 (what a run with a cached pair takes; 20.3 with `num_latency=100`: per-request timing, paired with a greedy
+    run each time, is most of the evaluation). `learned_trigger=False, sweep_rates=()` leaves out the learned
     trigger's rows and the rate sweep (16 decodes of the test split, 3 of them timed per request).
     """
 
