@@ -117,7 +117,7 @@ class GenerationStateHook:
 
     def watched(self, logits: torch.Tensor) -> torch.Tensor:
         """The watched row of one position's logits `(batch, vocab)`, as a float32 copy (the logits are not kept)."""
-        return logits[:, self.watch_row].float().clone()
+        return logits[:, self.watch_row].to(torch.float32, copy=True)
 
     def __call__(self, module, args, kwargs):
         if self.paused:

@@ -296,9 +296,11 @@ class LocalTeacher(Teacher):
             self._cache = DynamicCache(config=teacher.config)
             self._seen = 0
         new_ids = input_ids[:, self._seen :]
-        if self.teacher_rows < self.vocab_size and new_ids.numel() and int(new_ids.max()) >= self.teacher_rows:
+        # only a student with more output rows than the teacher can emit an id the teacher lacks (one sync then)
+        largest = int(new_ids.max()) if self.teacher_rows < self.vocab_size and new_ids.numel() else -1
+        if largest >= self.teacher_rows:
             raise ValueError(
-                f"The student generated token id {int(new_ids.max())}, a padding row of its output layer beyond the "
+                f"The student generated token id {largest}, a padding row of its output layer beyond the "
                 f"teacher's {self.teacher_rows} rows, so the teacher cannot read it. Keep the student off the rows "
                 f"above the tokenizer: `generate(..., suppress_tokens=list(range({self.comparable_vocab}, "
                 f"{self.vocab_size})))`."
