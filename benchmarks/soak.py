@@ -54,12 +54,10 @@ def processor_for(name: str):
     selection = selection.removesuffix("-fused")
     if selection.startswith("local"):
         if trigger == "learned":  # a random trigger row (as if fit), read from the model's output by a forward hook
-            from s2t_hf.learned_trigger import _write_row
-
             selector = S2TSelector.create(
                 model, bin_token_ids=BINS[:-1], trigger_token_id=BINS[-1], preserve_cache=True
             )
-            _write_row(selector, BINS[-1], torch.randn(32, generator=torch.Generator().manual_seed(0)))
+            selector.write_reserved_row(BINS[-1], torch.randn(32, generator=torch.Generator().manual_seed(0)))
             selector.config.trigger_adapter_mode = "generate"
             kwargs["trigger_threshold"] = 0.0
         else:
@@ -80,13 +78,14 @@ CONFIGS = [
 
 
 def state_size(processor, model) -> dict[str, int]:
-    teacher_cache = getattr(processor._teacher, "_cache", None)
+    teacher = processor.teacher_interface
     return {
-        "records": len(processor.records),
-        "row_stats": sum(v.numel() for v in processor._row_stats.values()),
-        "teacher_cache_tokens": int(teacher_cache.get_seq_length()) if teacher_cache is not None else 0,
+        "records": len(processor.trigger_records),
+        "row_stats": sum(v.numel() for v in processor.call_stats.rows.values()),
+        "teacher_cache_tokens": teacher.cached_tokens if teacher is not None else 0,
         "model_hooks": len(model._forward_pre_hooks) + len(model._forward_hooks),
-        "signals": len(processor._signals),
+        # signals held by a calibration recorder left in place of the trigger (none once `calibrate` returns)
+        "signals": len(getattr(processor.trigger_policy, "signals", [])),
     }
 
 

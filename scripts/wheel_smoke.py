@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 def main() -> None:
     import s2t_hf
-    from s2t_hf import S2TConfig, S2TLogitsProcessor, S2TSelector, encode_prompts, generate_batched
-    from s2t_hf.generation import CUSTOM_GENERATE_PATH
+    from s2t_hf import S2TConfig, S2TLogitsProcessor, S2TSelector, encode_prompts
+    from s2t_hf.generation import CUSTOM_GENERATE_PATH, generate_batched
     from s2t_hf.metrics import load_metric, metric_path
     from s2t_hf.tasks import build_tokenizer, padded_vocab_size
 

@@ -1,7 +1,8 @@
-"""Tests of selection-group collection (teacher-forced and on-policy), saving / resuming, and the collator."""
+"""Tests of selection-group collection (teacher-forced and on-policy), saving and resuming."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import datasets
@@ -9,9 +10,10 @@ import pytest
 import torch
 
 from conftest import EOS, tiny_model
-from s2t_hf import SelectionGroupCollator, collect_selection_data
-from s2t_hf import data as data_module
+from s2t_hf import collect_selection_data
+from s2t_hf.collection import SelectionCollector
 from s2t_hf.selection import top_k_candidates
+from s2t_hf.teachers import LocalTeacher, Teacher
 from s2t_hf.triggers import entropy_signal, kl_signal
 
 
@@ -163,7 +165,7 @@ def test_save_and_resume(pair, tmp_path, monkeypatch):
     reference = collect_selection_data(student, teacher, **kwargs)
 
     calls = []
-    original = data_module._Context.teacher_forced_shard
+    original = SelectionCollector.teacher_forced_shard
 
     def interrupted(self, chunk, bar):
         calls.append(chunk[0][0])
@@ -171,16 +173,16 @@ def test_save_and_resume(pair, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # the run stops in the middle of the second shard
         return original(self, chunk, bar)
 
-    monkeypatch.setattr(data_module._Context, "teacher_forced_shard", interrupted)
+    monkeypatch.setattr(SelectionCollector, "teacher_forced_shard", interrupted)
     target = tmp_path / "groups"
     with pytest.raises(KeyboardInterrupt):
         collect_selection_data(student, teacher, save_to=target, **kwargs)
     assert os.path.isdir(target / "shards" / "shard-00000") and not os.path.exists(target / "shards" / "shard-00001")
 
     calls.clear()
-    monkeypatch.setattr(data_module._Context, "teacher_forced_shard", original)
+    monkeypatch.setattr(SelectionCollector, "teacher_forced_shard", original)
     counting = lambda self, chunk, bar: calls.append(chunk[0][0]) or original(self, chunk, bar)  # noqa: E731
-    monkeypatch.setattr(data_module._Context, "teacher_forced_shard", counting)
+    monkeypatch.setattr(SelectionCollector, "teacher_forced_shard", counting)
     resumed = collect_selection_data(student, teacher, save_to=target, **kwargs)
     assert calls == [2]  # only the missing shard ran
     assert resumed.to_dict() == reference.to_dict()
@@ -230,7 +232,7 @@ def test_trajectories_hold_every_eligible_position(pair, tmp_path, monkeypatch):
     assert count == len(groups)
 
     # saved with the groups and resumed shard by shard
-    original = data_module._Context.teacher_forced_shard
+    original = SelectionCollector.teacher_forced_shard
     calls = []
 
     def interrupted(self, chunk, bar):
@@ -240,10 +242,10 @@ def test_trajectories_hold_every_eligible_position(pair, tmp_path, monkeypatch):
         return original(self, chunk, bar)
 
     target = tmp_path / "collection"
-    monkeypatch.setattr(data_module._Context, "teacher_forced_shard", interrupted)
+    monkeypatch.setattr(SelectionCollector, "teacher_forced_shard", interrupted)
     with pytest.raises(KeyboardInterrupt):
         collect_selection_data(student, teacher, return_trajectories=True, save_to=target, **kwargs)
-    monkeypatch.setattr(data_module._Context, "teacher_forced_shard", original)
+    monkeypatch.setattr(SelectionCollector, "teacher_forced_shard", original)
     resumed = collect_selection_data(student, teacher, return_trajectories=True, save_to=target, **kwargs)
     again = collect_selection_data(student, teacher, return_trajectories=True, save_to=target, **kwargs)
     for groups_again, trajectories_again in (resumed, again):
@@ -254,6 +256,50 @@ def test_trajectories_hold_every_eligible_position(pair, tmp_path, monkeypatch):
         collect_selection_data(student, teacher, save_to=target, **kwargs)
     with pytest.raises(ValueError, match="`return_trajectories=True` needs `mode='teacher_forced'`"):
         collect_selection_data(student, teacher, prompts=prompts, mode="on_policy", return_trajectories=True)
+
+
+class CandidatesOnlyTeacher(Teacher):
+    """A teacher that scores candidates but gives no whole distribution (as a `RemoteTeacher`), over a local model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.local = LocalTeacher(model)
+
+    def prepare(self, student, tokenizer=None, blocked_ids=()):
+        super().prepare(student, tokenizer, blocked_ids)
+        self.local.prepare(student, tokenizer, blocked_ids)
+
+    def select(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def takeover(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def candidate_log_probs(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def score_trajectories(self, trajectories, positions, candidate_ids):
+        self.calls += 1
+        return self.local.score_trajectories(trajectories, positions, candidate_ids)
+
+
+def test_a_teacher_without_the_whole_distribution_gives_groups_and_trajectories(pair):
+    """The entropy signal with a teacher that only scores candidates: the groups are those of the local teacher, and
+    the trajectories carry NaN for the KL."""
+    student, teacher = pair
+    kwargs = dict(prompts=random_prompts(5, seed=5), top_k=K, fraction=0.3, max_new_tokens=8, show_progress=False,
+                  signal="entropy", batch_size=2, return_trajectories=True)
+    scorer = CandidatesOnlyTeacher(teacher)
+    groups, trajectories = collect_selection_data(student, scorer, **kwargs)
+    local_groups, local_trajectories = collect_selection_data(student, teacher, **kwargs)
+    assert scorer.calls > 0 and len(groups) == len(local_groups) > 0
+    for group, local in zip(groups, local_groups):
+        assert group["cand_ids"] == local["cand_ids"] and group["teacher_top1"] == local["teacher_top1"]
+        assert group["teacher_probs"] == pytest.approx(local["teacher_probs"], rel=1e-4, abs=1e-6)
+    assert trajectories["prompt_index"] == local_trajectories["prompt_index"]
+    for row, local in zip(trajectories, local_trajectories):
+        assert row["steps"] == local["steps"] and row["entropy"] == pytest.approx(local["entropy"])
+        assert all(math.isnan(kl) for kl in row["kl"])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -281,30 +327,6 @@ def test_errors(pair):
         collect_selection_data(student, teacher, prompts=["text"])
     with pytest.raises(ValueError, match="output rows"):
         collect_selection_data(student, tiny_model("llama", vocab_size=128), prompts=prompts)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Collator
-
-
-def test_collator_pads_left_truncates_and_pads_candidates():
-    features = [
-        {"context_ids": [5, 6, 7, 8], "cand_ids": [1, 2, 3], "teacher_probs": [0.1, 0.2, 0.3],
-         "student_probs": [0.5, 0.3, 0.1], "prompt_index": 0},
-        {"context_ids": [9], "cand_ids": [4, 5], "teacher_probs": [0.6, 0.1], "student_probs": [0.7, 0.2]},
-    ]
-    batch = SelectionGroupCollator(pad_token_id=0, max_context_length=3, pad_to_multiple_of=4)(features)
-    assert batch["input_ids"].tolist() == [[0, 6, 7, 8], [0, 0, 0, 9]]
-    assert batch["attention_mask"].tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
-    assert batch["cand_ids"].tolist() == [[1, 2, 3], [4, 5, 0]]
-    assert batch["cand_mask"].tolist() == [[True, True, True], [True, True, False]]
-    torch.testing.assert_close(batch["teacher_probs"], torch.tensor([[0.1, 0.2, 0.3], [0.6, 0.1, 0.0]]))
-    assert batch["student_probs"].dtype == torch.float32 and set(batch) == {
-        "input_ids", "attention_mask", "cand_ids", "cand_mask", "teacher_probs", "student_probs"}
-    with pytest.raises(KeyError, match="remove_unused_columns"):
-        SelectionGroupCollator()([{"context_ids": [1]}])
-    with pytest.raises(ValueError, match="teacher_probs"):
-        SelectionGroupCollator()([{"context_ids": [1], "cand_ids": [1, 2], "teacher_probs": [0.5]}])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -358,41 +380,3 @@ def test_collection_arguments_are_checked(pair):
             collect(**{name: 0})
     with pytest.raises(ValueError, match="`student` and `teacher` are both required"):
         collect(teacher=None)
-
-
-GOOD_GROUP = {
-    "context_ids": [5, 6, 7], "cand_ids": [8, 9, 10], "teacher_probs": [0.5, 0.3, 0.2],
-    "student_probs": [0.6, 0.3, 0.1],
-}
-
-
-@pytest.mark.parametrize(
-    ("change", "error", "message"),
-    [
-        (dict(context_ids=[]), ValueError, "empty `context_ids`"),
-        (dict(cand_ids=[], teacher_probs=[]), ValueError, "has no `cand_ids`"),
-        (dict(context_ids=["tom", "has"]), ValueError, "`context_ids` must be a flat list of token ids"),
-        (dict(cand_ids=[8, 9.5, 10]), ValueError, "`cand_ids` must be a flat list of token ids"),
-        (dict(cand_ids=[8, -1, 10]), ValueError, "`cand_ids` must be a flat list of token ids"),
-        (dict(cand_ids=[[8], [9], [10]]), ValueError, "`cand_ids` must be a flat list of token ids"),
-        (dict(teacher_probs=[0.5, 0.5]), ValueError, "3 `cand_ids` but 2 `teacher_probs`"),
-        (dict(teacher_probs=[[0.5], [0.3], [0.2]]), ValueError, "`teacher_probs` must hold one finite, non-negative"),
-        (dict(teacher_probs=[float("nan"), 0.3, 0.2]), ValueError, "`teacher_probs` must hold one finite"),
-        (dict(teacher_probs=[-0.5, 0.3, 0.2]), ValueError, "`teacher_probs` must hold one finite"),
-        (dict(student_probs=[0.5, 0.5]), ValueError, "3 `cand_ids` but 2 `student_probs`"),
-        (dict(teacher_probs=None), KeyError, r"missing \['teacher_probs'\].*remove_unused_columns=False"),
-    ],
-)
-def test_collator_refuses_malformed_groups(change, error, message):
-    group = {k: v for k, v in {**GOOD_GROUP, **change}.items() if v is not None}
-    with pytest.raises(error, match=message):
-        SelectionGroupCollator()([group, GOOD_GROUP])
-    with pytest.raises(ValueError, match="`features` is empty"):
-        SelectionGroupCollator()([])
-
-
-def test_collator_arguments_are_checked():
-    with pytest.raises(ValueError, match="`max_context_length` must be a positive integer or None, got 0"):
-        SelectionGroupCollator(max_context_length=0)
-    with pytest.raises(ValueError, match="`pad_to_multiple_of` must be a positive integer or None, got 0"):
-        SelectionGroupCollator(pad_to_multiple_of=0)

@@ -40,9 +40,7 @@ def learned_selector(model, seed: int = 0, preserve_cache: bool = True, lora_sca
 
 def trigger_weights(selector) -> torch.Tensor:
     """The trigger row's weights in the selector's adapter (a view: writing it changes the row)."""
-    from s2t_hf.selector import _token_layers
-
-    layer = _token_layers(selector.model)[0]
+    layer = selector.adapter_state.token_layers[0]
     return layer.trainable_tokens_delta["default"][layer.token_indices["default"].index(TRIGGER)]
 
 
@@ -130,16 +128,14 @@ def test_selector_reserves_and_saves_the_trigger_row(tmp_path):
     selector = S2TSelector.create(tiny_model("llama"), num_bins=4, learned_trigger=True)
     assert selector.bin_token_ids == [96, 97, 98, 99] and selector.trigger_token_id == 100
     assert selector.config.num_added_rows == 5 and selector.reserved_token_ids == [96, 97, 98, 99, 100]
-    from s2t_hf.selector import _token_layers
-
-    layer = _token_layers(selector.model)[0]
+    layer = selector.adapter_state.token_layers[0]
     assert layer.token_indices["default"] == [96, 97, 98, 99, 100]
     with torch.no_grad():
         layer.trainable_tokens_delta["default"][-1] = torch.arange(32).float()
     selector.save_pretrained(tmp_path)
     loaded = S2TSelector.from_pretrained(tiny_model("llama"), tmp_path)
     assert loaded.trigger_token_id == 100
-    loaded_layer = _token_layers(loaded.model)[0]
+    loaded_layer = loaded.adapter_state.token_layers[0]
     assert torch.equal(loaded_layer.trainable_tokens_delta["default"][-1], torch.arange(32).float())
     assert "trigger_token_id | 100" in (tmp_path / "README.md").read_text()
 

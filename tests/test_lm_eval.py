@@ -148,7 +148,6 @@ def test_s2t_with_a_saved_learned_trigger_calibrated_from_a_rate(tmp_path):
     from lm_eval.api.registry import get_model
 
     from s2t_hf import S2TSelector
-    from s2t_hf.learned_trigger import _write_row
     from s2t_hf.tasks import build_tokenizer, padded_vocab_size
 
     tokenizer = build_tokenizer()
@@ -165,7 +164,7 @@ def test_s2t_with_a_saved_learned_trigger_calibrated_from_a_rate(tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path / "student"), tokenizer, num_bins=4, use_lora=False,
         learned_trigger=True,
     )
-    _write_row(selector, selector.trigger_token_id, torch.randn(32, generator=torch.Generator().manual_seed(0)))
+    selector.write_reserved_row(selector.trigger_token_id, torch.randn(32, generator=torch.Generator().manual_seed(0)))
     selector.config.trigger, selector.config.trigger_adapter_mode = "learned", selector.config.adapter_mode
     selector.save_pretrained(tmp_path / "selector")
 

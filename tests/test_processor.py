@@ -382,12 +382,12 @@ def test_host_syncs_per_step(trigger, syncs_per_step, monkeypatch):
         scores = torch.randn(3, model.config.vocab_size)
         sequence = input_ids
         # each step follows a forward of the model, as in `generate` (recorded by the processor's hook; no sync)
-        processor._hook.note(sequence.shape[1], None, None, None)
+        processor.state_hook.note(sequence.shape[1], None, None, None)
         processor(sequence, scores)  # the first step of a generation (its one-off checks are not counted)
         counts["syncs"] = 0
         for _ in range(5):
             sequence = torch.cat([sequence, torch.randint(3, 50, (3, 1))], dim=-1)
-            processor._hook.note(1, None, None, None)
+            processor.state_hook.note(1, None, None, None)
             processor(sequence, scores)
         monkeypatch.undo()
     assert counts["syncs"] == 5 * syncs_per_step

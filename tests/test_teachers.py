@@ -6,6 +6,7 @@ The remote teacher against a real vLLM server is tested in `test_remote_teacher.
 from __future__ import annotations
 
 import doctest
+import importlib
 import socket
 
 import pytest
@@ -17,8 +18,10 @@ from s2t_hf import S2TLogitsProcessor, collect_selection_data
 from s2t_hf.teachers import LocalTeacher, RemoteTeacher, RemoteTeacherError, Teacher, TeacherChoice, as_teacher
 
 
-def test_docstring_examples_run():
-    result = doctest.testmod(teachers_module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+@pytest.mark.parametrize("name", ["", ".base", ".local", ".remote", ".transport"])
+def test_docstring_examples_run(name):
+    module = importlib.import_module(name, teachers_module.__name__) if name else teachers_module
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0
 
 

@@ -18,9 +18,9 @@ _LAZY_ATTRIBUTES = {
     "S2TTrainer": "trainer",
     "S2TTrainingArguments": "trainer",
     "collect_selection_data": "data",
-    "SelectionGroupCollator": "data",
+    "SelectionGroupCollator": "collator",
     "encode_prompts": "prompts",
-    "generate_batched": "prompts",
+    "generate_batched": "generation",
     "generate": "generation",
     "LocalTeacher": "teachers",
     "RemoteTeacher": "teachers",
@@ -31,10 +31,11 @@ __all__ = sorted([*_LAZY_ATTRIBUTES, "__version__"])
 
 if TYPE_CHECKING:
     from .config import S2TConfig
-    from .data import SelectionGroupCollator, collect_selection_data
-    from .generation import generate
+    from .collator import SelectionGroupCollator
+    from .data import collect_selection_data
+    from .generation import generate, generate_batched
     from .processor import S2TLogitsProcessor
-    from .prompts import encode_prompts, generate_batched
+    from .prompts import encode_prompts
     from .selector import S2TSelector
     from .teachers import LocalTeacher, RemoteTeacher, Teacher
     from .trainer import S2TTrainer, S2TTrainingArguments

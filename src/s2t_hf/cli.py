@@ -177,7 +177,6 @@ def cmd_train(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from .config import THRESHOLD_TRIGGERS
     from .processor import S2TLogitsProcessor
     from .prompts import prompt_token_ids
     from .tasks import ArithmeticTaskConfig, check_answer, generate_problems, generate_solutions
@@ -201,7 +200,7 @@ def cmd_evaluate(args) -> None:
     if args.selector:
         with S2TLogitsProcessor.from_pretrained(args.selector, model=model, eos_token_id=tokenizer.eos_token_id) as s2t:
             config = s2t.config
-            if config.trigger in THRESHOLD_TRIGGERS and (args.trigger_rate or config.trigger_threshold is None):
+            if config.trigger_has_threshold and (args.trigger_rate or config.trigger_threshold is None):
                 rate = args.trigger_rate or config.trigger_rate
                 if rate is None:
                     raise SystemExit(

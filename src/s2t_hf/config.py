@@ -18,6 +18,8 @@ logger = logging.get_logger(__name__)
 
 CONFIG_NAME = "s2t_config.json"
 
+# The built-in trigger and selection kinds. The kinds a config accepts are those registered in
+# `s2t_hf.triggers.TRIGGERS` and `s2t_hf.selection.SELECTIONS` (these plus any registered later).
 TRIGGER_KINDS = ("entropy", "kl", "learned", "random", "always", "never")
 # triggers whose signal crosses a calibrated threshold
 THRESHOLD_TRIGGERS = ("entropy", "kl", "learned")
@@ -155,8 +157,11 @@ class S2TConfig:
             if value not in allowed:
                 raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")
 
-        choose("trigger", TRIGGER_KINDS)
-        choose("selection", SELECTION_KINDS)
+        from .selection import SELECTIONS
+        from .triggers import TRIGGERS
+
+        choose("trigger", tuple(TRIGGERS))
+        choose("selection", tuple(SELECTIONS))
         choose("scoring", SCORING_KINDS)
         choose("local_path", LOCAL_PATHS)
         choose("adapter_mode", ADAPTER_MODES)
@@ -216,7 +221,18 @@ class S2TConfig:
     @property
     def needs_teacher(self) -> bool:
         """Whether decoding with this config needs a teacher model."""
-        return self.trigger == "kl" or (self.trigger != "never" and self.selection in ("teacher", "takeover"))
+        from .selection import SELECTIONS
+        from .triggers import TRIGGERS
+
+        trigger = TRIGGERS[self.trigger]
+        return trigger.needs_teacher_every_step or (trigger.can_fire and SELECTIONS[self.selection].needs_teacher)
+
+    @property
+    def trigger_has_threshold(self) -> bool:
+        """Whether the trigger compares a signal to `trigger_threshold` (and can be calibrated to a rate)."""
+        from .triggers import TRIGGERS
+
+        return TRIGGERS[self.trigger].has_threshold
 
     def resolved_bin_values(self) -> list[float]:
         """The bin values: `bin_values` if set, else linspace(0, 1, num_bins)."""

@@ -23,10 +23,14 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .config import S2TConfig
+from .demo_report import format_table, learned_trigger_targets, ordered_rows, write_plots
+from .generation import generate_batched
 from .kv import output_rows
 from .processor import S2TLogitsProcessor
-from .prompts import generate_batched, prompt_token_ids
+from .prompts import prompt_token_ids
 
+
+__all__ = ["DemoConfig", "format_table", "learned_trigger_targets", "run_demo", "write_plots"]
 
 logger = logging.get_logger(__name__)
 
@@ -199,12 +203,6 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     Args:
         config (`DemoConfig`, *optional*): the settings; defaults reproduce `docs/benchmarks.md`.
     """
-    from .data import collect_selection_data
-    from .learned_trigger import fit_trigger_row
-    from .metrics import load_metric
-    from .selector import S2TSelector
-    from .tasks import ArithmeticTaskConfig, PairTrainingConfig, default_pair_dir, generate_problems, train_pair
-
     config = config or DemoConfig()
     os.makedirs(config.output_dir, exist_ok=True)
     results: dict[str, Any] = {"config": dataclasses.asdict(config), "timings": {}}
@@ -215,85 +213,89 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         stages.set_postfix_str(name)
         logger.info(f"Stage: {name}")
 
-    # 1. the pair
     stage("teacher/student pair")
-    started = time.perf_counter()
-    pair_dir = config.pair_dir or str(default_pair_dir(config.seed))
-    pair_settings = PairTrainingConfig.from_dict(config.pair_settings) if config.pair_settings else None
-    teacher, student, tokenizer = train_pair(pair_dir, seed=config.seed, config=pair_settings)
-    results["timings"]["pair_s"] = time.perf_counter() - started
-    with open(os.path.join(pair_dir, "pair_info.json")) as f:
-        results["pair"] = json.load(f)
+    pair = _train_or_load_pair(config, results)
     stages.update()
-
-    test = generate_problems(config.num_test, "test", seed=config.seed)
-    calibration = generate_problems(config.num_calibration, "validation", seed=config.seed)
-    train = generate_problems(config.num_train_problems, "train", seed=config.seed)
-    test_prompts, calibration_prompts, train_prompts = (
-        _encode(tokenizer, test),
-        _encode(tokenizer, calibration),
-        _encode(tokenizer, train),
-    )
-    runner = _Generator(tokenizer, config.batch_size, ArithmeticTaskConfig().max_solution_words + 1, config.fused)
-    common = dict(eos_token_id=tokenizer.eos_token_id, tokenizer=tokenizer)
-
-    # 2. calibration
+    run = _DemoRun(config, *pair)
     stage("calibrate triggers")
-    thresholds = {}
-    for kind in ("entropy", "kl"):
-        with S2TLogitsProcessor(student, teacher=teacher, trigger=kind, selection="teacher", **common) as s2t:
-            thresholds[kind] = s2t.calibrate(
-                calibration_prompts, target_rate=config.trigger_rate, batch_size=config.batch_size,
-                **runner.generate_kwargs(student),
-            )
-    results["thresholds"] = thresholds
+    results["thresholds"] = thresholds = _calibrate_thresholds(run)
     stages.update()
-
-    # 3. local sufficiency: hit@K of the teacher's top-1 in the student's top-K at trigger steps
     stage("local sufficiency")
-    hit = {}
-    for kind in ("entropy", "kl"):
-        with S2TLogitsProcessor(
-            student, teacher=teacher, trigger=kind, trigger_threshold=thresholds[kind], selection="teacher",
-            top_k=config.collect_top_k, record_triggers=True, **common,
-        ) as s2t:
-            records = []
-            for start in range(0, len(calibration_prompts), config.batch_size):
-                runner.run(student, calibration_prompts[start : start + config.batch_size], s2t, desc=f"hit@K {kind}")
-                records.extend(s2t.records)
-        hit[kind] = load_metric("hit_at_k").compute(
-            predictions=[r["cand_ids"] for r in records],
-            references=[r["teacher_top1"] for r in records],
-            ks=[1, 2, 4, 8, 16],
-        )
-        hit[kind]["steps"] = len(records)
-    results["hit_at_k"] = hit
+    results["hit_at_k"] = _local_sufficiency(run, thresholds)
     stages.update()
-
-    # 4. methods that need no training
     stage("greedy, Maj@N, S2T, Takeover")
-    methods: dict[str, dict[str, Any]] = {}
-    for model in (student, teacher):  # warm-up, so the first timed method pays no start-up cost
-        runner.run(model, test_prompts[: config.batch_size], desc="warm-up")
+    _evaluate_methods_without_training(run, thresholds)
+    stages.update()
+    stage("collect selection data")
+    split, trajectories = _collect(run, results)
+    stages.update()
+    stage("train the selector")
+    selectors, learned = _train_selectors(run, split, trajectories, thresholds["entropy"], results)
+    stages.update()
+    stage("evaluate S2T-Local")
+    _evaluate_local(run, selectors, learned, results)
+    stages.update()
+    if config.sweep_rates and selectors:
+        stage("accuracy against trigger rate")
+        results["rate_sweep"] = _rate_sweep(run, selectors, learned)
+    stages.update()
+    stages.close()
 
-    latency_prompts = test_prompts[: config.num_latency]
+    results["methods"] = ordered_rows(run.methods)
+    results["targets"] = learned_trigger_targets(results)
+    results["timings"]["total_s"] = time.perf_counter() - demo_started
+    with open(os.path.join(config.output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    if config.plots:
+        write_plots(results, config.output_dir)
+    return results
 
-    def latency(model, processor=None, samples: int = 1, **kwargs) -> tuple[float, float, float]:
+
+class _DemoRun:
+    """
+    What the stages of one demo run share: the settings, the pair, the problems and their prompts, the generator, and
+    the table's rows (`methods`), which [`~_DemoRun.record`] fills.
+    """
+
+    def __init__(self, config: DemoConfig, teacher, student, tokenizer):
+        from .tasks import ArithmeticTaskConfig, generate_problems
+
+        self.config = config
+        self.teacher, self.student, self.tokenizer = teacher, student, tokenizer
+        self.test = generate_problems(config.num_test, "test", seed=config.seed)
+        calibration = generate_problems(config.num_calibration, "validation", seed=config.seed)
+        train = generate_problems(config.num_train_problems, "train", seed=config.seed)
+        self.test_prompts, self.calibration_prompts, self.train_prompts = (
+            _encode(tokenizer, self.test),
+            _encode(tokenizer, calibration),
+            _encode(tokenizer, train),
+        )
+        self.latency_prompts = self.test_prompts[: config.num_latency]
+        self.runner = _Generator(
+            tokenizer, config.batch_size, ArithmeticTaskConfig().max_solution_words + 1, config.fused
+        )
+        self.common = dict(eos_token_id=tokenizer.eos_token_id, tokenizer=tokenizer)
+        self.methods: dict[str, dict[str, Any]] = {}
+
+    def latency(self, model, processor=None, samples: int = 1, **kwargs) -> tuple[float, float, float]:
         """
         Seconds to decode the latency problems one request at a time (the N samples of Maj@N as one batch); its ratio
         to the student's greedy decoding of the same problems timed just before (shared machines drift); and the
         ratio of the times per generated token (methods write solutions of different lengths).
         """
-        greedy_seconds = runner.run(student, latency_prompts, desc="latency greedy", batch_size=1)[1]
+        runner = self.runner
+        greedy_seconds = runner.run(self.student, self.latency_prompts, desc="latency greedy", batch_size=1)[1]
         greedy_tokens = runner.last_new_tokens
-        prompts = [p for p in latency_prompts for _ in range(samples)]
+        prompts = [p for p in self.latency_prompts for _ in range(samples)]
         seconds = runner.run(model, prompts, processor, desc="latency", batch_size=samples, **kwargs)[1]
         per_token = (seconds / runner.last_new_tokens) / (greedy_seconds / greedy_tokens) * samples
         return seconds, seconds / greedy_seconds, per_token
 
-    def record(name, completions, seconds, stats=None, accuracy=None, latency_s=None):
+    def record(self, name, completions, seconds, stats=None, accuracy=None, latency_s=None) -> None:
+        """Adds the row `name` to the table: its accuracy on the test split, times and trigger statistics."""
+        methods = self.methods
         methods[name] = {
-            "accuracy": accuracy if accuracy is not None else _accuracy(completions, test),
+            "accuracy": accuracy if accuracy is not None else _accuracy(completions, self.test),
             "seconds": seconds,
         }
         if latency_s is not None:
@@ -305,40 +307,136 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
             )
         logger.info(f"{name}: {methods[name]}")
 
-    latency(student)  # warm-up at batch size 1
-    completions, seconds = runner.run(student, test_prompts, desc="greedy")
-    record("Greedy", completions, seconds, latency_s=latency(student))
-    completions, seconds = runner.run(teacher, test_prompts, desc="teacher")
-    record("Teacher greedy", completions, seconds, latency_s=latency(teacher))
+    def evaluate(self, selector, selection: str, kind: str, rate: float, name: str | None, desc: str):
+        """Calibrates `kind` to `rate` on the validation problems and decodes the test split; `name` records a row of
+        the table (with its per-request time). Returns the accuracy, the statistics and the calibrated processor's
+        config."""
+        config = self.config
+        model = selector.base_model if selector is not None else self.student
+        kwargs = dict(teacher=self.teacher) if kind == "kl" or selection != "local" else {}
+        local = dict(selector=selector, adapter_mode=config.local_adapter_mode) if selector is not None else {}
+        with S2TLogitsProcessor(
+            model, selector.config if selector is not None else None, selection=selection, trigger=kind,
+            top_k=config.top_k, **local, **kwargs, **self.common,
+        ) as s2t:
+            threshold = s2t.calibrate(
+                self.calibration_prompts, target_rate=rate, batch_size=config.batch_size,
+                **self.runner.generate_kwargs(model),
+            )
+            completions, seconds = self.runner.run(model, self.test_prompts, s2t, desc=desc)
+            stats, local_path = s2t.total_stats, s2t.stats["local_path"]  # every batch of the test set
+            accuracy = _accuracy(completions, self.test)
+            if name is not None:
+                # per-request time at the demo's rate; a half-rate row decodes the same way, only less often
+                timed = self.latency(model, s2t) if rate == config.trigger_rate else None
+                self.record(name, completions, seconds, stats, accuracy=accuracy, latency_s=timed)
+                self.methods[name]["trigger_threshold"] = threshold
+                if selection == "local":
+                    self.methods[name]["local_path"] = local_path
+            return accuracy, stats, s2t.config
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The stages of `run_demo`
+
+
+def _train_or_load_pair(config: DemoConfig, results: dict[str, Any]):
+    """1. The teacher/student pair, trained (or loaded from `pair_dir`); returns `(teacher, student, tokenizer)`."""
+    from .tasks import PairTrainingConfig, default_pair_dir, train_pair
+
+    started = time.perf_counter()
+    pair_dir = config.pair_dir or str(default_pair_dir(config.seed))
+    pair_settings = PairTrainingConfig.from_dict(config.pair_settings) if config.pair_settings else None
+    teacher, student, tokenizer = train_pair(pair_dir, seed=config.seed, config=pair_settings)
+    results["timings"]["pair_s"] = time.perf_counter() - started
+    with open(os.path.join(pair_dir, "pair_info.json")) as f:
+        results["pair"] = json.load(f)
+    return teacher, student, tokenizer
+
+
+def _calibrate_thresholds(run: _DemoRun) -> dict[str, float]:
+    """2. The entropy and KL triggers' thresholds at the demo's trigger rate, on the validation problems."""
+    config = run.config
+    thresholds = {}
+    for kind in ("entropy", "kl"):
+        with S2TLogitsProcessor(run.student, teacher=run.teacher, trigger=kind, selection="teacher",
+                                **run.common) as s2t:
+            thresholds[kind] = s2t.calibrate(
+                run.calibration_prompts, target_rate=config.trigger_rate, batch_size=config.batch_size,
+                **run.runner.generate_kwargs(run.student),
+            )
+    return thresholds
+
+
+def _local_sufficiency(run: _DemoRun, thresholds: dict[str, float]) -> dict[str, Any]:
+    """3. Local sufficiency: hit@K of the teacher's top-1 in the student's top-K at trigger steps."""
+    from .metrics import load_metric
+
+    config = run.config
+    hit = {}
+    for kind in ("entropy", "kl"):
+        with S2TLogitsProcessor(
+            run.student, teacher=run.teacher, trigger=kind, trigger_threshold=thresholds[kind], selection="teacher",
+            top_k=config.collect_top_k, record_triggers=True, **run.common,
+        ) as s2t:
+            records = []
+            for start in range(0, len(run.calibration_prompts), config.batch_size):
+                prompts = run.calibration_prompts[start : start + config.batch_size]
+                run.runner.run(run.student, prompts, s2t, desc=f"hit@K {kind}")
+                records.extend(s2t.records)
+        hit[kind] = load_metric("hit_at_k").compute(
+            predictions=[r["cand_ids"] for r in records],
+            references=[r["teacher_top1"] for r in records],
+            ks=[1, 2, 4, 8, 16],
+        )
+        hit[kind]["steps"] = len(records)
+    return hit
+
+
+def _evaluate_methods_without_training(run: _DemoRun, thresholds: dict[str, float]) -> None:
+    """4. The rows that need no training: Greedy, the teacher's greedy, Maj@N, S2T and Takeover."""
+    config, runner, student, teacher = run.config, run.runner, run.student, run.teacher
+    for model in (student, teacher):  # warm-up, so the first timed method pays no start-up cost
+        runner.run(model, run.test_prompts[: config.batch_size], desc="warm-up")
+    run.latency(student)  # warm-up at batch size 1
+    completions, seconds = runner.run(student, run.test_prompts, desc="greedy")
+    run.record("Greedy", completions, seconds, latency_s=run.latency(student))
+    completions, seconds = runner.run(teacher, run.test_prompts, desc="teacher")
+    run.record("Teacher greedy", completions, seconds, latency_s=run.latency(teacher))
     for temperature in config.maj_temperatures:
         torch.manual_seed(config.seed)
-        repeated = [p for p in test_prompts for _ in range(config.maj_samples)]
+        repeated = [p for p in run.test_prompts for _ in range(config.maj_samples)]
         samples, seconds = runner.run(
             student, repeated, desc=f"maj@{config.maj_samples} T={temperature}", do_sample=True,
             temperature=temperature, top_k=0,
         )
-        record(
+        run.record(
             f"Maj@{config.maj_samples} (T={temperature})", samples, seconds,
-            accuracy=_majority_accuracy(samples, test, config.maj_samples),
-            latency_s=latency(student, samples=config.maj_samples, do_sample=True, temperature=temperature, top_k=0),
+            accuracy=_majority_accuracy(samples, run.test, config.maj_samples),
+            latency_s=run.latency(student, samples=config.maj_samples, do_sample=True, temperature=temperature,
+                                  top_k=0),
         )
     for selection, name in (("teacher", "S2T"), ("takeover", "Takeover")):
         for kind in ("entropy", "kl"):
             with S2TLogitsProcessor(
                 student, teacher=teacher, trigger=kind, trigger_threshold=thresholds[kind], selection=selection,
-                top_k=config.top_k, **common,
+                top_k=config.top_k, **run.common,
             ) as s2t:
-                completions, seconds = runner.run(student, test_prompts, s2t, desc=f"{name} {kind}")
+                completions, seconds = runner.run(student, run.test_prompts, s2t, desc=f"{name} {kind}")
                 stats = s2t.total_stats  # every batch of the test set
-                record(f"{name} ({kind})", completions, seconds, stats, latency_s=latency(student, s2t))
-    stages.update()
+                run.record(f"{name} ({kind})", completions, seconds, stats, latency_s=run.latency(student, s2t))
 
-    # 5. selection data
-    stage("collect selection data")
+
+def _collect(run: _DemoRun, results: dict[str, Any]):
+    """5. Selection data and the student's labelled trajectories; returns the train/dev split of the groups and the
+    trajectories."""
+    from .data import collect_selection_data
+
+    config, student, tokenizer = run.config, run.student, run.tokenizer
     started = time.perf_counter()
     dataset, trajectories = collect_selection_data(
-        student, teacher, tokenizer, train_prompts, mode="teacher_forced", top_k=config.collect_top_k,
-        fraction=config.collect_fraction, signal=config.collect_signal, max_new_tokens=runner.max_new_tokens,
+        student, run.teacher, tokenizer, run.train_prompts, mode="teacher_forced", top_k=config.collect_top_k,
+        fraction=config.collect_fraction, signal=config.collect_signal, max_new_tokens=run.runner.max_new_tokens,
         batch_size=config.batch_size,
         chat_template=False, suppress_token_ids=list(range(len(tokenizer), output_rows(student))),
         save_to=os.path.join(config.output_dir, "collection"), return_trajectories=True,
@@ -346,16 +444,21 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     results["timings"]["collect_s"] = time.perf_counter() - started
     split = _split_by_prompt(dataset, config.num_dev_groups, config.seed)
     results["selection_groups"] = {"train": len(split["train"]), "dev": len(split["test"])}
-    stages.update()
+    return split, trajectories
 
-    # 6. train the local selector(s)
-    stage("train the selector")
+
+def _train_selectors(run: _DemoRun, split, trajectories, entropy_threshold: float, results: dict[str, Any]):
+    """6. The local selector of each form, and its learned trigger row when the labels vary; returns the selectors by
+    form and whether they have the learned trigger."""
+    from .learned_trigger import fit_trigger_row
+
+    config = run.config
     selectors = {}
     learned = config.learned_trigger and _labels_vary(trajectories, config)
     for form in config.forms:
         started = time.perf_counter()
         selectors[form], results.setdefault("selector_training", {})[form] = _train_selector(
-            config, form, student, tokenizer, split, thresholds["entropy"]
+            config, form, run.student, run.tokenizer, split, entropy_threshold
         )
         results["timings"][f"train_{form}_s"] = time.perf_counter() - started
         if learned:
@@ -369,39 +472,14 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
             results.setdefault("learned_trigger", {})[form] = report
             results["timings"][f"fit_trigger_{form}_s"] = time.perf_counter() - started
             logger.info(f"Learned trigger ({form}): held-out AUROC {report['auroc']}")
-    stages.update()
+    return selectors, learned
 
-    # 7. S2T-Local: thresholds recalibrated on the adapted student (its distribution moved a little in training)
-    stage("evaluate S2T-Local")
+
+def _evaluate_local(run: _DemoRun, selectors: dict[str, Any], learned: bool, results: dict[str, Any]) -> None:
+    """7. S2T-Local with each trigger (thresholds recalibrated on the adapted student: its distribution moved a little
+    in training), each selector saved, and collaborative S2T with the learned trigger."""
+    config = run.config
     triggers = ["entropy", "kl"] + (["learned"] if learned else [])
-
-    def evaluate(selector, selection: str, kind: str, rate: float, name: str | None, desc: str):
-        """Calibrates `kind` to `rate` on the validation problems and decodes the test split; `name` records a row of
-        the table (with its per-request time). Returns the accuracy, the statistics and the calibrated processor's
-        config."""
-        model = selector.base_model if selector is not None else student
-        kwargs = dict(teacher=teacher) if kind == "kl" or selection != "local" else {}
-        local = dict(selector=selector, adapter_mode=config.local_adapter_mode) if selector is not None else {}
-        with S2TLogitsProcessor(
-            model, selector.config if selector is not None else None, selection=selection, trigger=kind,
-            top_k=config.top_k, **local, **kwargs, **common,
-        ) as s2t:
-            threshold = s2t.calibrate(
-                calibration_prompts, target_rate=rate, batch_size=config.batch_size,
-                **runner.generate_kwargs(model),
-            )
-            completions, seconds = runner.run(model, test_prompts, s2t, desc=desc)
-            stats, local_path = s2t.total_stats, s2t.stats["local_path"]  # every batch of the test set
-            accuracy = _accuracy(completions, test)
-            if name is not None:
-                # per-request time at the demo's rate; a half-rate row decodes the same way, only less often
-                timed = latency(model, s2t) if rate == config.trigger_rate else None
-                record(name, completions, seconds, stats, accuracy=accuracy, latency_s=timed)
-                methods[name]["trigger_threshold"] = threshold
-                if selection == "local":
-                    methods[name]["local_path"] = local_path
-            return accuracy, stats, s2t.config
-
     # the saved selectors decode with the learned trigger (its row is in the adapter) when there is one
     saved_trigger = "learned" if learned else "entropy"
     for form, selector in selectors.items():
@@ -409,7 +487,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
             rates = [config.trigger_rate] + ([config.trigger_rate / 2] if kind == "learned" else [])
             for rate in rates:
                 name = f"S2T-Local {form} ({kind}{', half rate' if rate != config.trigger_rate else ''})"
-                _, _, processor_config = evaluate(selector, "local", kind, rate, name, name)
+                _, _, processor_config = run.evaluate(selector, "local", kind, rate, name, name)
                 results.setdefault("local_thresholds", {})[f"{form}/{kind}@{rate:g}"] = (
                     processor_config.trigger_threshold
                 )
@@ -417,55 +495,47 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
                     selector.config = dataclasses.replace(processor_config, selection="local")
                     selector.save_pretrained(
                         os.path.join(config.output_dir, f"selector-{form}"),
-                        metrics={"test accuracy": methods[name]["accuracy"]},
+                        metrics={"test accuracy": run.methods[name]["accuracy"]},
                     )
-        completions, seconds = runner.run(selector.base_model, test_prompts, desc=f"greedy with {form} adapter")
-        record(f"Greedy with {form} adapter (LoRA on)", completions, seconds, latency_s=latency(selector.base_model))
+        completions, seconds = run.runner.run(selector.base_model, run.test_prompts,
+                                              desc=f"greedy with {form} adapter")
+        run.record(f"Greedy with {form} adapter (LoRA on)", completions, seconds,
+                   latency_s=run.latency(selector.base_model))
     if learned and selectors:
         # collaborative S2T with the learned trigger: the teacher selects, the selector's row only says when (with
         # `adapter_mode="scoring"` the student generates as itself, so any form's selector serves)
         selector = next(iter(selectors.values()))
         for rate in (config.trigger_rate, config.trigger_rate / 2):
             name = f"S2T (learned{', half rate' if rate != config.trigger_rate else ''})"
-            evaluate(selector, "teacher", "learned", rate, name, name)
-    stages.update()
+            run.evaluate(selector, "teacher", "learned", rate, name, name)
 
-    # 8. accuracy against trigger rate, for S2T and the best S2T-Local form, with the entropy and learned triggers
-    if config.sweep_rates and selectors:
-        stage("accuracy against trigger rate")
-        best_form = max(selectors, key=lambda f: methods[f"S2T-Local {f} (entropy)"]["accuracy"])
-        sweep = {}
-        for method, selection, selector in (
-            ("S2T", "teacher", next(iter(selectors.values()))), (f"S2T-Local {best_form}", "local", selectors[best_form])
-        ):
-            for kind in ("entropy", "learned") if learned else ("entropy",):
-                points = []
-                for rate in config.sweep_rates:
-                    name = _row_name(method, kind, rate, config.trigger_rate)
-                    if name is not None and name in methods:  # a row of the table already
-                        row = methods[name]
-                        points.append(dict(target_rate=rate, accuracy=row["accuracy"], trigger_rate=row["trigger_rate"],
-                                           teacher_calls=row["teacher_calls"]))
-                        continue
-                    accuracy, stats, _ = evaluate(
-                        selector if kind == "learned" or selection == "local" else None, selection, kind, rate, None,
-                        f"{method} {kind} @ {rate:g}",
-                    )
-                    points.append(dict(target_rate=rate, accuracy=accuracy, trigger_rate=stats["trigger_rate"],
-                                       teacher_calls=stats["teacher_calls"]))
-                sweep.setdefault(method, {})[kind] = points
-        results["rate_sweep"] = sweep
-    stages.update()
-    stages.close()
 
-    results["methods"] = _ordered(methods)
-    results["targets"] = learned_trigger_targets(results)
-    results["timings"]["total_s"] = time.perf_counter() - demo_started
-    with open(os.path.join(config.output_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    if config.plots:
-        write_plots(results, config.output_dir)
-    return results
+def _rate_sweep(run: _DemoRun, selectors: dict[str, Any], learned: bool) -> dict[str, Any]:
+    """8. Accuracy against trigger rate, for S2T and the best S2T-Local form, with the entropy and learned triggers
+    (a rate the table already has reuses its row)."""
+    config, methods = run.config, run.methods
+    best_form = max(selectors, key=lambda f: methods[f"S2T-Local {f} (entropy)"]["accuracy"])
+    sweep = {}
+    for method, selection, selector in (
+        ("S2T", "teacher", next(iter(selectors.values()))), (f"S2T-Local {best_form}", "local", selectors[best_form])
+    ):
+        for kind in ("entropy", "learned") if learned else ("entropy",):
+            points = []
+            for rate in config.sweep_rates:
+                name = _row_name(method, kind, rate, config.trigger_rate)
+                if name is not None and name in methods:  # a row of the table already
+                    row = methods[name]
+                    points.append(dict(target_rate=rate, accuracy=row["accuracy"], trigger_rate=row["trigger_rate"],
+                                       teacher_calls=row["teacher_calls"]))
+                    continue
+                accuracy, stats, _ = run.evaluate(
+                    selector if kind == "learned" or selection == "local" else None, selection, kind, rate, None,
+                    f"{method} {kind} @ {rate:g}",
+                )
+                points.append(dict(target_rate=rate, accuracy=accuracy, trigger_rate=stats["trigger_rate"],
+                                   teacher_calls=stats["teacher_calls"]))
+            sweep.setdefault(method, {})[kind] = points
+    return sweep
 
 
 def _labels_vary(trajectories, config: DemoConfig) -> bool:
@@ -490,67 +560,6 @@ def _row_name(method: str, kind: str, rate: float, demo_rate: float) -> str | No
     if kind == "learned" and math.isclose(rate, demo_rate / 2):
         return f"{method} (learned, half rate)"
     return None
-
-
-_ROW_GROUPS = ("Greedy", "Teacher greedy", "Maj@", "S2T (", "Takeover (", "S2T-Local ")
-
-
-def _ordered(methods: dict[str, Any]) -> dict[str, Any]:
-    """The table's rows grouped by method (the learned-trigger rows next to the entropy and KL ones), else in the
-    order they were decoded."""
-
-    def group(name: str) -> int:
-        for index, prefix in reversed(list(enumerate(_ROW_GROUPS))):
-            if name == prefix or (prefix.endswith(("(", "@", " ")) and name.startswith(prefix)):
-                return index
-        return len(_ROW_GROUPS)
-
-    def form(name: str) -> str:
-        # S2T-Local rows and their adapter's greedy row: by form
-        for part in ("pure", "residual"):
-            if f" {part} " in f" {name} ":
-                return part
-        return ""
-
-    order = {name: i for i, name in enumerate(methods)}
-    names = sorted(methods, key=lambda n: (group(n) if not n.startswith("Greedy with") else group("S2T-Local "),
-                                           form(n), order[n]))
-    return {name: methods[name] for name in names}
-
-
-def learned_trigger_targets(results: dict[str, Any]) -> dict[str, Any]:
-    """
-    The learned trigger's targets (docs/benchmarks.md), measured on one demo run: its held-out AUROC against the
-    entropy's (margin >= 0.05), S2T at half the rate with it against S2T with the entropy trigger at the full rate
-    (>= -1 point), and the best teacher-free S2T-Local row against Greedy (>= 1.30x) and the best Maj@N.
-    """
-    methods = results["methods"]
-    greedy = methods["Greedy"]["accuracy"]
-    # teacher-free rows only (the `kl` trigger asks the teacher at every step)
-    local = {n: r["accuracy"] for n, r in methods.items() if n.startswith("S2T-Local ") and "(kl" not in n}
-    majority = [r["accuracy"] for n, r in methods.items() if n.startswith("Maj@")]
-    out: dict[str, Any] = {}
-    if local:
-        best = max(local, key=local.get)
-        out["best_local"] = {
-            "row": best, "accuracy": local[best], "x_greedy": local[best] / greedy if greedy else float("nan"),
-            "minus_best_maj": local[best] - max(majority) if majority else float("nan"),
-        }
-        out["best_local"]["met"] = out["best_local"]["x_greedy"] >= 1.30 and out["best_local"]["minus_best_maj"] > 0
-    reports = results.get("learned_trigger") or {}
-    if reports:
-        auroc = next(iter(reports.values()))["auroc"]
-        out["auroc"] = {**auroc, "margin_over_entropy": auroc["learned"] - auroc["entropy"]}
-        out["auroc"]["met"] = out["auroc"]["margin_over_entropy"] >= 0.05
-    if "S2T (learned, half rate)" in methods and "S2T (entropy)" in methods:
-        half, full = methods["S2T (learned, half rate)"], methods["S2T (entropy)"]
-        out["s2t_half_rate"] = {
-            "learned_half_rate": half["accuracy"], "entropy_full_rate": full["accuracy"],
-            "difference": half["accuracy"] - full["accuracy"],
-            "teacher_calls": {"learned_half_rate": half["teacher_calls"], "entropy_full_rate": full["teacher_calls"]},
-        }
-        out["s2t_half_rate"]["met"] = out["s2t_half_rate"]["difference"] >= -0.01
-    return out
 
 
 def _split_by_prompt(dataset, num_dev_groups: int, seed: int):
@@ -630,103 +639,3 @@ def _train_selector(config: DemoConfig, form: str, student, tokenizer, split, en
     metrics = trainer.evaluate()
     trainer.save_model(output_dir)
     return selector, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-
-
-def format_table(results: dict[str, Any]) -> str:
-    """
-    The results as a Markdown table, like the paper's. Batched time: the whole test split at `batch_size` problems per
-    `generate` call. Per-request time: `num_latency` problems one at a time; its ratio is to the student's greedy
-    decoding of the same problems timed just before each method (paired, as the machine's speed drifts), in total and
-    per generated token (methods write solutions of different lengths).
-    """
-    methods = results["methods"]
-    greedy = methods["Greedy"]
-    lines = [
-        "| method | accuracy | vs greedy | batched time (s) | x greedy | per-request time (s) | x greedy, paired | "
-        "per token, x greedy | trigger rate |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, row in methods.items():
-        gain = row["accuracy"] / greedy["accuracy"] - 1 if greedy["accuracy"] else float("nan")
-        rate = f"{row['trigger_rate']:.3f}" if "trigger_rate" in row else "–"
-        if "latency_seconds" in row and "latency_seconds" in greedy:
-            ratio = row.get("latency_ratio", row["latency_seconds"] / greedy["latency_seconds"])
-            per_token = f"{row['latency_per_token_ratio']:.2f}" if "latency_per_token_ratio" in row else "–"
-            request = f"{row['latency_seconds']:.1f} | {ratio:.2f} | {per_token}"
-        else:
-            request = "– | – | –"
-        lines.append(
-            f"| {name} | {row['accuracy']:.1%} | {gain:+.1%} | {row['seconds']:.1f} | "
-            f"{row['seconds'] / greedy['seconds']:.2f} | {request} | {rate} |"
-        )
-    return "\n".join(lines)
-
-
-def write_plots(results: dict[str, Any], output_dir: str) -> list[str]:
-    """hit@K curve, accuracy/time per method and accuracy against trigger rate as PNG files; returns their paths."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed: no plots. `pip install s2t-hf[plots]`.")
-        return []
-    paths = []
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for kind, values in results["hit_at_k"].items():
-        ks = sorted(int(k.split("@")[1]) for k in values if k.startswith("hit@"))
-        ax.plot(ks, [values[f"hit@{k}"] for k in ks], marker="o", label=f"{kind} trigger")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("K (student's top-K)")
-    ax.set_ylabel("teacher's top-1 in top-K")
-    ax.set_title("Local sufficiency at trigger steps")
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    paths.append(os.path.join(output_dir, "hit_at_k.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-
-    methods = results["methods"]
-    names = list(methods)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.45 * len(names) + 1.5), sharey=True)
-    left.barh(names, [methods[n]["accuracy"] for n in names], color="tab:blue")
-    left.set_xlabel("test accuracy")
-    left.invert_yaxis()
-    greedy = methods["Greedy"]
-    key = "latency_seconds" if "latency_seconds" in greedy else "seconds"
-    ratios = [
-        methods[n].get("latency_ratio", methods[n][key] / greedy[key]) if key in methods[n] else float("nan")
-        for n in names
-    ]
-    right.barh(names, ratios, color="tab:orange")
-    right.axvline(1.0, color="gray", lw=0.8)
-    right.set_xlabel("decode time, x greedy" + (" (one request at a time)" if key == "latency_seconds" else ""))
-    fig.tight_layout()
-    paths.append(os.path.join(output_dir, "methods.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-
-    sweep = results.get("rate_sweep")
-    if sweep:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for method, by_trigger in sweep.items():
-            for kind, points in by_trigger.items():
-                ax.plot(
-                    [p["trigger_rate"] for p in points], [p["accuracy"] for p in points], marker="o",
-                    linestyle="-" if kind == "learned" else "--", label=f"{method}, {kind} trigger",
-                )
-        ax.axhline(greedy["accuracy"], color="gray", lw=0.8, label="Greedy")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("trigger rate (measured on the test split)")
-        ax.set_ylabel("test accuracy")
-        ax.set_title("Accuracy against trigger rate")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(os.path.join(output_dir, "trigger_rates.png"))
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
-    return paths

@@ -67,7 +67,7 @@ class GenerationStateHook:
     A forward pre-hook (registered with `with_kwargs=True`) that records what `generate` passes to the model.
 
     The cache is held through a weak reference so the hook never keeps a finished generation's cache alive.
-    `on_prefill` is called when a forward starts on an empty cache (a new `generate` call). With `watch_row`, a forward
+    A forward on an empty cache (a new `generate` call) counts in `generations`, and `on_prefill` is called then. With `watch_row`, a forward
     hook also records that output row's logit at the last position from the model's own output
     (`ForwardRecord.watched_logits`), before any logits processor can change it.
     """
@@ -86,6 +86,9 @@ class GenerationStateHook:
         self.last: ForwardRecord | None = None
         # forwards recorded so far: the processor checks that a new one happened before each of its steps
         self.forwards = 0
+        # forwards that started a new generation (a prefill on an empty cache): the processor resets itself at its
+        # next step when this changed, never from inside a forward
+        self.generations = 0
         # references (no copies) to the sliding-window layers' tensors before the last forward, kept only when asked
         self.keep_previous_sliding = keep_previous_sliding
         self.previous_sliding: list | None = None
@@ -143,8 +146,10 @@ class GenerationStateHook:
             new_generation = cache_length == 0
         else:  # `use_cache=False`: every forward re-encodes the whole sequence, one token longer than the last
             new_generation = self.last is None or input_length != self.last.input_length + 1
-        if new_generation and self.on_prefill is not None:
-            self.on_prefill()
+        if new_generation:
+            self.generations += 1
+            if self.on_prefill is not None:
+                self.on_prefill()
         if self.keep_previous_sliding and cache is not None and hasattr(cache, "layers"):
             self.previous_sliding = previous_sliding_state(cache)
         self.note(input_length, cache, attention_mask, kwargs.get("position_ids"), cache_length, readable)
@@ -553,7 +558,7 @@ def scoring_masks(
     return by_type
 
 
-def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
     dtype = getattr(model, "dtype", None)
     if dtype is None or not dtype.is_floating_point:
         dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
@@ -611,7 +616,7 @@ def score_candidates_on_cache(
     with_last = last_token_ids is not None
     view = scoring_view(cache, rows=rows, drop_last=with_last, previous=previous)
     prefix_mask = attention_mask[:, :-1] if with_last else attention_mask
-    mask = scoring_masks(model, view, prefix_mask, num_candidates, with_last, _model_dtype(model))
+    mask = scoring_masks(model, view, prefix_mask, num_candidates, with_last, model_dtype(model))
     positions = next_positions.to(candidate_ids.device)[:, None].expand(-1, num_candidates)
     input_ids = candidate_ids
     if with_last:

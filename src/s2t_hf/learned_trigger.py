@@ -152,10 +152,8 @@ def _forward_positions(
     The head's input (the final hidden state, float32) at every eligible position, and the logit of `row` there (what
     the processor reads), in trajectory order.
     """
-    from .selector import _head
-
     base = selector.base_model
-    _, head = _head(base)
+    head = selector.output_head
     captured: list[torch.Tensor] = []
     handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
     device = next(base.parameters()).device
@@ -234,27 +232,6 @@ def _split(trajectories: list[dict[str, Any]], validation_fraction: float, seed:
     return fit, validation
 
 
-def _write_row(selector, row: int, weights: torch.Tensor) -> None:
-    from .selector import _token_layers
-
-    layers = _token_layers(selector.model)
-    if any(layer.merged for layer in layers):
-        raise ValueError(
-            "The selector's reserved rows are merged into the output head: an `S2TLogitsProcessor` is open on it. Fit "
-            "the trigger row outside the processor's `with` block."
-        )
-    written = False
-    for layer in layers:
-        for adapter, indices in layer.token_indices.items():
-            if row in indices:
-                delta = layer.trainable_tokens_delta[adapter]
-                with torch.no_grad():
-                    delta[indices.index(row)] = weights.to(delta.device, delta.dtype)
-                written = True
-    if not written:
-        raise ValueError(f"The selector's adapter trains no row {row}; was it created with `learned_trigger=True`?")
-
-
 def _as_rows(trajectories) -> list[dict[str, Any]]:
     if hasattr(trajectories, "column_names"):  # a `datasets.Dataset`
         missing = [c for c in _TRAJECTORY_COLUMNS if c not in trajectories.column_names]
@@ -307,6 +284,60 @@ def _learned_signal(row_logits: torch.Tensor | None, positions: _Positions, entr
     if row_logits is None:
         return torch.zeros(0, dtype=torch.float64)
     return row_logits.double() + entropy_weight * positions.entropy
+
+
+def _check_fit_labels(fit: _Positions, label: str) -> int:
+    """The number of positive fit positions; an error when there is nothing to learn."""
+    if fit.labels.numel() == 0:
+        raise ValueError(
+            "The trajectories hold no eligible position to fit on (all shorter than `warmup_tokens`); give longer "
+            "trajectories or lower `warmup_tokens`."
+        )
+    positives = int(fit.labels.sum())
+    if positives == 0 or positives == fit.labels.numel():
+        raise ValueError(
+            f"Every one of the {fit.labels.numel()} fit positions has the same `{label}` label ({bool(fit.labels[0])}): "
+            "nothing to learn. Collect more trajectories, or use another `label` or `top_k`."
+        )
+    return positives
+
+
+def _fit_row_weights(
+    features: torch.Tensor, fit: _Positions, with_entropy: bool, l2: float, max_iter: int
+) -> tuple[torch.Tensor, float]:
+    """`(row weights, entropy weight)` of the logistic regression on the hidden states (and the entropy)."""
+    if with_entropy:
+        features = torch.cat([features, fit.entropy.float()[:, None]], dim=1)
+    weights = _logistic_regression(features, fit.labels, l2, max_iter)
+    entropy_weight = float(weights[-1]) if with_entropy else 0.0
+    weights = weights[:-1] if with_entropy else weights
+    if not bool(torch.isfinite(weights).all()):
+        raise ValueError(
+            "Fitting the trigger row gave non-finite weights (the hidden states hold NaN or inf values?); check the "
+            "student's outputs, or raise `l2`."
+        )
+    return weights, entropy_weight
+
+
+def _validation_auroc(
+    selector, validation_rows: list[dict[str, Any]], top_k: int, label: str, warmup_tokens: int, adapter_mode: str,
+    batch_size: int, entropy_weight: float,
+) -> tuple[dict[str, float], int]:
+    """`(AUROC of each signal, number of positions)` on the held-out trajectories (NaN where there are none)."""
+    auroc = {"learned": float("nan"), "entropy": float("nan"), "kl": float("nan")}
+    if not validation_rows:
+        return auroc, 0
+    validation = _positions(validation_rows, top_k, label, warmup_tokens)
+    validation_positions = int(validation.labels.numel())
+    if validation_positions:
+        row = selector.trigger_token_id
+        _, row_logits = _forward_positions(selector, validation_rows, warmup_tokens, adapter_mode, batch_size, row)
+        auroc = {
+            "learned": roc_auc(_learned_signal(row_logits, validation, entropy_weight), validation.labels),
+            "entropy": roc_auc(validation.entropy, validation.labels),
+            "kl": roc_auc(validation.kl, validation.labels),
+        }
+    return auroc, validation_positions
 
 
 def fit_trigger_row(
@@ -412,46 +443,18 @@ def fit_trigger_row(
     fit_rows = [rows[i] for i in fit_index]
     validation_rows = [rows[i] for i in validation_index]
     fit = _positions(fit_rows, top_k, label, warmup_tokens)
-    if fit.labels.numel() == 0:
-        raise ValueError(
-            "The trajectories hold no eligible position to fit on (all shorter than `warmup_tokens`); give longer "
-            "trajectories or lower `warmup_tokens`."
-        )
-    positives = int(fit.labels.sum())
-    if positives == 0 or positives == fit.labels.numel():
-        raise ValueError(
-            f"Every one of the {fit.labels.numel()} fit positions has the same `{label}` label ({bool(fit.labels[0])}): "
-            "nothing to learn. Collect more trajectories, or use another `label` or `top_k`."
-        )
+    positives = _check_fit_labels(fit, label)
     features, _ = _forward_positions(selector, fit_rows, warmup_tokens, adapter_mode, batch_size, None)
-    if with_entropy:
-        features = torch.cat([features, fit.entropy.float()[:, None]], dim=1)
-    weights = _logistic_regression(features, fit.labels, l2, max_iter)
-    entropy_weight = float(weights[-1]) if with_entropy else 0.0
-    weights = weights[:-1] if with_entropy else weights
-    if not bool(torch.isfinite(weights).all()):
-        raise ValueError(
-            "Fitting the trigger row gave non-finite weights (the hidden states hold NaN or inf values?); check the "
-            "student's outputs, or raise `l2`."
-        )
-    _write_row(selector, row, weights)
+    weights, entropy_weight = _fit_row_weights(features, fit, with_entropy, l2, max_iter)
+    selector.write_reserved_row(row, weights)
     logger.info(
         f"Fit the learned trigger row {row} on {fit.labels.numel()} positions ({positives / fit.labels.numel():.1%} "
         f"`{label}`), {adapter_mode} hidden states."
     )
 
-    auroc = {"learned": float("nan"), "entropy": float("nan"), "kl": float("nan")}
-    validation_positions = 0
-    if validation_rows:
-        validation = _positions(validation_rows, top_k, label, warmup_tokens)
-        validation_positions = int(validation.labels.numel())
-        if validation_positions:
-            _, row_logits = _forward_positions(selector, validation_rows, warmup_tokens, adapter_mode, batch_size, row)
-            auroc = {
-                "learned": roc_auc(_learned_signal(row_logits, validation, entropy_weight), validation.labels),
-                "entropy": roc_auc(validation.entropy, validation.labels),
-                "kl": roc_auc(validation.kl, validation.labels),
-            }
+    auroc, validation_positions = _validation_auroc(
+        selector, validation_rows, top_k, label, warmup_tokens, adapter_mode, batch_size, entropy_weight
+    )
     threshold = None
     updates: dict[str, Any] = {"trigger_adapter_mode": adapter_mode, "trigger_entropy_weight": entropy_weight}
     if target_rate is not None:

@@ -1,4 +1,16 @@
-"""`S2TLogitsProcessor`: Select-to-Think decoding inside `model.generate`."""
+"""`S2TLogitsProcessor`: Select-to-Think decoding inside `model.generate`.
+
+The processor is an orchestrator. Each concern is an object resolved once, at construction:
+
+- the trigger policy ([`~s2t_hf.triggers.TriggerPolicy`], from `config.trigger`): which rows trigger;
+- the selection policy ([`~s2t_hf.selection.SelectionPolicy`], from `config.selection`): which token they emit;
+- the local scorer ([`~s2t_hf.local_scoring.LocalScorer`]) of S2T-Local: the extra forward and its path;
+- the step tracker ([`~s2t_hf.steps.StepTracker`]): the guards of every step, finished rows, the one host sync;
+- statistics and trigger records ([`~s2t_hf.stats`]);
+- the selector's adapter state ([`~s2t_hf.adapter_state.AdapterState`]).
+
+The fused loop (`s2t_hf.generate`) talks to it through a [`~s2t_hf.fused.FusedSession`] only.
+"""
 
 from __future__ import annotations
 
@@ -14,36 +26,21 @@ from transformers import LogitsProcessor, PreTrainedModel
 from transformers.generation.logits_process import LOGITS_PROCESSOR_INPUTS_DOCSTRING
 from transformers.utils import add_start_docstrings, logging
 
-from .config import THRESHOLD_TRIGGERS, S2TConfig
-from .kv import (
-    GenerationStateHook,
-    architecture_scoring_support,
-    cache_scoring_support,
-    can_drop_last,
-    output_rows,
-    positions_from_attention_mask,
-    require_decoder_only,
-    score_candidates_by_recompute,
-    score_candidates_on_cache,
-)
-from .prompts import left_pad, prompt_token_ids
-from .selection import local_candidate_logits, selector_log_probs, top_k_candidates
+from .calibration import calibrate_threshold
+from .config import S2TConfig
+from .fused import FusedSession
+from .kv import GenerationStateHook, output_rows, require_decoder_only
+from .local_scoring import LocalScorer, check_cache_path
+from .selection import SELECTIONS, PendingSelection, Selection, top_k_candidates
+from .stats import CallStats, RunningTotals, TriggerRecord, trigger_records
+from .steps import INPUTS_EMBEDS_REFUSED, DecodingStep, StepTracker
 from .teachers import Teacher, TeacherChoice, as_teacher
-from .triggers import entropy_signal, kl_signal, threshold_for_rate
+from .triggers import TRIGGERS
 
+
+__all__ = ["INPUTS_EMBEDS_REFUSED", "PendingSelection", "S2TLogitsProcessor", "forced_scores"]
 
 logger = logging.get_logger(__name__)
-
-# why S2T-Local cannot score on the live cache when the adapter is disabled while generating and changes keys and values
-_ADAPTER_CHANGES_CACHE = (
-    "the cache was built without the adapter (`adapter_mode='scoring'`) and the adapter changes keys and values "
-    "(create the selector with `preserve_cache=True` to score on the cache)"
-)
-
-INPUTS_EMBEDS_REFUSED = (
-    "`generate` was given the prompt as `inputs_embeds`: S2T needs its token ids (the teacher reads them and "
-    "candidates are scored after them). Pass `input_ids` (and `attention_mask`) instead."
-)
 
 
 def forced_scores(scores: torch.Tensor, chosen: torch.Tensor, triggered: torch.Tensor) -> torch.Tensor:
@@ -52,23 +49,26 @@ def forced_scores(scores: torch.Tensor, chosen: torch.Tensor, triggered: torch.T
     return torch.where(triggered[:, None], forced, scores)
 
 
-@dataclasses.dataclass
-class PendingSelection:
-    """A step whose triggered rows wait for their candidates' scores (local selection)."""
-
-    input_ids: torch.Tensor
-    mask: torch.Tensor
-    signal: torch.Tensor | None
-    triggered: torch.Tensor
-    candidate_ids: torch.Tensor
-    candidate_log_probs: torch.Tensor
-    valid: torch.Tensor
-    teacher_log_probs: torch.Tensor | None = None
-
-
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside a PEFT wrapper (PEFT modifies it in place, so hooks on it see every forward)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _config_from(config: S2TConfig | None, config_kwargs: dict[str, Any]) -> S2TConfig:
+    """The processor's config: `config` (or the defaults) with the fields in `config_kwargs` replaced."""
+    fields = {f.name for f in dataclasses.fields(S2TConfig)}
+    unknown = sorted(set(config_kwargs) - fields)
+    if unknown:
+        close = {name: difflib.get_close_matches(name, fields, n=1) for name in unknown}
+        hints = ", ".join(f"`{n}`" + (f" (did you mean `{c[0]}`?)" if c else "") for n, c in close.items())
+        raise TypeError(f"Unknown S2T setting(s) {hints}; the settings are the fields of `S2TConfig`.")
+    if config is None:
+        config = S2TConfig(**config_kwargs)
+    elif config_kwargs:
+        config = dataclasses.replace(config, **config_kwargs)
+    if not isinstance(config, S2TConfig):
+        raise TypeError(f"`config` must be an `S2TConfig`, got {type(config).__name__}.")
+    return config
 
 
 class S2TLogitsProcessor(LogitsProcessor):
@@ -155,181 +155,133 @@ class S2TLogitsProcessor(LogitsProcessor):
         record_triggers: bool = False,
         **config_kwargs: Any,
     ):
-        fields = {f.name for f in dataclasses.fields(S2TConfig)}
-        unknown = sorted(set(config_kwargs) - fields)
-        if unknown:
-            close = {name: difflib.get_close_matches(name, fields, n=1) for name in unknown}
-            hints = ", ".join(f"`{n}`" + (f" (did you mean `{c[0]}`?)" if c else "") for n, c in close.items())
-            raise TypeError(f"Unknown S2T setting(s) {hints}; the settings are the fields of `S2TConfig`.")
-        if config is None:
-            config = S2TConfig(**config_kwargs)
-        elif config_kwargs:
-            config = dataclasses.replace(config, **config_kwargs)
-        if not isinstance(config, S2TConfig):
-            raise TypeError(f"`config` must be an `S2TConfig`, got {type(config).__name__}.")
+        config = _config_from(config, config_kwargs)
         if model is None or not isinstance(model, torch.nn.Module):
             raise TypeError(
                 "`model` must be the model you call `generate` on: the processor reads its attention mask and cache."
             )
-        self.config = config
         self.model = model
         self.student = _unwrap(model)
         require_decoder_only(self.student)
         self.teacher = teacher
-        self._teacher = as_teacher(teacher, tokenizer)
+        self.teacher_interface = as_teacher(teacher, tokenizer)
         self.selector = selector
         self.tokenizer = tokenizer
-        self.lazy_teacher = lazy_teacher and config.trigger != "kl"
         self.record_triggers = record_triggers
+        self._check_collaborators(config)
+        self.trigger_policy = TRIGGERS[config.trigger](config, selector=selector)
+        self.lazy_teacher = lazy_teacher and not self.trigger_policy.needs_teacher_every_step
+        self.student_vocab = output_rows(self.student)
+        self._check_sizes(config, lazy_teacher)
+        reserved = list(selector.reserved_token_ids) if selector is not None else list(config.reserved_token_ids)
+        self.reserved_ids = torch.tensor(sorted(reserved), dtype=torch.long)
+        bad = [i for i in reserved if not 0 <= i < self.student_vocab]
+        if bad:
+            raise ValueError(
+                f"Reserved rows {bad} (bins, trigger) lie outside the model's {self.student_vocab} output rows. Was the "
+                "selector saved for another model?"
+            )
+        if self.teacher_interface is not None:
+            self.teacher_interface.prepare(self.student, tokenizer, reserved)
+        generation_config = getattr(self.student, "generation_config", None)
+        if eos_token_id is None:
+            eos_token_id = getattr(generation_config, "eos_token_id", None)
+        if isinstance(eos_token_id, int):
+            eos_token_id = [eos_token_id]
+        self.eos_token_ids = torch.tensor(list(eos_token_id or []), dtype=torch.long)
+        self.pad_token_id = getattr(generation_config, "pad_token_id", None) or 0
 
-        if config.needs_teacher and teacher is None:
+        self.adapter_state = selector.adapter_state if selector is not None else None
+        # a selection that reads the student's logits after each candidate (S2T-Local) gets a scorer
+        local = SELECTIONS[config.selection].scores_candidates
+        # whether the adapter leaves the cache as the base model's (checked once: it walks the modules)
+        preserves_cache = local and selector.preserves_cache
+        if local:
+            check_cache_path(self.student, config, preserves_cache)
+        # the residual form with the adapter off while generating encodes the step's last token again: on a
+        # sliding-window layer that needs the layer's state from before the step's forward
+        rescore = local and config.scoring == "residual" and config.adapter_mode == "scoring"
+        self.state_hook = GenerationStateHook(
+            self.student, keep_previous_sliding=rescore, watch_row=self.trigger_policy.watch_row
+        )
+        self.scorer = None
+        if local:
+            self.scorer = LocalScorer(
+                self.student, self.state_hook, config, self.adapter_state,
+                preserves_cache=preserves_cache, pad_token_id=self.pad_token_id,
+            )
+        self.selection_policy = SELECTIONS[config.selection](
+            config, teacher=self.teacher_interface, scorer=self.scorer, selector=selector,
+            with_log_probs=record_triggers,
+        )
+        self.tracker = StepTracker(self.state_hook, self.eos_token_ids, config.warmup_tokens)
+        self._config = config
+        self.call_stats = CallStats()
+        self.running_totals = RunningTotals()
+        self.trigger_records: list[TriggerRecord] = []
+        self._session: FusedSession | None = None
+        self._open_adapter()
+        self.reset()
+
+    # ------------------------------------------------------------------ construction
+
+    def _check_collaborators(self, config: S2TConfig) -> None:
+        """The teacher and the selector the settings need are there, and the selector belongs to `model`."""
+        if config.needs_teacher and self.teacher is None:
             raise ValueError(
                 f"`selection={config.selection!r}` with `trigger={config.trigger!r}` needs a `teacher` model. Pass "
                 "`teacher=...`, or use `selection='local'` with a trained selector and a teacher-free trigger."
             )
-        if config.selection == "local" and selector is None:
+        if SELECTIONS[config.selection].scores_candidates and self.selector is None:
             raise ValueError(
                 "`selection='local'` needs a trained `selector` (an `S2TSelector`); load one with "
                 "`S2TLogitsProcessor.from_pretrained(path_or_repo_id, model=model)`."
             )
-        if config.trigger == "learned" and selector is None:
-            raise ValueError(
-                "`trigger='learned'` reads the learned trigger row of a selector: pass `selector=...` (an `S2TSelector` "
-                "created with `learned_trigger=True` and fit with `s2t_hf.learned_trigger.fit_trigger_row`), or load "
-                "one with `S2TLogitsProcessor.from_pretrained(path_or_repo_id, model=model)` (add "
-                "`selection='teacher', teacher=...` for collaborative S2T)."
+        if self.selector is None:
+            return
+        from .selector import S2TSelector
+
+        if not isinstance(self.selector, S2TSelector):
+            raise TypeError(
+                f"`selector` must be an `S2TSelector`, got {type(self.selector).__name__}; load one with "
+                "`S2TSelector.from_pretrained(model, path)` (or use `S2TLogitsProcessor.from_pretrained`)."
             )
-        if selector is not None:
-            self._check_selector(selector)
-        self._trigger_row: int | None = None
-        if config.trigger == "learned":
-            self._trigger_row = self._learned_trigger_row(selector, config)
-        self.student_vocab = output_rows(self.student)
+        if _unwrap(self.selector.model) is not self.student:
+            raise ValueError(
+                "The selector is attached to another model than `model`. Load it onto the model you generate with: "
+                "`S2TSelector.from_pretrained(model, path)`."
+            )
+
+    def _check_sizes(self, config: S2TConfig, lazy_teacher: bool) -> None:
         for name in ("top_k", "signal_top_k"):
             if getattr(config, name) > self.student_vocab:
                 raise ValueError(
                     f"`{name}={getattr(config, name)}` exceeds the model's {self.student_vocab} output rows; set "
                     f"`{name}` to at most {self.student_vocab} (the paper uses `top_k=8`)."
                 )
-        if self._teacher is not None and not self._teacher.full_distribution and not self.lazy_teacher:
-            reason = "the `kl` trigger" if config.trigger == "kl" else "`lazy_teacher=False`"
+        teacher = self.teacher_interface
+        if teacher is not None and not teacher.full_distribution and not self.lazy_teacher:
+            reason = "the `kl` trigger" if self.trigger_policy.needs_teacher_every_step else "`lazy_teacher=False`"
             raise ValueError(
                 f"{reason} needs the teacher's distribution over the whole vocabulary at every step, which a "
-                f"`{type(self._teacher).__name__}` cannot give. Use the `entropy` or `random` trigger (calibrated "
+                f"`{type(teacher).__name__}` cannot give. Use the `entropy` or `random` trigger (calibrated "
                 "without a teacher), or a local teacher model."
             )
 
-        reserved: list[int] = []
-        if selector is not None:
-            reserved = list(selector.reserved_token_ids)
-        else:
-            reserved = list(config.reserved_token_ids)
-        self.reserved_ids = torch.tensor(sorted(reserved), dtype=torch.long)
-        bad = [i for i in reserved if not 0 <= i < self.student_vocab]
-        if bad:
-            raise ValueError(
-                f"Reserved rows {bad} (bins, trigger) lie outside the model's {self.student_vocab} output rows. Was the selector "
-                "saved for another model?"
-            )
-        if self._teacher is not None:
-            self._teacher.prepare(self.student, tokenizer, reserved)
-        if eos_token_id is None:
-            eos_token_id = getattr(getattr(self.student, "generation_config", None), "eos_token_id", None)
-        if isinstance(eos_token_id, int):
-            eos_token_id = [eos_token_id]
-        self.eos_token_ids = torch.tensor(list(eos_token_id or []), dtype=torch.long)
-        self.pad_token_id = getattr(getattr(self.student, "generation_config", None), "pad_token_id", None) or 0
+    @property
+    def config(self) -> S2TConfig:
+        """The decoding settings; assigning a new config hands it to the trigger, the selection and the scorer."""
+        return self._config
 
-        # whether the adapter leaves the cache as the base model's (checked once: it walks the modules)
-        self._selector_preserves_cache = config.selection == "local" and selector.preserves_cache
-        if config.selection == "local" and config.local_path == "cache":
-            # what the model or the adapter rules out is said now, not at the first trigger
-            if config.adapter_mode == "scoring" and not self._selector_preserves_cache:
-                ok, reason = False, _ADAPTER_CHANGES_CACHE
-            else:
-                ok, reason = architecture_scoring_support(self.student)
-            if not ok:
-                raise ValueError(
-                    f"`local_path='cache'` cannot serve this {type(self.student).__name__}: {reason}. Use "
-                    "`local_path='auto'` (scores on the cache where it can, else recomputes the prefixes) or "
-                    "`local_path='recompute'`."
-                )
-        self._calibrating = False
-        self._forwards_seen = -1
-        self._cumulative: dict[str, int] = {}
-        self._signals: list[torch.Tensor] = []
-        self._generator: torch.Generator | None = None
-        # The residual form with `adapter_mode="scoring"` encodes the step's last token again (adapter on); on a
-        # sliding-window layer that needs the layer's state from before the step's forward.
-        self._rescore = config.selection == "local" and config.scoring == "residual" and config.adapter_mode == "scoring"
-        self._hook = GenerationStateHook(
-            self.student, on_prefill=self.reset, keep_previous_sliding=self._rescore, watch_row=self._trigger_row
-        )
-        # set by the fused decoding loop (`s2t_hf.generate`) while it runs: local selection is then deferred to its
-        # decoding forward instead of a forward of its own
-        self._fused = False
-        self.pending: PendingSelection | None = None
-        # the adapter's layers, switched directly at each scoring call (walking the whole model each time costs as
-        # much as a forward of a small model)
-        self._adapter_layers: list[torch.nn.Module] = []
-        # PEFT's trainable-token layers (the bin rows) rebuild the whole embedding / output matrix at every forward
-        # while they are active; merged, they cost nothing. Only the bin rows change, and those are never generated
-        # (masked) nor fed, so the student's own distribution is untouched: they stay merged, in both adapter modes,
-        # while the processor is open.
-        self._token_layers: list[torch.nn.Module] = []
-        if selector is not None:
-            from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
-            tuner_layers = [m for m in selector.model.modules() if isinstance(m, BaseTunerLayer)]
-            self._token_layers = [m for m in tuner_layers if isinstance(m, TrainableTokensLayer)]
-            if config.adapter_mode == "scoring":
-                self._adapter_layers = [m for m in tuner_layers if not isinstance(m, TrainableTokensLayer)]
-                self._enable_adapter(False)
-            self._merge_token_layers(True)
-        self.reset()
-
-    # ------------------------------------------------------------------ construction helpers
-
-    def _check_selector(self, selector: Any) -> None:
-        from .selector import S2TSelector
-
-        if not isinstance(selector, S2TSelector):
-            raise TypeError(
-                f"`selector` must be an `S2TSelector`, got {type(selector).__name__}; load one with "
-                "`S2TSelector.from_pretrained(model, path)` (or use `S2TLogitsProcessor.from_pretrained`)."
-            )
-        if _unwrap(selector.model) is not self.student:
-            raise ValueError(
-                "The selector is attached to another model than `model`. Load it onto the model you generate with: "
-                "`S2TSelector.from_pretrained(model, path)`."
-            )
-
-    @staticmethod
-    def _learned_trigger_row(selector: Any, config: S2TConfig) -> int:
-        """The selector's trigger row, once it is checked to be fit for the hidden states this processor decodes with."""
-        row = selector.trigger_token_id
-        if row is None:
-            raise ValueError(
-                "`trigger='learned'` needs a selector with a trigger row: this one was created without one. Create it "
-                "with `S2TSelector.create(..., learned_trigger=True)` and fit the row with "
-                "`s2t_hf.learned_trigger.fit_trigger_row(selector, trajectories)`."
-            )
-        fit_on = selector.config.trigger_adapter_mode
-        if fit_on is None:
-            raise ValueError(
-                "The selector's trigger row was never fit (it is still zero: a constant logit that cannot rank steps). "
-                "Fit it with `s2t_hf.learned_trigger.fit_trigger_row(selector, trajectories)` first."
-            )
-        if fit_on != config.adapter_mode:
-            what = {"scoring": "the base model's (LoRA off)", "generate": "the adapted model's (LoRA on)"}
-            logger.warning(
-                f"The learned trigger row was fit on {what[fit_on]} hidden states, but this processor generates with "
-                f"`adapter_mode={config.adapter_mode!r}`, i.e. {what[config.adapter_mode]}: its logit is read off "
-                f"other hidden states than it was fit on. Pass `adapter_mode={fit_on!r}`, or fit the row again with "
-                f"`fit_trigger_row(..., adapter_mode={config.adapter_mode!r})`."
-            )
-        return int(row)
+    @config.setter
+    def config(self, config: S2TConfig) -> None:
+        if not isinstance(config, S2TConfig):
+            raise TypeError(f"`config` must be an `S2TConfig`, got {type(config).__name__}.")
+        self._config = config
+        for part in (self.trigger_policy, self.selection_policy, self.scorer):
+            if part is not None:
+                part.config = config
+        self.tracker.warmup_tokens = config.warmup_tokens
 
     @classmethod
     def from_pretrained(
@@ -383,71 +335,86 @@ class S2TLogitsProcessor(LogitsProcessor):
         config = dataclasses.replace(selector.config, **overrides)
         return cls(model, config, teacher=teacher, selector=selector, **kwargs)
 
+    # ------------------------------------------------------------------ opening and closing
+
+    def _open_adapter(self) -> None:
+        """The selector as the processor generates with it: LoRA off under `adapter_mode="scoring"`, rows merged."""
+        if self.adapter_state is None:
+            return
+        if self.config.adapter_mode == "scoring":
+            self.adapter_state.set_lora(False)
+        # PEFT's trainable-token layers rebuild the whole output matrix at every forward while they are active;
+        # merged, they cost nothing. Only the reserved rows change, and those are never generated (masked) nor fed,
+        # so the student's own distribution is untouched: they stay merged while the processor is open.
+        self.adapter_state.merge_rows(True)
+
     def remove_hooks(self) -> None:
         """
         Removes the forward pre-hook from the model, re-enables a selector adapter disabled for scoring and unmerges
         the selector's bin rows (merged while the processor is open).
         """
-        self._hook.remove()
-        self._enable_adapter(True)
-        self._merge_token_layers(False)
-
-    def _merge_token_layers(self, merged: bool) -> None:
-        for layer in self._token_layers:
-            if merged and not layer.merged and not layer.disable_adapters:
-                layer.merge()
-            elif not merged and layer.merged:
-                layer.unmerge()
+        self.state_hook.remove()
+        if self.adapter_state is not None:
+            if self.config.adapter_mode == "scoring":
+                self.adapter_state.set_lora(True)
+            self.adapter_state.merge_rows(False)
 
     def __enter__(self) -> S2TLogitsProcessor:
         """Opens the processor: its hook is registered again if an earlier `with` block (or `remove_hooks`) removed it."""
-        self._hook.attach()
-        if self._adapter_layers:
-            self._enable_adapter(False)
-        self._merge_token_layers(True)
+        self.state_hook.attach()
+        self._open_adapter()
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.remove_hooks()
 
-    # ------------------------------------------------------------------ state
+    @contextlib.contextmanager
+    def fused_session(self, model: torch.nn.Module, cache: Any) -> Iterator[FusedSession]:
+        """
+        The [`~s2t_hf.fused.FusedSession`] of one `generate` call of the fused loop on `model` and its `cache`: the
+        loop's only way to the processor. Held by the processor while the block runs.
+        """
+        if self.state_hook.module is not model and self.student is not model:
+            raise ValueError("`s2t` was built for another model; build it with the model you call `generate` on.")
+        self._session = FusedSession.decide(self, self.state_hook, model, cache)
+        try:
+            yield self._session
+        finally:
+            self._session = None
+
+    # ------------------------------------------------------------------ state and statistics
 
     def reset(self) -> None:
         """
         Clears the per-generation state. Called automatically when a new `generate` call starts (the last call's
         statistics are added to [`~S2TLogitsProcessor.total_stats`] first).
         """
-        self._add_to_totals()
-        self._prompt_length: int | None = None
-        self._previous_ids: torch.Tensor | None = None
-        self._finished: torch.Tensor | None = None
-        if self._teacher is not None:
-            self._teacher.reset()
-        self._teacher_logits: torch.Tensor | None = None
-        self._row_stats: dict[str, torch.Tensor] = {}
-        self._totals: dict[str, Any] = {"teacher_calls": 0, "teacher_tokens": 0, "local_calls": 0, "local_path": None}
-        self._scoring_path: tuple[str, str] | None = None
-        self.pending = None
-        self.records: list[dict[str, Any]] = []
-        if self.config.seed is not None:
-            self._generator = torch.Generator().manual_seed(self.config.seed)
+        if self.call_stats.started:
+            self.running_totals.add(self.stats)
+        self.call_stats.clear()
+        self.tracker.clear()
+        if self.teacher_interface is not None:
+            self.teacher_interface.reset()
+        if self.scorer is not None:
+            self.scorer.reset()
+        self.trigger_policy.reset()
+        if self._session is not None:
+            self._session.pending = None
+        self.trigger_records = []
 
-    _SUMMED_STATS = ("steps", "eligible_steps", "triggers", "flips", "teacher_hits", "teacher_calls", "teacher_tokens",
-                     "local_calls")
-
-    def _add_to_totals(self) -> None:
-        if not getattr(self, "_row_stats", None):
-            return  # nothing decoded since the last reset
-        current = self.stats
-        for name in self._SUMMED_STATS:
-            self._cumulative[name] = self._cumulative.get(name, 0) + current[name]
-        self._cumulative["generate_calls"] = self._cumulative.get("generate_calls", 0) + 1
-        self._row_stats = {}
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """
+        With `record_triggers=True`, one dictionary per trigger of the last `generate` call: `row`, `step`, `signal`,
+        `context_ids`, `cand_ids`, `student_probs`, `chosen_id` and, where known, `teacher_probs`, `teacher_top1`,
+        `local_scores` (see [`~s2t_hf.stats.TriggerRecord`]).
+        """
+        return [record.to_dict() for record in self.trigger_records]
 
     def reset_total_stats(self) -> None:
         """Starts [`~S2TLogitsProcessor.total_stats`] afresh (the current call's statistics included)."""
-        self._cumulative = {}
-        self._row_stats = {}
+        self.running_totals.clear()
+        self.call_stats.clear()
 
     @property
     def total_stats(self) -> dict[str, Any]:
@@ -456,16 +423,7 @@ class S2TLogitsProcessor(LogitsProcessor):
         or [`calibrate`] ran: the counts of [`stats`] (`steps`, `triggers`, `flips`, `teacher_calls`, ...), their rates,
         and `generate_calls`. Use it for a dataset decoded in several batches; `stats` describes the last call only.
         """
-        totals = dict(self._cumulative)
-        calls = totals.get("generate_calls", 0)
-        if self._row_stats:
-            current = self.stats
-            for name in self._SUMMED_STATS:
-                totals[name] = totals.get(name, 0) + current[name]
-            calls += 1
-        out = {name: totals.get(name, 0) for name in self._SUMMED_STATS}
-        out["generate_calls"] = calls
-        return _with_rates(out)
+        return self.running_totals.as_dict(self.stats if self.call_stats.started else None)
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -477,316 +435,17 @@ class S2TLogitsProcessor(LogitsProcessor):
         - `triggers`, `trigger_rate`, `flips` (the selected token differs from the student's top-1);
         - `teacher_hits`: triggers where the teacher's top-1 token was among the candidates (`teacher_hit_rate`);
         - `teacher_calls`, `teacher_tokens`: teacher forward calls and the tokens they encoded;
-        - `local_calls`: extra student forwards that scored candidates; `local_path`: `cache` or `recompute`.
+        - `local_calls`: extra student forwards that scored candidates; `local_path`: `cache`, `fused` or `recompute`.
         """
-        out: dict[str, Any] = dict(self._totals)
-        if self._teacher is not None:
-            out["teacher_calls"], out["teacher_tokens"] = self._teacher.calls, self._teacher.tokens
-        names = ("steps", "eligible_steps", "triggers", "flips", "teacher_hits")
-        for name in names:
-            values = self._row_stats.get(name)
-            out[name] = int(values.sum()) if values is not None else 0
-            out[f"{name}_per_row"] = values.tolist() if values is not None else []
-        return _with_rates(out)
-
-    # ------------------------------------------------------------------ the processor
-
-    def _start(self, input_ids: torch.Tensor) -> None:
-        batch = input_ids.shape[0]
-        self._prompt_length = input_ids.shape[1]
-        self._finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        self._row_stats = {
-            name: torch.zeros(batch, dtype=torch.long, device=input_ids.device)
-            for name in ("steps", "eligible_steps", "triggers", "flips", "teacher_hits")
-        }
-
-    def _check_step(self, input_ids: torch.Tensor) -> None:
-        record = self._hook.last
-        if not self._hook.attached:
-            raise ValueError(
-                "S2TLogitsProcessor is closed (its `with` block ended or `remove_hooks()` was called): use it inside "
-                "`with S2TLogitsProcessor(...) as s2t:`, or open it again with another `with` block."
-            )
-        if record is None or self._hook.forwards == self._forwards_seen:
-            raise ValueError(
-                "S2TLogitsProcessor was called without a new forward of its `model` since its last step. Either "
-                "`generate` runs on another model than the processor's (build the processor with the model you call "
-                "`generate` on), or this is assisted generation (`assistant_model=...`), where the assistant's own "
-                "decoding calls the logits processors, or prompt-lookup generation (`prompt_lookup_num_tokens=...`), "
-                "which verifies several tokens per forward. S2T supports greedy search and sampling only: remove "
-                "`assistant_model` / `prompt_lookup_num_tokens`."
-            )
-        self._forwards_seen = self._hook.forwards
-        if record.input_length > 1 and record.cache_length_before > 0:
-            raise ValueError(
-                "S2TLogitsProcessor supports greedy search and sampling only; this generate call verifies several "
-                "tokens per forward (assisted or prompt-lookup decoding). Remove `assistant_model` / "
-                "`prompt_lookup_num_tokens`."
-            )
-        if self._previous_ids is None:
-            return
-        previous = self._previous_ids
-        if input_ids.shape[0] != previous.shape[0] or input_ids.shape[1] != previous.shape[1] + 1:
-            # a new generate call without a cache: start over
-            self.reset()
-            return
-        if previous.shape[1] == 0:  # the first step after a prompt given as `inputs_embeds`
-            return
-        # O(batch) and no host sync here: checked at the step's one sync (`_any_triggered`)
-        self._reordered = (input_ids[:, -2] != previous[:, -1]).any()
-
-    def _any_triggered(self, triggered: torch.Tensor, scores: torch.Tensor, active: torch.Tensor) -> bool:
-        """
-        The step's one host sync: whether any row triggered, checked together with whether rows were reordered since
-        the last step and whether an active row's scores are broken (NaN or `+inf`, or no finite token left).
-        """
-        # one reduction: a row's max is NaN if it holds a NaN, +inf if it holds +inf, -inf if no token is finite
-        broken = ~torch.isfinite(scores.amax(-1))
-        checks = [triggered.any(), (broken & active).any()]
-        if self._reordered is not None:
-            checks.append(self._reordered)
-        flags = torch.stack(checks).tolist()
-        if flags[1]:
-            rows = (broken & active).nonzero()[:, 0].tolist()
-            raise ValueError(
-                f"The scores of row(s) {rows} at generation step {self._step} hold NaN or +inf, or no "
-                "finite token: the model's logits are broken (e.g. an overflow in float16; try bfloat16 or float32), "
-                "or the logits processors before S2T ruled out every token."
-            )
-        if len(flags) > 2 and flags[2]:
-            raise ValueError(
-                "S2TLogitsProcessor supports greedy search and sampling only: rows were reordered between steps, as "
-                "beam search does. Use `num_beams=1`."
-            )
-        return bool(flags[0])
-
-    def _attention_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        record = self._hook.last
-        mask = record.attention_mask if record is not None else None
-        if mask is None and record is not None and not record.mask_readable and input_ids.shape[0] > 1:
-            raise ValueError(
-                "This `generate` call passes the model a prepared attention mask (one per kind of layer, with a static "
-                "cache) from which the processor cannot read the batch's left padding. Use the default dynamic cache "
-                "(remove `cache_implementation`) or generate one prompt at a time."
-            )
-        if mask is None or mask.shape != input_ids.shape:
-            return torch.ones_like(input_ids)
-        return mask.to(input_ids.device)
-
-    def _learned_trigger_logits(self, scores: torch.Tensor) -> torch.Tensor:
-        """
-        The learned trigger's row logit at this step, as the model computed it: recorded by the hook from the model's
-        output, so the logits processors before S2T (`suppress_tokens`, `prefix_allowed_tokens_fn`, a grammar) that
-        rule the row out, as they rule out every token they do not allow, leave the signal as it was.
-        """
-        logits = self._hook.last.watched_logits
-        if logits is None or logits.shape[0] != scores.shape[0]:
-            raise ValueError(
-                "The learned trigger could not read its row from the model's output: the forward of "
-                f"{type(self.student).__name__} returned no `logits` of shape (batch, length, vocab). Use a "
-                "transformers causal LM, or another trigger."
-            )
-        return logits.to(scores.device)
-
-    def _signal(
-        self, scores: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, trigger_logits: torch.Tensor | None
-    ) -> torch.Tensor | None:
-        kind = self.config.trigger
-        if kind == "learned":
-            if self.config.trigger_entropy_weight:
-                return trigger_logits + self.config.trigger_entropy_weight * entropy_signal(
-                    scores, self.config.signal_top_k
-                )
-            return trigger_logits
-        if kind == "entropy":
-            return entropy_signal(scores, self.config.signal_top_k)
-        if kind == "kl":
-            self._teacher_logits = self._teacher.next_log_probs(input_ids, mask)
-            return kl_signal(scores, self._teacher_logits, self.config.signal_top_k)
-        return None
-
-    def _trigger(self, signal: torch.Tensor | None, eligible: torch.Tensor) -> torch.Tensor:
-        kind = self.config.trigger
-        if self._calibrating or kind == "never":
-            return torch.zeros_like(eligible)
-        if kind == "always":
-            return eligible.clone()
-        if kind == "random":
-            draws = torch.rand(eligible.shape[0], generator=self._generator).to(eligible.device)
-            return eligible & (draws < self.config.trigger_rate)
-        if self.config.trigger_threshold is None:
-            raise ValueError(
-                f"The `{kind}` trigger needs a threshold: set `trigger_threshold=...` or call "
-                "`processor.calibrate(prompts, target_rate=...)` first."
-            )
-        return eligible & (signal > self.config.trigger_threshold)
-
-    @add_start_docstrings(LOGITS_PROCESSOR_INPUTS_DOCSTRING)
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        self._reordered = None
-        self._check_step(input_ids)
-        if self._prompt_length is None:
-            if input_ids.shape[1] == 0 and self.config.trigger != "never":
-                raise ValueError(INPUTS_EMBEDS_REFUSED)
-            if bool((torch.logsumexp(scores.float(), dim=-1).abs() < 1e-4).all()):
-                raise ValueError(
-                    "S2TLogitsProcessor supports greedy search and sampling only, but it received normalised "
-                    "log-probabilities, as beam search passes them. Use `num_beams=1`."
-                )
-            self._start(input_ids)
-        self._previous_ids = input_ids
-        self._teacher_logits = None
-        device = scores.device
-        trigger_logits = self._learned_trigger_logits(scores) if self._trigger_row is not None else None
-        if self.reserved_ids.numel():
-            scores = scores.index_fill(-1, self.reserved_ids.to(device), float("-inf"))
-
-        generated = self._step = input_ids.shape[1] - self._prompt_length
-        if generated > 0 and self.eos_token_ids.numel():
-            self._finished |= torch.isin(input_ids[:, -1], self.eos_token_ids.to(input_ids.device))
-        active = ~self._finished
-        eligible = active & (generated >= self.config.warmup_tokens)
-        if self.config.trigger == "never" and not self._calibrating:
-            # nothing to decide: a few element-wise ops, no host sync, nothing that grows with the length
-            self._row_stats["steps"] += active
-            self._row_stats["eligible_steps"] += eligible
-            return scores
-        mask = self._attention_mask(input_ids)
-        signal = self._signal(scores, input_ids, mask, trigger_logits)
-        if self._teacher_logits is None and self._teacher is not None and not self.lazy_teacher and active.any():
-            self._teacher_logits = self._teacher.next_log_probs(input_ids, mask)
-        if self._calibrating and signal is not None:
-            self._signals.append(signal[eligible].detach().cpu())
-        triggered = self._trigger(signal, eligible)
-        self._row_stats["steps"] += active
-        self._row_stats["eligible_steps"] += eligible
-        self._row_stats["triggers"] += triggered
-        if not self._any_triggered(triggered, scores, active):
-            return scores
-
-        candidate_ids, candidate_log_probs, valid = top_k_candidates(
-            scores, self.config.top_k, self.config.candidate_ratio
+        teacher, scorer = self.teacher_interface, self.scorer
+        return self.call_stats.as_dict(
+            {
+                "teacher_calls": teacher.calls if teacher is not None else 0,
+                "teacher_tokens": teacher.tokens if teacher is not None else 0,
+                "local_calls": scorer.calls if scorer is not None else 0,
+                "local_path": scorer.last_path if scorer is not None else None,
+            }
         )
-        # the teacher answers for the triggered rows only (a remote teacher is asked about nothing else)
-        rows = triggered.nonzero()[:, 0]
-        selection = self.config.selection
-        teacher_choice: TeacherChoice | None = None
-        chosen = torch.full_like(candidate_ids[:, 0], -1)
-        if selection == "teacher":
-            teacher_choice = self._teacher.select(
-                input_ids, mask, rows, candidate_ids[rows], valid[rows], with_log_probs=self.record_triggers
-            )
-            chosen[rows] = teacher_choice.token_ids
-        elif selection == "takeover":
-            # the teacher's argmax among the tokens the earlier logits processors left (min_new_tokens, bad words...)
-            teacher_choice = self._teacher.takeover(
-                input_ids, mask, rows, candidate_ids[rows], allowed=torch.isfinite(scores[rows]),
-                with_log_probs=self.record_triggers,
-            )
-            chosen[rows] = teacher_choice.token_ids
-        else:
-            pending = PendingSelection(
-                input_ids, mask, signal, triggered, candidate_ids, candidate_log_probs, valid, self._teacher_logits
-            )
-            if self._fused and self.config.adapter_mode == "generate":
-                # the fused loop scores the candidates in its next decoding forward and calls `complete_selection`;
-                # until then the triggered rows may emit only their valid candidates
-                self.pending = pending
-                allowed = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, candidate_ids, valid)
-                return torch.where(triggered[:, None] & ~allowed, float("-inf"), scores)
-            logits = self._score_candidates(input_ids, mask, candidate_ids[triggered], triggered)
-            chosen, _ = self.complete_selection(pending, logits)  # accounts for the step itself
-        if selection != "local":
-            # a token the earlier processors ruled out is never emitted: where a teacher had no allowed token to give
-            # (-1) or gave a ruled-out one, the row keeps the student's top-1
-            ruled_out = ~torch.isfinite(scores.gather(-1, chosen.clamp_min(0)[:, None])[:, 0]) | (chosen < 0)
-            chosen = torch.where(triggered & ruled_out, candidate_ids[:, 0], chosen)
-            self._account(
-                input_ids, mask, signal, triggered, candidate_ids, candidate_log_probs, teacher_choice, chosen, None
-            )
-        return forced_scores(scores, chosen, triggered)
-
-    def _account(
-        self, input_ids, mask, signal, triggered, candidate_ids, candidate_log_probs, teacher_choice, chosen,
-        local_logits, teacher_log_probs=None,
-    ) -> None:
-        """Statistics and records of a step whose triggered rows have been decided."""
-        rows = triggered.nonzero()[:, 0]
-        if teacher_choice is None and teacher_log_probs is not None:
-            # local selection under the `kl` trigger: the teacher's distribution is already there
-            teacher_rows = teacher_log_probs[rows]
-            teacher_choice = TeacherChoice(
-                token_ids=teacher_rows.argmax(-1),
-                top1=teacher_rows.argmax(-1),
-                candidate_log_probs=teacher_rows.gather(-1, candidate_ids[rows]),
-            )
-        self._row_stats["flips"] += triggered & (chosen != candidate_ids[:, 0])
-        if teacher_choice is not None and teacher_choice.top1 is not None:
-            hit = (candidate_ids[rows] == teacher_choice.top1[:, None]).any(-1)
-            self._row_stats["teacher_hits"][rows] += hit.long()
-        if self.record_triggers:
-            self._record(
-                input_ids, mask, signal, triggered, candidate_ids, candidate_log_probs, teacher_choice, chosen,
-                local_logits,
-            )
-
-    def complete_selection(self, pending: PendingSelection, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """
-        Local selection of a step from the logits at the candidates of its triggered rows.
-
-        Args:
-            pending (`PendingSelection`): the step's triggered rows and candidates.
-            logits (`torch.Tensor` of shape `(triggered, K, vocab)`): the selector's logits after each candidate
-                (`(triggered, 1 + K, vocab)` when the last token was encoded again, its logits first).
-
-        Returns:
-            `(chosen, positions)`: the chosen token of every row (-1 where not triggered), shape `(batch,)`, and the
-            chosen candidate's position (0..K-1) in each triggered row, shape `(triggered,)`.
-        """
-        triggered = pending.triggered
-        candidate_ids = pending.candidate_ids[triggered]
-        if self._rescore:
-            candidate_log_probs = selector_log_probs(logits[:, 0], candidate_ids, self.reserved_ids)
-            logits = logits[:, 1:]
-        else:
-            candidate_log_probs = pending.candidate_log_probs[triggered]
-        local_logits = local_candidate_logits(
-            logits[..., self.selector.bin_token_ids],
-            self.selector.bin_values,
-            self.config.scoring,
-            self.config.residual_tau,
-            candidate_log_probs,
-        )
-        positions = local_logits.masked_fill(~pending.valid[triggered], float("-inf")).argmax(-1)
-        chosen = torch.full_like(pending.candidate_ids[:, 0], -1)
-        chosen[triggered] = candidate_ids.gather(-1, positions[:, None])[:, 0]
-        self._account(
-            pending.input_ids, pending.mask, pending.signal, triggered, pending.candidate_ids,
-            pending.candidate_log_probs, None, chosen, local_logits, pending.teacher_log_probs,
-        )
-        return chosen, positions
-
-    # ------------------------------------------------------------------ local selection
-
-    @contextlib.contextmanager
-    def _adapter_for_scoring(self) -> Iterator[None]:
-        if self.config.adapter_mode != "scoring":
-            yield
-            return
-        # Only the flag that `enable_adapters` sets: its requires-grad bookkeeping (PEFT's `set_adapter`) costs a
-        # third of a small model's forward, twice per triggered step. Grads stay off, as `enable_adapters(False)` left
-        # them.
-        for layer in self._adapter_layers:
-            layer._disable_adapters = False
-        try:
-            yield
-        finally:
-            for layer in self._adapter_layers:
-                layer._disable_adapters = True
-
-    def _enable_adapter(self, enabled: bool) -> None:
-        for layer in self._adapter_layers:
-            layer.enable_adapters(enabled)
 
     def local_scoring_path(self) -> tuple[str, str]:
         """
@@ -794,88 +453,118 @@ class S2TLogitsProcessor(LogitsProcessor):
         of the triggered rows on the live cache, sliding-window layers included) or `("recompute", reason)` (every
         prefix encoded again, the last resort). Decided once per `generate` call.
         """
-        if self._scoring_path is None:
-            self._scoring_path = self._decide_scoring_path()
-        return self._scoring_path
+        if self.scorer is None:
+            raise ValueError("Only `selection='local'` scores candidates with the student; this processor does not.")
+        return self.scorer.path()
 
-    def _decide_scoring_path(self) -> tuple[str, str]:
-        wanted = self.config.local_path
-        if wanted == "recompute":
-            return "recompute", "requested"
-        if self.config.adapter_mode == "scoring" and not self._selector_preserves_cache:
-            reason = _ADAPTER_CHANGES_CACHE
-        else:
-            ok, reason = cache_scoring_support(self._hook.cache, self.student)
-            if ok:
-                return "cache", "the live cache can be scored on"
-        if wanted == "cache":
-            raise ValueError(f"`local_path='cache'` was requested but {reason}. Use `local_path='auto'` or 'recompute'.")
-        logger.info(f"S2T-Local scores candidates by recomputing their prefixes: {reason}.")
-        return "recompute", reason
+    # ------------------------------------------------------------------ the processor
 
-    def _score_candidates(
-        self, input_ids: torch.Tensor, mask: torch.Tensor, candidate_ids: torch.Tensor, triggered: torch.Tensor
-    ) -> torch.Tensor:
-        """The selector's logits after each candidate of the triggered rows (one extra forward of those rows only)."""
-        path, _ = self.local_scoring_path()
-        if path == "cache" and self._rescore and not can_drop_last(self._hook.cache, self._hook.previous_sliding):
-            # right after the prefill of a prompt longer than a sliding window, the window has already dropped tokens
-            # the prompt's last token attends to: this one step re-encodes its prefixes
-            path = "recompute"
-        self._totals["local_calls"] += 1
-        self._totals["local_path"] = path
-        rows = triggered.nonzero()[:, 0]
-        # The residual form adds the selector's own log-probabilities of the candidates. While the adapter generates
-        # they are the scores; with `adapter_mode="scoring"` the last token is encoded again with the adapter on.
-        with self._hook.pause(), self._adapter_for_scoring():
-            if path == "cache":
-                record = self._hook.last
-                if record.position_ids is not None and record.position_ids.shape[-1] >= 1:
-                    next_positions = record.position_ids.reshape(input_ids.shape[0], -1)[:, -1].to(input_ids.device) + 1
-                else:
-                    next_positions = positions_from_attention_mask(mask)[:, -1] + 1
-                return score_candidates_on_cache(
-                    self.student, self._hook.cache, mask, next_positions, candidate_ids,
-                    last_token_ids=input_ids[:, -1] if self._rescore else None,
-                    rows=rows if rows.numel() < input_ids.shape[0] else None,
-                    previous=self._hook.previous_sliding,
+    def _begin_step(self, input_ids: torch.Tensor, scores: torch.Tensor) -> DecodingStep:
+        """Guards the call, resets at a new `generate` call, masks the reserved rows, and finds the eligible rows."""
+        if self.tracker.starts_generation(input_ids):
+            self.reset()
+        first = self.tracker.first_step
+        index, active = self.tracker.begin(input_ids, scores, refuse_inputs_embeds=self.trigger_policy.can_fire)
+        if first:
+            self.call_stats.start(input_ids.shape[0], input_ids.device)
+        watched = None
+        if self.trigger_policy.watch_row is not None:
+            watched = self.tracker.watched_logits(scores, type(self.student).__name__)
+        if self.reserved_ids.numel():
+            scores = scores.index_fill(-1, self.reserved_ids.to(scores.device), float("-inf"))
+        return DecodingStep(
+            input_ids, scores, index, active, self.tracker.eligible(index, active), trigger_logits=watched,
+            teacher=self.teacher_interface,
+        )
+
+    @add_start_docstrings(LOGITS_PROCESSOR_INPUTS_DOCSTRING)
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = self._begin_step(input_ids, scores)
+        if not self.trigger_policy.can_fire:
+            # nothing to decide: a few element-wise ops, no host sync, nothing that grows with the length
+            self.call_stats.count_step(step.active, step.eligible)
+            return step.scores
+        step.attention_mask = self.tracker.attention_mask(input_ids)
+        signal = self.trigger_policy.signal(step)
+        if self.teacher_interface is not None and not self.lazy_teacher and step.active.any():
+            step.teacher_log_probs()  # the teacher follows every step
+        triggered = self.trigger_policy.fire(signal, step.eligible)
+        self.call_stats.count_step(step.active, step.eligible, triggered)
+        if not self.tracker.any_triggered(triggered, step.scores, step.active, step.index):  # the one host sync
+            return step.scores
+        candidate_ids, candidate_log_probs, valid = top_k_candidates(
+            step.scores, self.config.top_k, self.config.candidate_ratio
+        )
+        session = self._session
+        if session is not None and session.fused and self.selection_policy.scores_candidates:
+            # the fused loop scores the candidates in its next decoding forward and completes the selection; until
+            # then the triggered rows may emit only their valid candidates
+            session.hand_over(
+                PendingSelection(
+                    input_ids, step.attention_mask, signal, triggered, candidate_ids, candidate_log_probs, valid,
+                    step.teacher_distribution,
                 )
-            return score_candidates_by_recompute(
-                self.student,
-                input_ids[rows],
-                mask[rows],
-                candidate_ids,
-                max_context=self.config.max_context,
-                pad_token_id=self.pad_token_id,
-                with_last_token=self._rescore,
             )
+            allowed = torch.zeros_like(step.scores, dtype=torch.bool).scatter_(-1, candidate_ids, valid)
+            return torch.where(triggered[:, None] & ~allowed, float("-inf"), step.scores)
+        selection = self.selection_policy.select(step, triggered, candidate_ids, candidate_log_probs, valid, signal)
+        self._account(
+            input_ids, step.attention_mask, signal, triggered, candidate_ids, candidate_log_probs, selection,
+            step.teacher_distribution,
+        )
+        return forced_scores(step.scores, selection.chosen, triggered)
 
-    # ------------------------------------------------------------------ records and calibration
+    def complete_selection(self, pending: PendingSelection, logits: torch.Tensor, path: str | None = None) -> Selection:
+        """
+        Local selection of a pending step from the student's logits at the candidates of its triggered rows, and its
+        accounting. Called through a [`~s2t_hf.fused.FusedSession`] by the fused loop.
 
-    def _record(
-        self, input_ids, mask, signal, triggered, candidate_ids, candidate_log_probs, teacher_choice, chosen,
-        local_logits,
-    ):
-        step = input_ids.shape[1] - self._prompt_length
-        for index, row in enumerate(triggered.nonzero()[:, 0].tolist()):
-            context = input_ids[row][mask[row].bool()]
-            record = {
-                "row": row,
-                "step": step,
-                "signal": float(signal[row]) if signal is not None else None,
-                "context_ids": context.tolist(),
-                "cand_ids": candidate_ids[row].tolist(),
-                "student_probs": candidate_log_probs[row].exp().tolist(),
-                "chosen_id": int(chosen[row]),
-            }
-            if teacher_choice is not None:
-                if teacher_choice.candidate_log_probs is not None:
-                    record["teacher_probs"] = teacher_choice.candidate_log_probs[index].exp().tolist()
-                if teacher_choice.top1 is not None:
-                    record["teacher_top1"] = int(teacher_choice.top1[index])
-            if local_logits is not None:
-                record["local_scores"] = local_logits[index].tolist()
-            self.records.append(record)
+        Args:
+            pending (`PendingSelection`): the step's triggered rows and candidates.
+            logits (`torch.Tensor` of shape `(triggered, K, vocab)`): the selector's logits after each candidate.
+            path (`str`, *optional*): `"fused"` when the logits come from the fused loop's decoding forward.
+
+        Returns:
+            [`~s2t_hf.selection.Selection`]: `chosen` (every row's token, -1 where not triggered) and `positions` (the
+            chosen candidate's position in each triggered row).
+        """
+        selection = self.selection_policy.complete(pending, logits)
+        if path == "fused":
+            self.scorer.note_fused()
+        self._account(
+            pending.input_ids, pending.mask, pending.signal, pending.triggered, pending.candidate_ids,
+            pending.candidate_log_probs, selection, pending.teacher_log_probs,
+        )
+        return selection
+
+    def _account(
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        signal: torch.Tensor | None,
+        triggered: torch.Tensor,
+        candidate_ids: torch.Tensor,
+        candidate_log_probs: torch.Tensor,
+        selection: Selection,
+        teacher_log_probs: torch.Tensor | None,
+    ) -> None:
+        """Statistics and records of a step whose triggered rows have been decided."""
+        teacher_choice = selection.teacher_choice
+        if teacher_choice is None and teacher_log_probs is not None:
+            # local selection under the `kl` trigger: the teacher's distribution is already there
+            teacher_rows = teacher_log_probs[triggered.nonzero()[:, 0]]
+            teacher_choice = TeacherChoice(
+                token_ids=teacher_rows.argmax(-1),
+                top1=teacher_rows.argmax(-1),
+                candidate_log_probs=teacher_rows.gather(-1, candidate_ids[triggered]),
+            )
+        top1 = teacher_choice.top1 if teacher_choice is not None else None
+        self.call_stats.count_decisions(triggered, selection.chosen, candidate_ids, top1)
+        if self.record_triggers:
+            self.trigger_records += trigger_records(
+                input_ids.shape[1] - self.tracker.prompt_length, input_ids, mask, signal, triggered, candidate_ids,
+                candidate_log_probs, selection.chosen, teacher_choice, selection.local_logits,
+            )
 
     def calibrate(
         self,
@@ -890,8 +579,8 @@ class S2TLogitsProcessor(LogitsProcessor):
         Sets `trigger_threshold` so that the trigger fires on a fraction `target_rate` of eligible steps.
 
         Generates greedily (no triggers) on `prompts`, collects the trigger signal (entropy, KL or the learned trigger
-        row's logit) at every eligible step
-        and takes its `1 - target_rate` quantile. Held-out prompts then trigger at about that rate.
+        row's logit) at every eligible step and takes its `1 - target_rate` quantile. Held-out prompts then trigger at
+        about that rate. See [`~s2t_hf.calibration.calibrate_threshold`].
 
         Args:
             prompts (iterable of `str` or of token-id lists):
@@ -909,50 +598,6 @@ class S2TLogitsProcessor(LogitsProcessor):
         Returns:
             `float`: the threshold, also stored in `processor.config.trigger_threshold`.
         """
-        if self.config.trigger not in THRESHOLD_TRIGGERS:
-            raise ValueError(
-                f"Only the {', '.join(f'`{t}`' for t in THRESHOLD_TRIGGERS)} triggers have a threshold; this processor "
-                f"uses {self.config.trigger!r}."
-            )
-        target_rate = target_rate if target_rate is not None else self.config.trigger_rate
-        if target_rate is None:
-            raise ValueError("Give `target_rate`, the fraction of eligible steps that should trigger (e.g. 0.01).")
-        if not 0.0 < target_rate < 1.0:
-            raise ValueError(f"`target_rate` must lie in (0, 1), got {target_rate}.")
-        prompts = list(prompts)
-        if not prompts:
-            raise ValueError("`prompts` is empty; give at least one calibration prompt.")
-        self._signals = []
-        self._calibrating = True
-        try:
-            tokenizer = tokenizer or self.tokenizer
-            pad = getattr(tokenizer, "pad_token_id", None)
-            pad = pad if pad is not None else self.pad_token_id
-            for batch in _prompt_batches(prompts, tokenizer, batch_size, self.student.device, pad):
-                self.model.generate(**batch, **{**generate_kwargs, "do_sample": False}, logits_processor=[self])
-        finally:
-            self._calibrating = False
-        threshold = threshold_for_rate(torch.cat(self._signals), target_rate)
-        self._signals = []
-        self.config = dataclasses.replace(self.config, trigger_threshold=threshold, trigger_rate=target_rate)
-        logger.info(f"Calibrated the {self.config.trigger} trigger to {threshold:.4f} for a {target_rate:.1%} rate.")
-        self.reset()
-        self.reset_total_stats()  # calibration decoded nothing to count
-        return threshold
-
-
-def _with_rates(counts: dict[str, Any]) -> dict[str, Any]:
-    """`counts` with `trigger_rate`, `teacher_hit_rate` and `flip_rate` added (0 where nothing was counted)."""
-    counts["trigger_rate"] = counts["triggers"] / counts["eligible_steps"] if counts["eligible_steps"] else 0.0
-    counts["teacher_hit_rate"] = counts["teacher_hits"] / counts["triggers"] if counts["triggers"] else 0.0
-    counts["flip_rate"] = counts["flips"] / counts["triggers"] if counts["triggers"] else 0.0
-    return counts
-
-
-def _prompt_batches(
-    prompts: list[Any], tokenizer: Any, batch_size: int, device: torch.device, pad_token_id: int
-) -> Iterator[dict]:
-    """Left-padded batches of `input_ids` + `attention_mask` from strings or token-id lists (no chat template)."""
-    rows = prompt_token_ids(prompts, tokenizer, chat_template=False)
-    for start in range(0, len(rows), batch_size):
-        yield left_pad(rows[start : start + batch_size], pad_token_id, device)
+        return calibrate_threshold(
+            self, prompts, target_rate, tokenizer=tokenizer, batch_size=batch_size, **generate_kwargs
+        )

@@ -1,10 +1,14 @@
 """Selection among the student's top-K candidates: by a teacher, by a teacher takeover, or by the local selector.
 
-These are pure functions on tensors so that the processor (at inference) and the trainer (for the loss) compute exactly
-the same candidate logits.
+The tensor functions are pure so that the processor (at inference) and the trainer (for the loss) compute exactly the
+same candidate logits. The selection *policies* ([`SelectionPolicy`], registered in [`SELECTIONS`]) apply them at a
+decoding step: they ask the teacher, or score the candidates with the local selector.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 import torch
 
@@ -179,3 +183,180 @@ def local_candidate_logits(
             raise ValueError("The `residual` scoring form needs `student_log_probs` of the candidates.")
         return student_log_probs.float() + score / residual_tau
     raise ValueError(f"`scoring` must be 'pure' or 'residual', got {scoring!r}.")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Selection policies: which token a triggered row emits. The processor builds one from `config.selection` through
+# `SELECTIONS`.
+
+
+@dataclasses.dataclass
+class Selection:
+    """
+    The outcome of a decided step.
+
+    Args:
+        chosen (`torch.LongTensor` of shape `(batch,)`): the token each triggered row emits (-1 in other rows).
+        teacher_choice (`TeacherChoice`, *optional*): the teacher's answer for the triggered rows.
+        local_logits (`torch.Tensor` of shape `(n, K)`, *optional*): the local selector's candidate logits of the `n`
+            triggered rows.
+        positions (`torch.LongTensor` of shape `(n,)`, *optional*): the chosen candidate's position (0..K-1) in each
+            triggered row, where the policy knows it.
+    """
+
+    chosen: torch.Tensor
+    teacher_choice: Any = None
+    local_logits: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+
+
+@dataclasses.dataclass
+class PendingSelection:
+    """A step whose triggered rows wait for their candidates' scores (local selection)."""
+
+    input_ids: torch.Tensor
+    mask: torch.Tensor
+    signal: torch.Tensor | None
+    triggered: torch.Tensor
+    candidate_ids: torch.Tensor
+    candidate_log_probs: torch.Tensor
+    valid: torch.Tensor
+    teacher_log_probs: torch.Tensor | None = None
+
+
+class SelectionPolicy:
+    """
+    Chooses the token of every triggered row of a step. Built once by the processor from its config.
+
+    To add a selection kind, subclass this and register it: `SELECTIONS["name"] = MySelection`;
+    `S2TConfig(selection="name")` then selects it.
+
+    Class attributes:
+        needs_teacher (`bool`): whether the policy asks a teacher.
+        scores_candidates (`bool`): whether the policy reads the student's logits after each candidate (the fused loop
+            can then score them inside its decoding forward: [`complete`]).
+
+    Args:
+        config (`S2TConfig`): the processor's settings.
+        teacher (`Teacher`, *optional*): the teacher, for the policies that ask one.
+        scorer (`LocalScorer`, *optional*): the forward that scores candidates, for local selection.
+        selector (`S2TSelector`, *optional*): the local selector (bin rows and values).
+        with_log_probs (`bool`, *optional*, defaults to `False`): ask the teacher for the candidates' probabilities
+            (trigger records).
+    """
+
+    needs_teacher = False
+    scores_candidates = False
+
+    def __init__(self, config, *, teacher=None, scorer=None, selector=None, with_log_probs: bool = False):
+        self.config = config
+        self.teacher = teacher
+        self.scorer = scorer
+        self.selector = selector
+        self.with_log_probs = with_log_probs
+
+    def select(
+        self,
+        step,
+        triggered: torch.Tensor,
+        candidate_ids: torch.Tensor,
+        candidate_log_probs: torch.Tensor,
+        valid: torch.Tensor,
+        signal: torch.Tensor | None = None,
+    ) -> Selection:
+        """The token of every triggered row of `step` (a [`~s2t_hf.steps.DecodingStep`]) among its candidates."""
+        raise NotImplementedError
+
+
+class _TeacherPolicy(SelectionPolicy):
+    needs_teacher = True
+
+    def select(self, step, triggered, candidate_ids, candidate_log_probs, valid, signal=None) -> Selection:
+        # the teacher answers for the triggered rows only (a remote teacher is asked about nothing else)
+        rows = triggered.nonzero()[:, 0]
+        choice = self.ask(step, rows, candidate_ids[rows], valid[rows])
+        chosen = torch.full_like(candidate_ids[:, 0], -1)
+        chosen[rows] = choice.token_ids
+        # a token the earlier logits processors ruled out is never emitted: where a teacher had no allowed token to
+        # give (-1) or gave a ruled-out one, the row keeps the student's top-1
+        ruled_out = ~torch.isfinite(step.scores.gather(-1, chosen.clamp_min(0)[:, None])[:, 0]) | (chosen < 0)
+        chosen = torch.where(triggered & ruled_out, candidate_ids[:, 0], chosen)
+        return Selection(chosen, teacher_choice=choice, positions=choice.positions)
+
+    def ask(self, step, rows: torch.Tensor, candidate_ids: torch.Tensor, valid: torch.Tensor):
+        raise NotImplementedError
+
+
+class TeacherSelection(_TeacherPolicy):
+    """Collaborative S2T: the valid candidate the teacher finds most probable."""
+
+    def ask(self, step, rows, candidate_ids, valid):
+        return self.teacher.select(
+            step.input_ids, step.attention_mask, rows, candidate_ids, valid, with_log_probs=self.with_log_probs
+        )
+
+
+class TakeoverSelection(_TeacherPolicy):
+    """The baseline: the teacher's own argmax among the tokens the earlier logits processors left."""
+
+    def ask(self, step, rows, candidate_ids, valid):
+        # (min_new_tokens, bad words, grammars... leave some tokens finite)
+        return self.teacher.takeover(
+            step.input_ids, step.attention_mask, rows, candidate_ids,
+            allowed=torch.isfinite(step.scores[rows]), with_log_probs=self.with_log_probs,
+        )
+
+
+class LocalSelection(SelectionPolicy):
+    """S2T-Local: the candidate with the highest candidate logit under the trained selector's bins."""
+
+    scores_candidates = True
+
+    def __init__(self, config, *, teacher=None, scorer=None, selector=None, with_log_probs: bool = False):
+        super().__init__(config, teacher=teacher, scorer=scorer, selector=selector, with_log_probs=with_log_probs)
+        # the rows left out of the selector's own softmax (residual form): every reserved row (bins, trigger)
+        self.blocked_ids = torch.tensor(sorted(selector.reserved_token_ids), dtype=torch.long)
+
+    def select(self, step, triggered, candidate_ids, candidate_log_probs, valid, signal=None) -> Selection:
+        logits = self.scorer.score(step.input_ids, step.attention_mask, candidate_ids[triggered], triggered)
+        pending = PendingSelection(
+            step.input_ids, step.attention_mask, signal, triggered, candidate_ids, candidate_log_probs, valid,
+            step.teacher_distribution,
+        )
+        return self.complete(pending, logits)
+
+    def complete(self, pending: PendingSelection, logits: torch.Tensor) -> Selection:
+        """
+        The selection of a step from the student's logits after the candidates of its triggered rows.
+
+        Args:
+            pending (`PendingSelection`): the step's triggered rows and candidates.
+            logits (`torch.Tensor` of shape `(triggered, K, vocab)`): the logits after each candidate
+                (`(triggered, 1 + K, vocab)` when the last token was encoded again, its logits first).
+        """
+        triggered = pending.triggered
+        candidate_ids = pending.candidate_ids[triggered]
+        if self.scorer.encodes_last_token:
+            candidate_log_probs = selector_log_probs(logits[:, 0], candidate_ids, self.blocked_ids)
+            logits = logits[:, 1:]
+        else:
+            candidate_log_probs = pending.candidate_log_probs[triggered]
+        local_logits = local_candidate_logits(
+            logits[..., self.selector.bin_token_ids],
+            self.selector.bin_values,
+            self.config.scoring,
+            self.config.residual_tau,
+            candidate_log_probs,
+        )
+        positions = local_logits.masked_fill(~pending.valid[triggered], float("-inf")).argmax(-1)
+        chosen = torch.full_like(pending.candidate_ids[:, 0], -1)
+        chosen[triggered] = candidate_ids.gather(-1, positions[:, None])[:, 0]
+        return Selection(chosen, local_logits=local_logits, positions=positions)
+
+
+#: The selection kinds `S2TConfig.selection` accepts, by name.
+SELECTIONS: dict[str, type[SelectionPolicy]] = {
+    "teacher": TeacherSelection,
+    "takeover": TakeoverSelection,
+    "local": LocalSelection,
+}

@@ -25,7 +25,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import logging
 
 from .config import CONFIG_NAME, SCORING_KINDS
-from .data import SelectionGroupCollator, check_selection_columns
+from .collator import SelectionGroupCollator, check_selection_columns
 from .kv import architecture_scoring_support, output_rows, packed_candidate_masks, positions_from_attention_mask
 from .losses import lm_kl_divergence, selection_loss, selection_metrics
 from .selection import local_candidate_logits, selector_log_probs
@@ -556,7 +556,7 @@ class S2TTrainer(Trainer):
             return
         output_dir = self.args.output_dir
         location = getattr(self, "hub_model_id", None) or self.args.hub_model_id or output_dir
-        card = self.selector._model_card(location, self._card_metrics())
+        card = self.selector.model_card(location, self._card_metrics())
         with open(os.path.join(output_dir, MODEL_CARD_NAME), "w", encoding="utf-8") as f:
             f.write(card)
         extra = [tags] if isinstance(tags, str) else list(tags or [])

@@ -1,5 +1,6 @@
 """Fused S2T decoding: [`generate`] (a plain function), [`s2t_sample`] (the decoding method) and
-`CUSTOM_GENERATE_PATH`, the folder that ships the loop for transformers' `custom_generate` mechanism."""
+`CUSTOM_GENERATE_PATH`, the folder that ships the loop for transformers' `custom_generate` mechanism; and
+[`generate_batched`], batched generation for many prompts (plain `generate`, or the fused loop with `s2t=...`)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from transformers import LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.stopping_criteria import StopStringCriteria
 
 from ..processor import S2TLogitsProcessor
+from .batched import generate_batched
 from .loop import s2t_sample
 
 
-__all__ = ["CUSTOM_GENERATE_PATH", "generate", "s2t_sample"]
+__all__ = ["CUSTOM_GENERATE_PATH", "generate", "generate_batched", "s2t_sample"]
 
 # `model.generate(..., custom_generate=CUSTOM_GENERATE_PATH, trust_remote_code=True, s2t=processor)` loads
 # `custom_generate/generate.py` from this folder (a Hub repository with the same layout works alike).

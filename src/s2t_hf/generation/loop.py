@@ -21,15 +21,8 @@ from transformers import LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
-from ..kv import (
-    GenerationStateHook,
-    cache_argument,
-    _model_dtype,
-    cache_scoring_support,
-    positions_from_attention_mask,
-    scoring_masks,
-    scoring_view,
-)
+from ..fused import FusedSession
+from ..kv import cache_argument, model_dtype, positions_from_attention_mask, scoring_masks, scoring_view
 from ..processor import INPUTS_EMBEDS_REFUSED, PendingSelection, S2TLogitsProcessor, forced_scores
 
 
@@ -136,8 +129,6 @@ def s2t_sample(
     if synced_gpus:
         raise ValueError("The fused S2T loop does not support `synced_gpus`; run it on one device per process.")
     _check_model_kwargs(model_kwargs, generation_config)
-    if processor._hook.module is not model and processor.student is not model:
-        raise ValueError("`s2t` was built for another model; build it with the model you call `generate` on.")
     attention_mask = model_kwargs.get("attention_mask")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -152,12 +143,8 @@ def s2t_sample(
     scores_out = () if (return_dict and generation_config.output_scores) else None
     logits_out = () if (return_dict and generation_config.output_logits) else None
 
-    fused = processor.config.selection == "local" and processor.config.adapter_mode == "generate"
-    num_slots = processor.config.top_k
     batch = input_ids.shape[0]
     unfinished = torch.ones(batch, dtype=torch.long, device=input_ids.device)
-    hook: GenerationStateHook = processor._hook
-
     prefill_positions = positions_from_attention_mask(attention_mask)
     last_position = prefill_positions[:, -1:]  # advanced by one per step: nothing per step grows with the length
     outputs = model(
@@ -170,14 +157,9 @@ def s2t_sample(
     )
     next_logits = outputs.logits[:, -1].to(dtype=torch.float32, device=input_ids.device)
     del outputs
-    if fused:
-        ok, reason = cache_scoring_support(cache, model, num_slots=num_slots)
-        if not ok:
-            fused = False
-            logger.info(f"The fused S2T loop scores candidates in a forward of their own: {reason}.")
-    processor._fused = fused
-    need_forward = False
-    try:
+    # the session decides on the filled cache whether candidates can ride in the decoding forwards
+    with processor.fused_session(model, cache) as session:
+        need_forward = False
         while True:
             if need_forward:
                 outputs = model(
@@ -201,12 +183,10 @@ def s2t_sample(
             if has_eos_stopping_criteria:
                 tokens = tokens * unfinished + pad_token_id * (1 - unfinished)
 
-            pending, processor.pending = processor.pending, None
+            pending = session.take_pending()
             need_forward = pending is None
             if pending is not None:
-                tokens, next_logits = _fused_step(
-                    model, processor, hook, cache, attention_mask, last_position + 1, tokens, pending
-                )
+                tokens, next_logits = _fused_step(model, session, cache, attention_mask, last_position + 1, tokens, pending)
                 if scores_out is not None:  # as in the drop-in path: a triggered row's scores keep the selection only
                     scores_out = scores_out[:-1] + (forced_scores(step_scores, tokens, pending.triggered),)
             input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
@@ -217,9 +197,6 @@ def s2t_sample(
             unfinished = unfinished & ~stopping_criteria(input_ids, scores_out)
             if unfinished.max() == 0:
                 break
-    finally:
-        processor._fused = False
-        processor.pending = None
     if streamer is not None:
         streamer.end()
     if not return_dict:
@@ -231,8 +208,7 @@ def s2t_sample(
 
 def _fused_step(
     model: torch.nn.Module,
-    processor: S2TLogitsProcessor,
-    hook: GenerationStateHook,
+    session: FusedSession,
     cache: Any,
     attention_mask: torch.Tensor,
     positions: torch.Tensor,
@@ -250,8 +226,8 @@ def _fused_step(
     slots = torch.where(triggered[:, None], pending.candidate_ids, tokens[:, None])
     num_slots = slots.shape[1]
     view = scoring_view(cache)
-    mask = scoring_masks(model, view, attention_mask, num_slots, False, _model_dtype(model))
-    with hook.pause():
+    mask = scoring_masks(model, view, attention_mask, num_slots, False, model_dtype(model))
+    with session.scoring_forward():
         logits = model(
             input_ids=slots,
             attention_mask=mask,
@@ -259,16 +235,13 @@ def _fused_step(
             use_cache=True,
             **{cache_argument(model): view},
         ).logits
-    chosen, positions_chosen = processor.complete_selection(pending, logits[triggered])
+    chosen, positions_chosen = session.complete(pending, logits[triggered])
     slot = torch.zeros_like(tokens)
     slot[triggered] = positions_chosen
     tokens = torch.where(triggered, chosen, tokens)
     _append_chosen_slots(cache, view, slot, num_slots)
     next_attention = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=-1)
-    processor._totals["local_path"] = "fused"
     rows = torch.arange(tokens.shape[0], device=logits.device)
     next_logits = logits[rows, slot.to(logits.device)].to(dtype=torch.float32, device=tokens.device)
-    hook.note(
-        input_length=1, cache=cache, attention_mask=next_attention, position_ids=positions, next_logits=next_logits
-    )
+    session.note_forward(cache, next_attention, positions, next_logits)
     return tokens, next_logits

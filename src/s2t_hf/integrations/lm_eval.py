@@ -41,7 +41,7 @@ except ImportError as error:  # pragma: no cover - depends on the extra
         '`pip install "s2t-hf[lm-eval]"`.'
     ) from error
 
-from ..config import THRESHOLD_TRIGGERS, S2TConfig
+from ..config import S2TConfig
 from ..processor import S2TLogitsProcessor
 
 
@@ -107,7 +107,7 @@ class S2TLM(HFLM):
                                            **s2t_kwargs)
         self.s2t = processor
         config = processor.config
-        without_threshold = config.trigger in THRESHOLD_TRIGGERS and config.trigger_threshold is None
+        without_threshold = config.trigger_has_threshold and config.trigger_threshold is None
         self._needs_calibration = without_threshold and config.trigger_rate is not None
         if without_threshold and config.trigger_rate is None:
             raise ValueError(

@@ -26,7 +26,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel, TrainerCallback
 from transformers.utils import logging
 
-from ..prompts import generate_batched, prompt_token_ids
+from ..generation import generate_batched
+from ..prompts import prompt_token_ids
 from ..version import __version__
 from .arithmetic import ArithmeticProblem, ArithmeticTaskConfig, check_answer, generate_problems, iter_problems
 from .tokenizer import build_tokenizer, padded_vocab_size

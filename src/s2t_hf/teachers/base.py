@@ -1,0 +1,160 @@
+"""The teacher interface: what S2T decoding and selection-group collection ask of a teacher.
+
+A [`Teacher`] answers, for the *triggered rows* of a decoding step:
+
+- [`~Teacher.select`]: which of the student's candidates it prefers (S2T), with its top-1 token (for the
+  `teacher_hits` statistic) and, on request, its log-probabilities of the candidates (for `records`);
+- [`~Teacher.takeover`]: its own next token (the Takeover baseline);
+- [`~Teacher.candidate_log_probs`]: its log-probabilities of given candidates;
+
+and, for data collection, [`~Teacher.score_trajectories`]: teacher-forced log-probabilities of the candidates at given
+positions of whole trajectories. Only a teacher with `full_distribution = True` also gives
+[`~Teacher.next_log_probs`], its distribution over the whole vocabulary at every row, which the `kl` trigger needs.
+
+The implementations live beside this module: [`~s2t_hf.teachers.LocalTeacher`] (`local.py`) and
+[`~s2t_hf.teachers.RemoteTeacher`] (`remote.py`, over the JSON client of `transport.py`).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+__all__ = ["Teacher", "TeacherChoice"]
+
+
+@dataclass
+class TeacherChoice:
+    """
+    The teacher's answer at one trigger step, for the triggered rows only (`n` rows, `K` candidates).
+
+    Args:
+        token_ids (`torch.LongTensor` of shape `(n,)`):
+            The token the teacher chose for each row.
+        positions (`torch.LongTensor` of shape `(n,)`, *optional*):
+            For [`Teacher.select`]: the position (0..K-1) of the chosen candidate among the candidates.
+        top1 (`torch.LongTensor` of shape `(n,)`, *optional*):
+            The teacher's argmax over its whole vocabulary (feeds the `teacher_hits` statistic); `None` when the
+            teacher cannot tell.
+        candidate_log_probs (`torch.FloatTensor` of shape `(n, K)`, *optional*):
+            The teacher's absolute log-probabilities of the candidates (float32), when asked for or free.
+    """
+
+    token_ids: torch.Tensor
+    positions: torch.Tensor | None = None
+    top1: torch.Tensor | None = None
+    candidate_log_probs: torch.Tensor | None = None
+
+
+class Teacher(abc.ABC):
+    """
+    The interface S2T decoding ([`S2TLogitsProcessor`]) and [`collect_selection_data`] use to ask a teacher.
+
+    Tensors in: `input_ids` and `attention_mask` of shape `(batch, length)` as `generate` holds them (left padding
+    included), `rows` (a `torch.LongTensor` of the triggered rows' indices), and per triggered row `candidate_ids` and
+    `valid` of shape `(n, K)`. Tensors out live on `input_ids`' device.
+
+    Per-generation state (a cache) is cleared by [`~Teacher.reset`], which the processor calls whenever a new
+    `generate` call starts. `calls` and `tokens` count the teacher's work since the last reset (the processor's
+    `teacher_calls` and `teacher_tokens` statistics).
+    """
+
+    #: Whether [`~Teacher.next_log_probs`] is available (the whole-vocabulary distribution at every row).
+    full_distribution: bool = False
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.tokens = 0
+
+    def prepare(self, student: torch.nn.Module, tokenizer: Any = None, blocked_ids: Sequence[int] = ()) -> None:
+        """
+        Checks that the teacher can serve `student` (same tokenizer) and records the rows it must never choose
+        (`blocked_ids`: the selector's reserved bins, suppressed rows). Called by the processor and by
+        `collect_selection_data`.
+        """
+        self.blocked_ids = torch.tensor(sorted({int(i) for i in blocked_ids}), dtype=torch.long)
+
+    def reset(self) -> None:
+        """Clears the per-generation state (cache) and the counters."""
+        self.calls = 0
+        self.tokens = 0
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens the teacher holds in its per-generation cache (0 for a teacher without one)."""
+        return 0
+
+    def next_log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """
+        The teacher's log-probabilities of the next token at every row, over the student's output rows (float32,
+        blocked rows at `-inf`), shape `(batch, vocab)`. Only teachers with `full_distribution = True`.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot give its distribution over the whole vocabulary at every step. The `kl` "
+            "trigger and `lazy_teacher=False` need it: use the `entropy` or `random` trigger, or a `LocalTeacher`."
+        )
+
+    @abc.abstractmethod
+    def select(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        rows: torch.Tensor,
+        candidate_ids: torch.Tensor,
+        valid: torch.Tensor,
+        *,
+        with_log_probs: bool = False,
+    ) -> TeacherChoice:
+        """S2T selection: the valid candidate the teacher finds most probable, for each triggered row."""
+
+    @abc.abstractmethod
+    def takeover(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        rows: torch.Tensor,
+        candidate_ids: torch.Tensor | None = None,
+        *,
+        allowed: torch.Tensor | None = None,
+        with_log_probs: bool = False,
+    ) -> TeacherChoice:
+        """
+        Takeover: the teacher's own greedy next token (never a blocked row), for each triggered row.
+
+        `allowed` (`torch.BoolTensor` of shape `(n, vocab)` over the student's output rows, *optional*) restricts the
+        choice to the tokens the generation's earlier logits processors left finite (`min_new_tokens`,
+        `bad_words_ids`, grammars...): the teacher's argmax among the allowed tokens.
+        """
+
+    @abc.abstractmethod
+    def candidate_log_probs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, candidate_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """The teacher's absolute log-probabilities (float32) of `candidate_ids`, shape `(n, K)`."""
+
+    @abc.abstractmethod
+    def score_trajectories(
+        self, trajectories: Sequence[Sequence[int]], positions: torch.Tensor, candidate_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Teacher-forced scoring for data collection: the teacher reads whole trajectories (prompt + generated tokens)
+        and scores the candidates at some of their positions.
+
+        Args:
+            trajectories (sequence of token-id lists):
+                The trajectories, without padding.
+            positions (`torch.LongTensor` of shape `(n, 2)`):
+                `(b, t)` pairs: the distribution after the first `t` tokens of trajectory `b`, the one that predicts
+                its token `t` (`1 <= t < len(trajectories[b])`).
+            candidate_ids (`torch.LongTensor` of shape `(n, K)`):
+                The candidates at each position.
+
+        Returns:
+            `(candidate_log_probs, top1)`: the teacher's absolute log-probabilities of the candidates, shape `(n, K)`
+            (float32), and its argmax over the vocabulary, shape `(n,)`.
+        """

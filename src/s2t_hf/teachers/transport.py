@@ -1,0 +1,217 @@
+"""A small JSON-over-HTTP client: one kept-alive connection per thread, retries with backoff, timeouts, and a thread
+pool for concurrent requests.
+
+It knows nothing of what it carries: [`~s2t_hf.teachers.RemoteTeacher`] speaks the vLLM protocol through it.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+
+__all__ = ["JSONClient", "ServerError"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class ServerError(RuntimeError):
+    """
+    A server could not be reached, or answered with an error.
+
+    Args:
+        message (`str`):
+            What happened, and how to fix it.
+        status (`int`, *optional*):
+            The HTTP status of the server's answer, when it answered with an error.
+    """
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class JSONClient:
+    r"""
+    JSON requests to one server over HTTP(S), from any number of threads.
+
+    Each thread keeps its own connection alive between requests. A request that fails (no connection, timeout, HTTP
+    5xx/429) is retried `max_retries` times with exponential backoff; a kept-alive connection the server closed while
+    idle is replaced at once, without counting as a try. Other HTTP errors (4xx) are raised at once.
+
+    Args:
+        base_url (`str`):
+            The server's address, e.g. `"http://127.0.0.1:8000"`; request paths are appended to it.
+        api_key (`str`, *optional*):
+            Sent as `Authorization: Bearer <api_key>` when set.
+        timeout (`float`, *optional*, defaults to 60.0):
+            Seconds to wait for one answer.
+        max_retries (`int`, *optional*, defaults to 3):
+            Retries of a failed request.
+        backoff (`float`, *optional*, defaults to 0.5):
+            Seconds before the first retry; doubled at each further one.
+        max_concurrency (`int`, *optional*, defaults to 32):
+            Requests in flight at once in [`~JSONClient.map`].
+        server_name (`str`, *optional*, defaults to `"server"`):
+            How error messages name the server (`"The <server_name> at <base_url> ..."`).
+        error_class (`type[ServerError]`, *optional*, defaults to `ServerError`):
+            The error raised when the server cannot be reached or answers with an error.
+        rejection_hint (`Callable[[str], str]`, *optional*):
+            Given the text of a 4xx answer, a sentence appended to the error message (empty for none).
+
+    Examples:
+
+    ```python
+    >>> from s2t_hf.teachers.transport import JSONClient, ServerError
+    >>> client = JSONClient("http://127.0.0.1:9", timeout=0.5, max_retries=0)  # nothing listens on port 9
+    >>> try:
+    ...     client.request("GET", "/v1/models")
+    ... except ServerError as error:
+    ...     print(str(error)[:64])
+    The server at http://127.0.0.1:9 did not answer `GET /v1/models`
+    >>> client.close()
+
+    ```
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        max_retries: int = 3,
+        backoff: float = 0.5,
+        max_concurrency: int = 32,
+        server_name: str = "server",
+        error_class: type[ServerError] = ServerError,
+        rejection_hint: Callable[[str], str] | None = None,
+    ):
+        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+            raise ValueError(
+                f"`base_url` must be an http(s) address such as 'http://127.0.0.1:8000', got {base_url!r}."
+            )
+        if not isinstance(max_concurrency, int) or max_concurrency < 1:
+            raise ValueError(f"`max_concurrency` must be a positive integer, got {max_concurrency!r}.")
+        if not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"`max_retries` must be a non-negative integer, got {max_retries!r}.")
+        if timeout <= 0 or backoff < 0:
+            raise ValueError(f"`timeout` must be positive and `backoff` non-negative, got {timeout} and {backoff}.")
+        parsed = urllib.parse.urlsplit(base_url)
+        self.base_url = base_url
+        self._scheme, self._host, self._port = parsed.scheme, parsed.hostname, parsed.port
+        self._prefix = parsed.path
+        self.api_key = api_key
+        self.timeout = float(timeout)
+        self.max_retries = max_retries
+        self.backoff = float(backoff)
+        self.max_concurrency = max_concurrency
+        self.server_name = server_name
+        self.error_class = error_class
+        self.rejection_hint = rejection_hint
+        #: Answers received (any HTTP status), retries included.
+        self.requests = 0
+        self._local = threading.local()
+        self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="s2t-teacher")
+
+    def __repr__(self) -> str:
+        return f"JSONClient(base_url={self.base_url!r})"
+
+    def _connection(self) -> http.client.HTTPConnection:
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+            connection = cls(self._host, self._port, timeout=self.timeout)
+            self._local.connection = connection
+        return connection
+
+    def _drop_connection(self) -> None:
+        connection = getattr(self._local, "connection", None)
+        if connection is not None:
+            connection.close()
+        self._local.connection = None
+
+    def _error(self, message: str, status: int | None = None) -> ServerError:
+        return self.error_class(f"The {self.server_name} at {message}", status=status)
+
+    def request(self, method: str, path: str, body: dict | None = None) -> Any:
+        """
+        One request with retries.
+
+        Args:
+            method (`str`):
+                The HTTP method, e.g. `"GET"` or `"POST"`.
+            path (`str`):
+                The path after `base_url`, e.g. `"/v1/models"`.
+            body (`dict`, *optional*):
+                Sent as JSON.
+
+        Returns:
+            The decoded JSON answer.
+
+        Raises:
+            `error_class`: the server did not answer after `max_retries + 1` tries, rejected the request (4xx), or
+            answered with something that is not JSON.
+        """
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        payload = json.dumps(body).encode() if body is not None else None
+        cause = None
+        attempt = 0
+        while attempt <= self.max_retries:
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            reused = getattr(self._local, "connection", None) is not None
+            try:
+                connection = self._connection()
+                connection.request(method, self._prefix + path, body=payload, headers=headers)
+                response = connection.getresponse()
+                data = response.read()
+            except (OSError, http.client.HTTPException) as error:  # refused, reset, timeout, closed
+                self._drop_connection()
+                cause = f"{type(error).__name__}: {error}"
+                if not (reused and isinstance(error, (ConnectionError, http.client.RemoteDisconnected))):
+                    attempt += 1
+                # a kept-alive connection the server closed while idle: try again at once on a new one
+                continue
+            self.requests += 1
+            if response.status == 429 or response.status >= 500:
+                cause = f"HTTP {response.status}: {data[:300].decode(errors='replace')}"
+                attempt += 1
+                continue
+            if response.status >= 400:
+                text = data[:500].decode(errors="replace")
+                hint = self.rejection_hint(text) if self.rejection_hint is not None else ""
+                raise self._error(
+                    f"{self.base_url} rejected `{method} {path}` with HTTP {response.status}: {text}{hint}",
+                    status=response.status,
+                )
+            try:
+                return json.loads(data)
+            except json.JSONDecodeError as error:
+                raise self._error(
+                    f"{self.base_url}{path} answered with something that is not JSON: {data[:200]!r}."
+                ) from error
+        raise self._error(
+            f"{self.base_url} did not answer `{method} {path}` after {self.max_retries + 1} tries ({cause}). Is it "
+            "running and reachable? Check `base_url`, or raise `timeout` / `max_retries`."
+        )
+
+    def map(self, function: Callable[[T], R], items: list[T]) -> list[R]:
+        """`[function(item) for item in items]`, run concurrently on the client's threads (in this thread for one
+        item)."""
+        if len(items) == 1:
+            return [function(items[0])]
+        return list(self._pool.map(function, items))
+
+    def close(self) -> None:
+        """Stops the request threads (their connections close with them)."""
+        self._pool.shutdown(wait=False)

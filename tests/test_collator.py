@@ -1,0 +1,80 @@
+"""Tests of the collator (`s2t_hf.collator`): selection groups to the trainer's tensors, and malformed groups."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import s2t_hf
+import s2t_hf.data
+from s2t_hf.collator import SelectionGroupCollator, check_selection_columns
+
+
+def test_old_import_paths_keep_working_with_a_future_warning():
+    assert s2t_hf.SelectionGroupCollator is SelectionGroupCollator
+    moved = {"SelectionGroupCollator": SelectionGroupCollator, "check_selection_columns": check_selection_columns}
+    for name, new in moved.items():
+        with pytest.warns(FutureWarning, match=f"`s2t_hf.data.{name}` moved to `s2t_hf.collator.{name}`"):
+            assert getattr(s2t_hf.data, name) is new
+    with pytest.warns(FutureWarning):
+        from s2t_hf.data import SelectionGroupCollator as old  # noqa: F401
+    with pytest.raises(AttributeError, match="has no attribute 'Collator'"):
+        s2t_hf.data.Collator  # noqa: B018
+
+
+def test_collator_pads_left_truncates_and_pads_candidates():
+    features = [
+        {"context_ids": [5, 6, 7, 8], "cand_ids": [1, 2, 3], "teacher_probs": [0.1, 0.2, 0.3],
+         "student_probs": [0.5, 0.3, 0.1], "prompt_index": 0},
+        {"context_ids": [9], "cand_ids": [4, 5], "teacher_probs": [0.6, 0.1], "student_probs": [0.7, 0.2]},
+    ]
+    batch = SelectionGroupCollator(pad_token_id=0, max_context_length=3, pad_to_multiple_of=4)(features)
+    assert batch["input_ids"].tolist() == [[0, 6, 7, 8], [0, 0, 0, 9]]
+    assert batch["attention_mask"].tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
+    assert batch["cand_ids"].tolist() == [[1, 2, 3], [4, 5, 0]]
+    assert batch["cand_mask"].tolist() == [[True, True, True], [True, True, False]]
+    torch.testing.assert_close(batch["teacher_probs"], torch.tensor([[0.1, 0.2, 0.3], [0.6, 0.1, 0.0]]))
+    assert batch["student_probs"].dtype == torch.float32 and set(batch) == {
+        "input_ids", "attention_mask", "cand_ids", "cand_mask", "teacher_probs", "student_probs"}
+    with pytest.raises(KeyError, match="remove_unused_columns"):
+        SelectionGroupCollator()([{"context_ids": [1]}])
+    with pytest.raises(ValueError, match="teacher_probs"):
+        SelectionGroupCollator()([{"context_ids": [1], "cand_ids": [1, 2], "teacher_probs": [0.5]}])
+
+
+GOOD_GROUP = {
+    "context_ids": [5, 6, 7], "cand_ids": [8, 9, 10], "teacher_probs": [0.5, 0.3, 0.2],
+    "student_probs": [0.6, 0.3, 0.1],
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        (dict(context_ids=[]), ValueError, "empty `context_ids`"),
+        (dict(cand_ids=[], teacher_probs=[]), ValueError, "has no `cand_ids`"),
+        (dict(context_ids=["tom", "has"]), ValueError, "`context_ids` must be a flat list of token ids"),
+        (dict(cand_ids=[8, 9.5, 10]), ValueError, "`cand_ids` must be a flat list of token ids"),
+        (dict(cand_ids=[8, -1, 10]), ValueError, "`cand_ids` must be a flat list of token ids"),
+        (dict(cand_ids=[[8], [9], [10]]), ValueError, "`cand_ids` must be a flat list of token ids"),
+        (dict(teacher_probs=[0.5, 0.5]), ValueError, "3 `cand_ids` but 2 `teacher_probs`"),
+        (dict(teacher_probs=[[0.5], [0.3], [0.2]]), ValueError, "`teacher_probs` must hold one finite, non-negative"),
+        (dict(teacher_probs=[float("nan"), 0.3, 0.2]), ValueError, "`teacher_probs` must hold one finite"),
+        (dict(teacher_probs=[-0.5, 0.3, 0.2]), ValueError, "`teacher_probs` must hold one finite"),
+        (dict(student_probs=[0.5, 0.5]), ValueError, "3 `cand_ids` but 2 `student_probs`"),
+        (dict(teacher_probs=None), KeyError, r"missing \['teacher_probs'\].*remove_unused_columns=False"),
+    ],
+)
+def test_collator_refuses_malformed_groups(change, error, message):
+    group = {k: v for k, v in {**GOOD_GROUP, **change}.items() if v is not None}
+    with pytest.raises(error, match=message):
+        SelectionGroupCollator()([group, GOOD_GROUP])
+    with pytest.raises(ValueError, match="`features` is empty"):
+        SelectionGroupCollator()([])
+
+
+def test_collator_arguments_are_checked():
+    with pytest.raises(ValueError, match="`max_context_length` must be a positive integer or None, got 0"):
+        SelectionGroupCollator(max_context_length=0)
+    with pytest.raises(ValueError, match="`pad_to_multiple_of` must be a positive integer or None, got 0"):
+        SelectionGroupCollator(pad_to_multiple_of=0)
