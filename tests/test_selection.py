@@ -13,8 +13,8 @@ from s2t_hf.selection import SELECTIONS, Selection, SelectionPolicy
 class SecondCandidate(SelectionPolicy):
     """Every triggered row emits the student's second candidate."""
 
-    def select(self, step, triggered, candidate_ids, candidate_log_probs, valid, signal=None):
-        return Selection(torch.where(triggered, candidate_ids[:, 1], -1))
+    def select(self, step, pending):
+        return Selection(torch.where(pending.triggered, pending.candidate_ids[:, 1], -1))
 
 
 def _reference(model, prompt: list[int], new_tokens: int, warmup: int) -> list[int]:

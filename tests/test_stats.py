@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from s2t_hf.selection import PendingSelection
 from s2t_hf.stats import CallStats, RunningTotals, TriggerRecord, trigger_records
 
 
@@ -29,11 +30,11 @@ def test_call_stats_count_per_row_and_running_totals_add_calls():
 def test_trigger_records_keep_the_documented_keys():
     input_ids = torch.tensor([[0, 5, 6], [7, 8, 9]])
     mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
-    records = trigger_records(
-        2, input_ids, mask, torch.tensor([1.5, 0.1]), torch.tensor([True, False]), torch.tensor([[3, 4], [1, 2]]),
-        torch.log(torch.tensor([[0.75, 0.25], [0.5, 0.5]])), torch.tensor([4, -1]),
-        local_logits=torch.tensor([[0.1, 0.9]]),
+    pending = PendingSelection(
+        input_ids, mask, torch.tensor([1.5, 0.1]), torch.tensor([True, False]), torch.tensor([[3, 4], [1, 2]]),
+        torch.log(torch.tensor([[0.75, 0.25], [0.5, 0.5]])), torch.ones(2, 2, dtype=torch.bool),
     )
+    records = trigger_records(2, pending, torch.tensor([4, -1]), local_logits=torch.tensor([[0.1, 0.9]]))
     assert len(records) == 1 and isinstance(records[0], TriggerRecord)
     record = records[0].to_dict()
     assert list(record) == [

@@ -67,7 +67,8 @@ class GenerationStateHook:
     A forward pre-hook (registered with `with_kwargs=True`) that records what `generate` passes to the model.
 
     The cache is held through a weak reference so the hook never keeps a finished generation's cache alive.
-    A forward on an empty cache (a new `generate` call) counts in `generations`, and `on_prefill` is called then. With `watch_row`, a forward
+    A forward on an empty cache (a new `generate` call) counts in `generations`; the processor reads the count at its
+    next step (the hook never calls back into it from inside a forward). With `watch_row`, a forward
     hook also records that output row's logit at the last position from the model's own output
     (`ForwardRecord.watched_logits`), before any logits processor can change it.
     """
@@ -75,12 +76,10 @@ class GenerationStateHook:
     def __init__(
         self,
         module: torch.nn.Module,
-        on_prefill=None,
         keep_previous_sliding: bool = False,
         watch_row: int | None = None,
     ):
         self.module = module
-        self.on_prefill = on_prefill
         self.watch_row = watch_row
         self.paused = False
         self.last: ForwardRecord | None = None
@@ -148,8 +147,6 @@ class GenerationStateHook:
             new_generation = self.last is None or input_length != self.last.input_length + 1
         if new_generation:
             self.generations += 1
-            if self.on_prefill is not None:
-                self.on_prefill()
         if self.keep_previous_sliding and cache is not None and hasattr(cache, "layers"):
             self.previous_sliding = previous_sliding_state(cache)
         self.note(input_length, cache, attention_mask, kwargs.get("position_ids"), cache_length, readable)

@@ -495,23 +495,19 @@ class S2TLogitsProcessor(LogitsProcessor):
         candidate_ids, candidate_log_probs, valid = top_k_candidates(
             step.scores, self.config.top_k, self.config.candidate_ratio
         )
+        pending = PendingSelection(
+            input_ids, step.attention_mask, signal, triggered, candidate_ids, candidate_log_probs, valid,
+            step.teacher_distribution,
+        )
         session = self._session
         if session is not None and session.fused and self.selection_policy.scores_candidates:
             # the fused loop scores the candidates in its next decoding forward and completes the selection; until
             # then the triggered rows may emit only their valid candidates
-            session.hand_over(
-                PendingSelection(
-                    input_ids, step.attention_mask, signal, triggered, candidate_ids, candidate_log_probs, valid,
-                    step.teacher_distribution,
-                )
-            )
+            session.hand_over(pending)
             allowed = torch.zeros_like(step.scores, dtype=torch.bool).scatter_(-1, candidate_ids, valid)
             return torch.where(triggered[:, None] & ~allowed, float("-inf"), step.scores)
-        selection = self.selection_policy.select(step, triggered, candidate_ids, candidate_log_probs, valid, signal)
-        self._account(
-            input_ids, step.attention_mask, signal, triggered, candidate_ids, candidate_log_probs, selection,
-            step.teacher_distribution,
-        )
+        selection = self.selection_policy.select(step, pending)
+        self._account(pending, selection)
         return forced_scores(step.scores, selection.chosen, triggered)
 
     def complete_selection(self, pending: PendingSelection, logits: torch.Tensor, path: str | None = None) -> Selection:
@@ -531,28 +527,16 @@ class S2TLogitsProcessor(LogitsProcessor):
         selection = self.selection_policy.complete(pending, logits)
         if path == "fused":
             self.scorer.note_fused()
-        self._account(
-            pending.input_ids, pending.mask, pending.signal, pending.triggered, pending.candidate_ids,
-            pending.candidate_log_probs, selection, pending.teacher_log_probs,
-        )
+        self._account(pending, selection)
         return selection
 
-    def _account(
-        self,
-        input_ids: torch.Tensor,
-        mask: torch.Tensor,
-        signal: torch.Tensor | None,
-        triggered: torch.Tensor,
-        candidate_ids: torch.Tensor,
-        candidate_log_probs: torch.Tensor,
-        selection: Selection,
-        teacher_log_probs: torch.Tensor | None,
-    ) -> None:
+    def _account(self, pending: PendingSelection, selection: Selection) -> None:
         """Statistics and records of a step whose triggered rows have been decided."""
+        triggered, candidate_ids = pending.triggered, pending.candidate_ids
         teacher_choice = selection.teacher_choice
-        if teacher_choice is None and teacher_log_probs is not None:
+        if teacher_choice is None and pending.teacher_log_probs is not None:
             # local selection under the `kl` trigger: the teacher's distribution is already there
-            teacher_rows = teacher_log_probs[triggered.nonzero()[:, 0]]
+            teacher_rows = pending.teacher_log_probs[triggered.nonzero()[:, 0]]
             teacher_choice = TeacherChoice(
                 token_ids=teacher_rows.argmax(-1),
                 top1=teacher_rows.argmax(-1),
@@ -561,9 +545,9 @@ class S2TLogitsProcessor(LogitsProcessor):
         top1 = teacher_choice.top1 if teacher_choice is not None else None
         self.call_stats.count_decisions(triggered, selection.chosen, candidate_ids, top1)
         if self.record_triggers:
+            step = pending.input_ids.shape[1] - self.tracker.prompt_length
             self.trigger_records += trigger_records(
-                input_ids.shape[1] - self.tracker.prompt_length, input_ids, mask, signal, triggered, candidate_ids,
-                candidate_log_probs, selection.chosen, teacher_choice, selection.local_logits,
+                step, pending, selection.chosen, teacher_choice, selection.local_logits
             )
 
     def calibrate(

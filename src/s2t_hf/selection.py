@@ -212,7 +212,21 @@ class Selection:
 
 @dataclasses.dataclass
 class PendingSelection:
-    """A step whose triggered rows wait for their candidates' scores (local selection)."""
+    """
+    A triggered step waiting for its selection: the step's rows, which of them triggered, and their candidates. The
+    selection policies decide it; the fused loop holds it until its decoding forward has scored the candidates.
+
+    Args:
+        input_ids (`torch.LongTensor` of shape `(batch, length)`): the sequences so far.
+        mask (`torch.LongTensor` of shape `(batch, length)`): their attention mask (left padding included).
+        signal (`torch.Tensor` of shape `(batch,)`, *optional*): the trigger's signal.
+        triggered (`torch.BoolTensor` of shape `(batch,)`): the rows that triggered.
+        candidate_ids (`torch.LongTensor` of shape `(batch, K)`): every row's top-K candidates, best first.
+        candidate_log_probs (`torch.FloatTensor` of shape `(batch, K)`): the student's log-probabilities of them.
+        valid (`torch.BoolTensor` of shape `(batch, K)`): the candidates that may be chosen.
+        teacher_log_probs (`torch.FloatTensor` of shape `(batch, vocab)`, *optional*): the teacher's distribution,
+            where the step already computed it (the `kl` trigger).
+    """
 
     input_ids: torch.Tensor
     mask: torch.Tensor
@@ -255,26 +269,22 @@ class SelectionPolicy:
         self.selector = selector
         self.with_log_probs = with_log_probs
 
-    def select(
-        self,
-        step,
-        triggered: torch.Tensor,
-        candidate_ids: torch.Tensor,
-        candidate_log_probs: torch.Tensor,
-        valid: torch.Tensor,
-        signal: torch.Tensor | None = None,
-    ) -> Selection:
-        """The token of every triggered row of `step` (a [`~s2t_hf.steps.DecodingStep`]) among its candidates."""
+    def select(self, step, pending: PendingSelection) -> Selection:
+        """
+        The token of every triggered row of `step` (a [`~s2t_hf.steps.DecodingStep`]) among its candidates
+        (`pending`).
+        """
         raise NotImplementedError
 
 
 class _TeacherPolicy(SelectionPolicy):
     needs_teacher = True
 
-    def select(self, step, triggered, candidate_ids, candidate_log_probs, valid, signal=None) -> Selection:
+    def select(self, step, pending: PendingSelection) -> Selection:
+        triggered, candidate_ids = pending.triggered, pending.candidate_ids
         # the teacher answers for the triggered rows only (a remote teacher is asked about nothing else)
         rows = triggered.nonzero()[:, 0]
-        choice = self.ask(step, rows, candidate_ids[rows], valid[rows])
+        choice = self.ask(step, rows, candidate_ids[rows], pending.valid[rows])
         chosen = torch.full_like(candidate_ids[:, 0], -1)
         chosen[rows] = choice.token_ids
         # a token the earlier logits processors ruled out is never emitted: where a teacher had no allowed token to
@@ -317,12 +327,9 @@ class LocalSelection(SelectionPolicy):
         # the rows left out of the selector's own softmax (residual form): every reserved row (bins, trigger)
         self.blocked_ids = torch.tensor(sorted(selector.reserved_token_ids), dtype=torch.long)
 
-    def select(self, step, triggered, candidate_ids, candidate_log_probs, valid, signal=None) -> Selection:
-        logits = self.scorer.score(step.input_ids, step.attention_mask, candidate_ids[triggered], triggered)
-        pending = PendingSelection(
-            step.input_ids, step.attention_mask, signal, triggered, candidate_ids, candidate_log_probs, valid,
-            step.teacher_distribution,
-        )
+    def select(self, step, pending: PendingSelection) -> Selection:
+        triggered = pending.triggered
+        logits = self.scorer.score(pending.input_ids, pending.mask, pending.candidate_ids[triggered], triggered)
         return self.complete(pending, logits)
 
     def complete(self, pending: PendingSelection, logits: torch.Tensor) -> Selection:

@@ -156,27 +156,30 @@ class TriggerRecord:
 
 def trigger_records(
     step: int,
-    input_ids: torch.Tensor,
-    mask: torch.Tensor,
-    signal: torch.Tensor | None,
-    triggered: torch.Tensor,
-    candidate_ids: torch.Tensor,
-    candidate_log_probs: torch.Tensor,
+    pending: Any,
     chosen: torch.Tensor,
     teacher_choice: Any = None,
     local_logits: torch.Tensor | None = None,
 ) -> list[TriggerRecord]:
-    """The [`TriggerRecord`] of every triggered row of a decided step (`teacher_choice` and `local_logits` hold the
-    triggered rows only, in order)."""
+    """
+    The [`TriggerRecord`] of every triggered row of a decided step.
+
+    Args:
+        step (`int`): generated tokens before this one.
+        pending (`PendingSelection`): the step's rows, triggered rows and candidates.
+        chosen (`torch.LongTensor` of shape `(batch,)`): the token each triggered row emits.
+        teacher_choice (`TeacherChoice`, *optional*): the teacher's answer, for the triggered rows in order.
+        local_logits (`torch.Tensor` of shape `(n, K)`, *optional*): the local selector's candidate logits, likewise.
+    """
     records = []
-    for index, row in enumerate(triggered.nonzero()[:, 0].tolist()):
+    for index, row in enumerate(pending.triggered.nonzero()[:, 0].tolist()):
         record = TriggerRecord(
             row=row,
             step=step,
-            signal=float(signal[row]) if signal is not None else None,
-            context_ids=input_ids[row][mask[row].bool()].tolist(),
-            cand_ids=candidate_ids[row].tolist(),
-            student_probs=candidate_log_probs[row].exp().tolist(),
+            signal=float(pending.signal[row]) if pending.signal is not None else None,
+            context_ids=pending.input_ids[row][pending.mask[row].bool()].tolist(),
+            cand_ids=pending.candidate_ids[row].tolist(),
+            student_probs=pending.candidate_log_probs[row].exp().tolist(),
             chosen_id=int(chosen[row]),
         )
         if teacher_choice is not None:
