@@ -267,3 +267,41 @@ def test_a_teacher_used_before_prepare_or_without_its_distribution():
     with S2TLogitsProcessor(student, teacher=ClaimsFullDistribution(), trigger="kl", trigger_threshold=0.1) as s2t:
         with pytest.raises(NotImplementedError, match="cannot give its distribution over the whole vocabulary"):
             student.generate(ids, logits_processor=[s2t], **GREEDY)
+
+
+def _word_tokenizer(words: list[str]):
+    """A word-level tokenizer: `<pad>`, `<eos>`, `<unk>`, then `words` in order."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(["<pad>", "<eos>", "<unk>", *words])}
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def test_a_teacher_with_another_tokenizer_is_refused_whatever_the_sizes():
+    """The student's vocabulary fits inside the teacher's, so sizes alone would accept it: the tokens decide."""
+    from s2t_hf.teachers import vocabulary_difference
+
+    words = [f"w{i}" for i in range(93)]
+    student_tokenizer = _word_tokenizer(words)  # 96 tokens, the student's 96 rows
+    student, teacher = tiny_model("llama", seed=0), tiny_model("llama", seed=1, vocab_size=128)
+    other_family = _word_tokenizer(words[::-1] + [f"x{i}" for i in range(32)])  # 128 tokens, another order
+    assert "id 3 is 'w0' for the student and 'w92' for the teacher" in vocabulary_difference(
+        student_tokenizer, other_family
+    )
+    with pytest.raises(ValueError, match="The teacher's tokenizer is not the student's: id 3 is 'w0'"):
+        S2TLogitsProcessor(student, teacher=LocalTeacher(teacher, tokenizer=other_family),
+                           tokenizer=student_tokenizer, selection="teacher", trigger="always")
+    assert not student._forward_pre_hooks  # refused before the processor hooked the model
+    # the same tokenizer with rows added after the student's (a padded or extended vocabulary) is accepted
+    extended = _word_tokenizer(words + [f"x{i}" for i in range(32)])
+    assert vocabulary_difference(student_tokenizer, extended) is None
+    with S2TLogitsProcessor(student, teacher=LocalTeacher(teacher, tokenizer=extended), tokenizer=student_tokenizer,
+                            selection="teacher", trigger="always") as s2t:
+        student.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=5, do_sample=False, pad_token_id=0,
+                         logits_processor=[s2t])
+        assert s2t.stats["triggers"] > 0

@@ -17,16 +17,20 @@ Two implementations:
 
 The modules:
 
-- `base`: the interface, [`Teacher`] and its answer [`TeacherChoice`];
+- `base`: the interface, [`Teacher`] and its answer [`TeacherChoice`]; [`vocabulary_difference`], the check that a
+  teacher's tokenizer is the student's;
 - `local`: [`LocalTeacher`] and [`as_teacher`];
 - `remote`: [`RemoteTeacher`], the vLLM protocol (what to ask, how to read the answers), and [`RemoteTeacherError`];
 - `transport`: [`~transport.JSONClient`], a small JSON-over-HTTP client (connections, retries, timeouts, the thread
   pool), which knows nothing of vLLM.
 """
 
-from .base import Teacher, TeacherChoice
+from .base import Teacher, TeacherChoice, vocabulary_difference
 from .local import LocalTeacher, as_teacher
 from .remote import RemoteTeacher, RemoteTeacherError
 
 
-__all__ = ["LocalTeacher", "RemoteTeacher", "RemoteTeacherError", "Teacher", "TeacherChoice", "as_teacher"]
+__all__ = [
+    "LocalTeacher", "RemoteTeacher", "RemoteTeacherError", "Teacher", "TeacherChoice", "as_teacher",
+    "vocabulary_difference",
+]

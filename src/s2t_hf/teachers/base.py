@@ -25,7 +25,53 @@ from typing import Any
 import torch
 
 
-__all__ = ["Teacher", "TeacherChoice"]
+__all__ = ["Teacher", "TeacherChoice", "vocabulary_difference"]
+
+
+def vocabulary_difference(student_tokenizer: Any, teacher_tokenizer: Any) -> str | None:
+    """
+    How two tokenizers' vocabularies differ where S2T compares them, or `None` where they agree: every id below the
+    smaller vocabulary's size must be the same token in both, and every special token the two share must have the
+    same id. Sizes alone decide nothing (a 49K vocabulary fits inside a 262K one).
+
+    Args:
+        student_tokenizer (`PreTrainedTokenizerBase`): the student's tokenizer.
+        teacher_tokenizer (`PreTrainedTokenizerBase`): the teacher's tokenizer.
+
+    Returns:
+        `str` naming the first difference (an id, its two tokens), or `None`.
+
+    Examples:
+
+    ```python
+    >>> from s2t_hf.tasks import build_tokenizer
+    >>> from s2t_hf.teachers import vocabulary_difference
+    >>> vocabulary_difference(build_tokenizer(), build_tokenizer(extra_words=["zebra"])) is None  # a prefix
+    True
+
+    ```
+    """
+    if student_tokenizer is teacher_tokenizer:
+        return None
+    student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    compared = min(len(student_vocab), len(teacher_vocab))
+    student_tokens = {i: t for t, i in student_vocab.items() if i < compared}
+    teacher_tokens = {i: t for t, i in teacher_vocab.items() if i < compared}
+    if student_tokens != teacher_tokens:
+        first = min(i for i in set(student_tokens) | set(teacher_tokens) if student_tokens.get(i) != teacher_tokens.get(i))
+        return (
+            f"id {first} is {student_tokens.get(first)!r} for the student and {teacher_tokens.get(first)!r} for the "
+            f"teacher (compared on the first {compared} ids)"
+        )
+    student_special = set(getattr(student_tokenizer, "all_special_tokens", []) or [])
+    teacher_special = set(getattr(teacher_tokenizer, "all_special_tokens", []) or [])
+    for token in sorted(student_special & teacher_special):
+        if student_vocab.get(token) != teacher_vocab.get(token):
+            return (
+                f"the special token {token!r} is id {student_vocab.get(token)} for the student and "
+                f"{teacher_vocab.get(token)} for the teacher"
+            )
+    return None
 
 
 @dataclass

@@ -15,7 +15,7 @@ from transformers import DynamicCache
 
 from ..kv import cache_argument, output_rows, positions_from_attention_mask
 from ..selection import takeover_selection, teacher_selection
-from .base import Teacher, TeacherChoice
+from .base import Teacher, TeacherChoice, vocabulary_difference
 
 
 __all__ = ["LocalTeacher", "as_teacher"]
@@ -89,6 +89,14 @@ class LocalTeacher(Teacher):
                 "or loaded with an offloading `device_map` that left them unmaterialised). Load its weights onto a real "
                 "device, e.g. `from_pretrained(..., device_map='auto')` or `.to('cuda')`."
             )
+        if tokenizer is not None and self.tokenizer is not None:
+            difference = vocabulary_difference(tokenizer, self.tokenizer)
+            if difference is not None:
+                raise ValueError(
+                    f"The teacher's tokenizer is not the student's: {difference}. S2T compares the two models' "
+                    "probabilities token by token, so they must share a tokenizer; a teacher of another model family "
+                    "is not supported yet. Pick a teacher that uses the student's tokenizer."
+                )
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         student_vocab = output_rows(_unwrap(student))
         teacher_vocab = output_rows(_unwrap(self.model))

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .base import Teacher, TeacherChoice
+from .base import Teacher, TeacherChoice, vocabulary_difference
 from .transport import JSONClient, ServerError
 
 
@@ -303,10 +303,18 @@ class RemoteTeacher(Teacher):
 
     def prepare(self, student: torch.nn.Module, tokenizer: Any = None, blocked_ids: Sequence[int] = ()) -> None:
         super().prepare(student, tokenizer, blocked_ids)
-        if tokenizer is not None and self.tokenizer is not None and len(tokenizer) != len(self.tokenizer):
+        if tokenizer is None or self.tokenizer is None:
+            return
+        if len(tokenizer) != len(self.tokenizer):
             raise ValueError(
                 f"The processor's `tokenizer` ({len(tokenizer)} tokens) is not the one the `RemoteTeacher` was "
                 f"checked with ({len(self.tokenizer)} tokens). S2T compares token ids, so both must use one tokenizer."
+            )
+        difference = vocabulary_difference(tokenizer, self.tokenizer)
+        if difference is not None:
+            raise ValueError(
+                f"The processor's `tokenizer` is not the one the `RemoteTeacher` was checked with: {difference}. S2T "
+                "compares token ids, so both must use one tokenizer."
             )
 
     def _contexts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor) -> list[list[int]]:
