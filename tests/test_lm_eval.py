@@ -210,3 +210,49 @@ def test_without_lm_eval_the_import_names_the_extra(monkeypatch):
     monkeypatch.delitem(sys.modules, "s2t_hf.integrations.lm_eval")
     with pytest.raises(ImportError, match=r'needs `lm-eval`; install it with `pip install "s2t-hf\[lm-eval\]"`'):
         importlib.import_module("s2t_hf.integrations.lm_eval")
+
+
+GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+
+
+@pytest.mark.skipif(not (GSM8K / "test.jsonl").is_file(), reason="../shared/data/gsm8k is not beside the checkout")
+def test_lm_evals_own_gsm8k_runs_offline_on_the_local_jsonl(workspace, tmp_path):
+    """`s2t-lm-eval --local_data gsm8k=DIR`: lm-eval's own GSM8K task (prompt, 5 shots, filters) on the local files."""
+    args = f"pretrained={workspace / 'student'},teacher={workspace / 'teacher'},trigger=always,warmup_tokens=0"
+    command = [
+        sys.executable, "-m", "s2t_hf.integrations.lm_eval", "--model", "s2t", "--model_args", f"{args},dtype=float32",
+        "--tasks", "gsm8k_local", "--local_data", f"gsm8k={GSM8K}", "--limit", "2", "--gen_kwargs", "max_gen_toks=3",
+        "--device", "cpu", "--batch_size", "2", "--log_samples", "--output_path", str(tmp_path / "out"),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "gsm8k_local" in done.stdout and "exact_match" in done.stdout and "flexible-extract" in done.stdout
+    [samples_file] = list((tmp_path / "out").rglob("samples_gsm8k_local_*.jsonl"))
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    samples = sorted((s for s in samples if s["filter"] == "strict-match"), key=lambda s: s["doc_id"])  # one per doc
+    test = [json.loads(line) for line in (GSM8K / "test.jsonl").read_text().splitlines()[:2]]
+    train = {json.loads(line)["question"] for line in (GSM8K / "train.jsonl").read_text().splitlines()}
+    assert [s["doc"]["question"] for s in samples] == [t["question"] for t in test]
+    for sample, problem in zip(samples, test):
+        prompt = sample["arguments"]["gen_args_0"]["arg_0"]
+        shots = prompt.split("Question: ")[1:]
+        # lm-eval's prompt: five solved training problems, then the test question
+        assert len(shots) == 6 and shots[-1] == f"{problem['question']}\nAnswer:"
+        assert all(shot.split("\nAnswer:")[0] in train for shot in shots[:5])
+
+
+def test_local_task_names_what_is_wrong(tmp_path):
+    from s2t_hf.integrations.lm_eval import _local_data_arguments, local_task
+
+    with pytest.raises(ValueError, match="`task` must be one of"):
+        local_task("mmlu", tmp_path, tmp_path / "tasks")
+    (tmp_path / "test.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"reads the splits \['train', 'test'\] but .* has no train.jsonl"):
+        local_task("gsm8k", tmp_path, tmp_path / "tasks")
+    (tmp_path / "train.jsonl").write_text("")
+    argv = _local_data_arguments(["--tasks", "gsm8k_local", "--local_data", f"gsm8k={tmp_path}"], str(tmp_path / "t"))
+    assert argv == ["--tasks", "gsm8k_local", "--include_path", str(tmp_path / "t")]
+    assert (tmp_path / "t" / "gsm8k_local.yaml").read_text().startswith("include: ")
+    with pytest.raises(SystemExit, match="--local_data takes TASK=DIR"):
+        _local_data_arguments(["--local_data", "gsm8k"], str(tmp_path / "t"))

@@ -25,6 +25,8 @@ Model arguments beyond those of lm-eval's `hf` model:
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Any
 
 import torch
@@ -33,6 +35,7 @@ from transformers.utils import logging
 
 try:
     import lm_eval.models  # noqa: F401  (registers lm-eval's own model types first)
+    import lm_eval.tasks
     from lm_eval.api.registry import register_model
     from lm_eval.models.huggingface import HFLM
 except ImportError as error:  # pragma: no cover - depends on the extra
@@ -45,7 +48,7 @@ from ..config import S2TConfig
 from ..processor import S2TLogitsProcessor
 
 
-__all__ = ["S2TLM", "main"]
+__all__ = ["LOCAL_TASKS", "S2TLM", "local_task", "main"]
 
 logger = logging.get_logger(__name__)
 
@@ -164,11 +167,88 @@ class S2TLM(HFLM):
         return self.s2t.stats
 
 
+# lm-eval's own task files that `local_task` can point at local JSONL files: task -> (YAML under `lm_eval/tasks`, the
+# splits the task reads)
+LOCAL_TASKS = {
+    "gsm8k": ("gsm8k/gsm8k.yaml", ("train", "test")),
+    "gsm8k_cot": ("gsm8k/gsm8k-cot.yaml", ("train", "test")),
+}
+
+
+def local_task(task: str, data_dir: str | os.PathLike, output_dir: str | os.PathLike) -> str:
+    """
+    Writes `<task>_local.yaml` into `output_dir`: lm-eval's own `task` (its prompt, few-shot examples, generation
+    settings, filters and metrics, taken by `include`, not copied) reading its splits from `data_dir/<split>.jsonl`
+    instead of the Hub. Pass `output_dir` to lm-eval as `--include_path` (or to `TaskManager(include_path=...)`) and
+    ask for the task `<task>_local`. `s2t-lm-eval --local_data <task>=<data_dir>` does both.
+
+    Args:
+        task (`str`): one of `LOCAL_TASKS` (`gsm8k`, `gsm8k_cot`).
+        data_dir (`str` or `os.PathLike`): a folder with one JSONL file per split the task reads (for GSM8K,
+            `train.jsonl` and `test.jsonl` in OpenAI's release format: `question`, `answer`).
+        output_dir (`str` or `os.PathLike`): where the task file goes.
+
+    Returns:
+        `str`: the name of the local task, `<task>_local`.
+    """
+    if task not in LOCAL_TASKS:
+        raise ValueError(f"`task` must be one of {sorted(LOCAL_TASKS)} for a local dataset, got {task!r}.")
+    relative, splits = LOCAL_TASKS[task]
+    included = os.path.join(os.path.dirname(os.path.abspath(lm_eval.tasks.__file__)), relative)
+    if not os.path.isfile(included):
+        raise ValueError(f"The installed lm-eval has no task file {relative!r} to include; upgrade `lm-eval`.")
+    data_dir = os.path.abspath(data_dir)
+    missing = [split for split in splits if not os.path.isfile(os.path.join(data_dir, f"{split}.jsonl"))]
+    if missing:
+        raise ValueError(
+            f"`{task}` reads the splits {list(splits)} but {data_dir} has no {', '.join(f'{m}.jsonl' for m in missing)}. "
+            "Give the folder that holds one JSONL file per split."
+        )
+    name = f"{task}_local"
+    files = "".join(f"    {split}: {json.dumps(os.path.join(data_dir, f'{split}.jsonl'))}\n" for split in splits)
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, f"{name}.yaml"), "w") as handle:
+        handle.write(
+            f"include: {json.dumps(included)}\n"
+            f"task: {name}\n"
+            "tag: []\n"
+            "dataset_path: json\n"
+            "dataset_name: null\n"
+            f"dataset_kwargs:\n  data_files:\n{files}"
+        )
+    return name
+
+
+def _local_data_arguments(argv: list[str], output_dir: str) -> list[str]:
+    """`argv` with every `--local_data TASK=DIR` replaced by an `--include_path` to the task files written for them."""
+    out, wrote = [], False
+    arguments = iter(argv)
+    for argument in arguments:
+        if argument == "--local_data" or argument.startswith("--local_data="):
+            value = argument.split("=", 1)[1] if "=" in argument else next(arguments, "")
+            task, sep, data_dir = value.partition("=")
+            if not sep:
+                raise SystemExit(f"--local_data takes TASK=DIR (e.g. gsm8k=data/gsm8k), got {value!r}.")
+            local_task(task, data_dir, output_dir)
+            wrote = True
+        else:
+            out.append(argument)
+    return [*out, "--include_path", output_dir] if wrote else out
+
+
 def main() -> None:
-    """`s2t-lm-eval`: lm-eval's command line with the `s2t` model type registered."""
+    """
+    `s2t-lm-eval`: lm-eval's command line with the `s2t` model type registered, and `--local_data TASK=DIR`, which runs
+    lm-eval's own `TASK` on local JSONL files as the task `TASK_local` (see [`local_task`]).
+    """
+    import sys
+    import tempfile
+
     from lm_eval.__main__ import cli_evaluate
 
-    cli_evaluate()
+    with tempfile.TemporaryDirectory(prefix="s2t_lm_eval_tasks_") as output_dir:
+        sys.argv = [sys.argv[0], *_local_data_arguments(sys.argv[1:], output_dir)]
+        cli_evaluate()
 
 
 if __name__ == "__main__":
