@@ -77,6 +77,11 @@ def methods(package, base, teacher, selectors: dict, thresholds: dict) -> dict:
     processor = package.S2TLogitsProcessor
     scoring, generating = selectors["scoring"], selectors["generate"]
     local = dict(selection="local", scoring="residual", trigger="entropy", top_k=8)
+
+    def adapted():
+        return processor(generating.base_model, selector=generating, adapter_mode="generate",
+                         trigger_threshold=thresholds["generate"], **local)
+
     return {
         "never": (base, lambda: processor(base, trigger="never"), False),
         "local-processor-scoring": (
@@ -85,18 +90,8 @@ def methods(package, base, teacher, selectors: dict, thresholds: dict) -> dict:
                               trigger_threshold=thresholds["base"], **local),
             False,
         ),
-        "local-processor-generate": (
-            generating.base_model,
-            lambda: processor(generating.base_model, selector=generating, adapter_mode="generate",
-                              trigger_threshold=thresholds["generate"], **local),
-            False,
-        ),
-        "local-fused-generate": (
-            generating.base_model,
-            lambda: processor(generating.base_model, selector=generating, adapter_mode="generate",
-                              trigger_threshold=thresholds["generate"], **local),
-            True,
-        ),
+        "local-processor-generate": (generating.base_model, adapted, False),
+        "local-fused-generate": (generating.base_model, adapted, True),
         "teacher-processor": (
             base,
             lambda: processor(base, teacher=teacher, selection="teacher", trigger="entropy",
