@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from s2t_hf.kv import GenerationStateHook
+from s2t_hf.state_hook import GenerationStateHook
 from s2t_hf.steps import StepTracker
 
 

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from transformers.utils import logging
 
-from .kv import GenerationStateHook, cache_scoring_support
+from .kv import cache_scoring_support
+from .state_hook import GenerationStateHook
 from .selection import PendingSelection
 
 

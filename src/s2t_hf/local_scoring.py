@@ -19,7 +19,6 @@ import torch
 from transformers.utils import logging
 
 from .kv import (
-    GenerationStateHook,
     architecture_scoring_support,
     cache_scoring_support,
     can_drop_last,
@@ -27,6 +26,7 @@ from .kv import (
     score_candidates_by_recompute,
     score_candidates_on_cache,
 )
+from .state_hook import GenerationStateHook
 
 
 logger = logging.get_logger(__name__)

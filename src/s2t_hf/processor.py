@@ -29,9 +29,10 @@ from transformers.utils import add_start_docstrings, logging
 from .calibration import calibrate_threshold
 from .config import S2TConfig
 from .fused import FusedSession
-from .kv import GenerationStateHook, output_rows, require_decoder_only
+from .kv import output_rows, require_decoder_only
 from .local_scoring import LocalScorer, check_cache_path
 from .selection import SELECTIONS, PendingSelection, Selection, top_k_candidates
+from .state_hook import GenerationStateHook
 from .stats import CallStats, RunningTotals, TriggerRecord, trigger_records
 from .steps import INPUTS_EMBEDS_REFUSED, DecodingStep, StepTracker
 from .teachers import Teacher, TeacherChoice, as_teacher

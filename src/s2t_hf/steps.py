@@ -2,7 +2,7 @@
 ([`StepTracker`]).
 
 `generate` hands a logits processor only `(input_ids, scores)`. The tracker reads the rest from the processor's
-[`~s2t_hf.kv.GenerationStateHook`] (the attention mask, the cache, the learned trigger's row), checks that every call
+[`~s2t_hf.state_hook.GenerationStateHook`] (the attention mask, the cache, the learned trigger's row), checks that every call
 follows exactly one new single-token forward of the model (greedy search or sampling), notices a new `generate` call,
 and keeps the rows that have finished.
 """
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .kv import GenerationStateHook
+from .state_hook import GenerationStateHook
 
 
 INPUTS_EMBEDS_REFUSED = (
