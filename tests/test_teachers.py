@@ -267,6 +267,9 @@ def test_a_teacher_used_before_prepare_or_without_its_distribution():
     with S2TLogitsProcessor(student, teacher=ClaimsFullDistribution(), trigger="kl", trigger_threshold=0.1) as s2t:
         with pytest.raises(NotImplementedError, match="cannot give its distribution over the whole vocabulary"):
             student.generate(ids, logits_processor=[s2t], **GREEDY)
+    # teacher-forced collection asks such a teacher for whole trajectories: the interface names the missing method
+    with pytest.raises(NotImplementedError, match="does not implement `trajectory_log_probs`"):
+        collect_selection_data(student, ClaimsFullDistribution(), prompts=[[5, 6, 7]], max_new_tokens=6)
 
 
 def _word_tokenizer(words: list[str]):

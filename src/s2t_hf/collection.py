@@ -98,8 +98,8 @@ class SelectionCollector:
         self.student = student
         self.teacher = teacher
         # the teacher behind the `Teacher` interface (checks the vocabularies; suppressed rows left out)
-        self.scorer = as_teacher(teacher, tokenizer)
-        self.scorer.prepare(student, tokenizer, settings.suppress_token_ids)
+        self.teacher_interface = as_teacher(teacher, tokenizer)
+        self.teacher_interface.prepare(student, tokenizer, settings.suppress_token_ids)
         self.tokenizer = tokenizer
         self.settings = settings
         self.extra_generation_kwargs = generation_kwargs
@@ -192,14 +192,14 @@ class SelectionCollector:
         student_logits = self.student(
             input_ids=sequence, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=num_new,
         ).logits.float()
-        if self.scorer.full_distribution:
-            teacher_log_probs = self.scorer.trajectory_log_probs(sequence, mask, num_new)
+        if self.teacher_interface.full_distribution:
+            teacher_log_probs = self.teacher_interface.trajectory_log_probs(sequence, mask, num_new)
         if self.suppress.numel():
             student_logits.index_fill_(-1, self.suppress.to(student_logits.device), float("-inf"))
         flat_student = student_logits.reshape(batch * num_new, -1)
         del student_logits
         flat_teacher = None
-        if self.scorer.full_distribution:
+        if self.teacher_interface.full_distribution:
             flat_teacher = teacher_log_probs.to(flat_student.device).reshape(batch * num_new, -1)
             del teacher_log_probs
         if settings.signal == "entropy":
@@ -267,7 +267,7 @@ class SelectionCollector:
         trajectories = [prompts[b] + generated_lists[b][: int(lengths[b])] for b in range(len(prompts))]
         prompt_lengths = torch.tensor([len(prompts[b]) for b in rows.tolist()])
         targets = torch.stack([rows.cpu(), cols.cpu() + prompt_lengths], 1)
-        log_probs, top1 = self.scorer.score_trajectories(trajectories, targets, cand_ids)
+        log_probs, top1 = self.teacher_interface.score_trajectories(trajectories, targets, cand_ids)
         return log_probs.exp(), top1
 
     def _top_fraction(self, found: list[_Candidate], positions_seen: int) -> list[dict[str, Any]]:

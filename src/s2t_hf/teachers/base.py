@@ -9,7 +9,8 @@ A [`Teacher`] answers, for the *triggered rows* of a decoding step:
 
 and, for data collection, [`~Teacher.score_trajectories`]: teacher-forced log-probabilities of the candidates at given
 positions of whole trajectories. Only a teacher with `full_distribution = True` also gives
-[`~Teacher.next_log_probs`], its distribution over the whole vocabulary at every row, which the `kl` trigger needs.
+[`~Teacher.next_log_probs`], its distribution over the whole vocabulary at every row, which the `kl` trigger needs, and
+[`~Teacher.trajectory_log_probs`], the same for every position of whole trajectories (teacher-forced collection).
 
 The implementations live beside this module: [`~s2t_hf.teachers.LocalTeacher`] (`local.py`) and
 [`~s2t_hf.teachers.RemoteTeacher`] (`remote.py`, over the JSON client of `transport.py`).
@@ -143,6 +144,19 @@ class Teacher(abc.ABC):
         raise NotImplementedError(
             f"{type(self).__name__} cannot give its distribution over the whole vocabulary at every step. The `kl` "
             "trigger and `lazy_teacher=False` need it: use the `entropy` or `random` trigger, or a `LocalTeacher`."
+        )
+
+    def trajectory_log_probs(self, sequences: torch.Tensor, attention_mask: torch.Tensor, num_new: int) -> torch.Tensor:
+        """
+        Teacher-forced log-probabilities at the last `num_new` positions of `sequences` (left-padded by
+        `attention_mask`), over the student's output rows, shape `(batch, num_new, vocab)` (float32, blocked rows at
+        `-inf`). Teacher-forced collection (`collect_selection_data`) asks it of a teacher with
+        `full_distribution = True`; only such teachers implement it.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} says `full_distribution = True` but does not implement `trajectory_log_probs`, "
+            "which teacher-forced collection needs from such a teacher: implement it (the teacher's log-probabilities "
+            "at the last `num_new` positions of each sequence), or set `full_distribution = False`."
         )
 
     @abc.abstractmethod
