@@ -719,12 +719,17 @@ def main() -> None:
     table = format_table(result)
     print()
     print(table)
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.splitext(args.output)[0] + ".txt", "w") as f:
-        f.write(table + "\n")
+    write_results(args.output, result, table)
     print(f"\nwrote {args.output} ({result['total_s'] / 60:.1f} min)")
+
+
+def write_results(path: str, result: dict, table: str) -> None:
+    """`result` as JSON at `path` and the printed `table` beside it (`.txt`)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.splitext(path)[0] + ".txt", "w") as f:
+        f.write(table + "\n")
 
 
 if __name__ == "__main__":

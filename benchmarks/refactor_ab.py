@@ -26,7 +26,6 @@ import argparse  # noqa: E402
 import copy  # noqa: E402
 import datetime  # noqa: E402
 import importlib  # noqa: E402
-import json  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
@@ -45,6 +44,7 @@ from decode_smollm2 import (  # noqa: E402
     load_smollm2,
     randomise_selector,
     versions,
+    write_results,
 )
 
 from s2t_hf.prompts import left_pad  # noqa: E402
@@ -194,10 +194,7 @@ def main() -> None:
         "methods": summary,
         "total_s": time.time() - started,
     }
-    with open(args.output, "w") as handle:
-        json.dump(result, handle, indent=1)
-    with open(os.path.splitext(args.output)[0] + ".txt", "w") as handle:
-        handle.write(table + "\n")
+    write_results(args.output, result, table)
     print(f"wrote {args.output} ({(time.time() - started) / 60:.1f} min)")
 
 

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from .kv import unwrap_model
+
 
 logger = logging.get_logger(__name__)
 
@@ -45,15 +47,6 @@ _FINGERPRINT_ROWS = 64
 # The output head and the fingerprint
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside a `PeftModel` (or the model itself)."""
-    from peft import PeftModel
-
-    if isinstance(model, PeftModel):
-        return model.get_base_model()
-    return model
-
-
 def output_head(base: nn.Module) -> tuple[str, nn.Module]:
     """Name and module of the output head (`lm_head` for most causal LMs)."""
     get_output_embeddings = getattr(base, "get_output_embeddings", None)
@@ -76,7 +69,7 @@ def output_head_rows(base: nn.Module) -> int:
 
 def input_embedding_weight(model: nn.Module) -> torch.Tensor:
     """The input embedding matrix of `model` (a transformers model or a `PeftModel` around one)."""
-    embeddings = _unwrap(model).get_input_embeddings()
+    embeddings = unwrap_model(model).get_input_embeddings()
     weight = getattr(embeddings, "weight", None)
     if weight is None:
         raise ValueError(f"`model` ({type(model).__name__}) has no input embedding matrix to fingerprint.")

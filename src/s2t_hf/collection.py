@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .kv import output_rows, positions_from_attention_mask
+from .kv import model_device, output_rows, positions_from_attention_mask
 from .prompts import left_pad
 from .selection import top_k_candidates
 from .teachers import Teacher, as_teacher
@@ -58,10 +58,6 @@ class _ScoredBatch:
     student_logits: torch.Tensor  # (batch * num_new, vocab), float32, suppressed rows at -inf
     teacher_log_probs: torch.Tensor | None  # (batch * num_new, vocab), or None for a teacher without it
     signal: torch.Tensor  # (batch, num_new): the trigger signal of `settings.signal`
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 class SelectionCollector:
@@ -136,7 +132,7 @@ class SelectionCollector:
             batch = chunk[start : start + self.batch_size]
             indices = [i for i, _ in batch]
             prompts = [p for _, p in batch]
-            padded = left_pad(prompts, self.pad_id, _device(self.student))
+            padded = left_pad(prompts, self.pad_id, model_device(self.student))
             yield indices, prompts, padded["input_ids"], padded["attention_mask"]
 
     @torch.no_grad()

@@ -385,6 +385,17 @@ def scoring_masks(
     return by_type
 
 
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PEFT wrapper, or `model` itself (PEFT modifies it in place, so hooks on it see
+    every forward)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (`meta` for an empty model)."""
+    return next(model.parameters()).device
+
+
 def model_dtype(model: torch.nn.Module) -> torch.dtype:
     dtype = getattr(model, "dtype", None)
     if dtype is None or not dtype.is_floating_point:

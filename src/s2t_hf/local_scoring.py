@@ -38,6 +38,14 @@ ADAPTER_CHANGES_CACHE = (
 )
 
 
+def encodes_last_token(config: Any) -> bool:
+    """
+    Whether scoring encodes the step's last token again: the residual form reads the selector's own log-probabilities
+    of the candidates, which with the adapter off while generating (`adapter_mode="scoring"`) the scores do not hold.
+    """
+    return config.scoring == "residual" and config.adapter_mode == "scoring"
+
+
 def check_cache_path(student: torch.nn.Module, config: Any, preserves_cache: bool) -> None:
     """
     Refuses `local_path="cache"` where the model or the adapter rules the cache path out: said at construction, not
@@ -87,10 +95,7 @@ class LocalScorer:
         self.preserves_cache = preserves_cache
         self.pad_token_id = pad_token_id
         self.adapter_only_while_scoring = config.adapter_mode == "scoring"
-        # The residual form with the adapter off while generating encodes the step's last token again (adapter on) to
-        # read the selector's own log-probabilities; on a sliding-window layer that needs the layer's state from
-        # before the step's forward.
-        self.encodes_last_token = config.scoring == "residual" and self.adapter_only_while_scoring
+        self.encodes_last_token = encodes_last_token(config)
         self.reset()
 
     def reset(self) -> None:

@@ -29,8 +29,8 @@ from transformers.utils import add_start_docstrings, logging
 from .calibration import calibrate_threshold
 from .config import S2TConfig
 from .fused import FusedSession
-from .kv import output_rows, require_decoder_only
-from .local_scoring import LocalScorer, check_cache_path
+from .kv import output_rows, require_decoder_only, unwrap_model
+from .local_scoring import LocalScorer, check_cache_path, encodes_last_token
 from .selection import SELECTIONS, PendingSelection, Selection, top_k_candidates
 from .state_hook import GenerationStateHook
 from .stats import CallStats, RunningTotals, TriggerRecord, trigger_records
@@ -48,11 +48,6 @@ def forced_scores(scores: torch.Tensor, chosen: torch.Tensor, triggered: torch.T
     """`scores` with every triggered row `-inf` but at its `chosen` token (score 0), so any decoding emits it."""
     forced = torch.full_like(scores, float("-inf")).scatter_(-1, chosen.clamp_min(0)[:, None], 0.0)
     return torch.where(triggered[:, None], forced, scores)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside a PEFT wrapper (PEFT modifies it in place, so hooks on it see every forward)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _config_from(config: S2TConfig | None, config_kwargs: dict[str, Any]) -> S2TConfig:
@@ -162,7 +157,7 @@ class S2TLogitsProcessor(LogitsProcessor):
                 "`model` must be the model you call `generate` on: the processor reads its attention mask and cache."
             )
         self.model = model
-        self.student = _unwrap(model)
+        self.student = unwrap_model(model)
         require_decoder_only(self.student)
         self.teacher = teacher
         self.teacher_interface = as_teacher(teacher, tokenizer)
@@ -199,11 +194,10 @@ class S2TLogitsProcessor(LogitsProcessor):
         preserves_cache = local and selector.preserves_cache
         if local:
             check_cache_path(self.student, config, preserves_cache)
-        # the residual form with the adapter off while generating encodes the step's last token again: on a
-        # sliding-window layer that needs the layer's state from before the step's forward
-        rescore = local and config.scoring == "residual" and config.adapter_mode == "scoring"
+        # re-encoding the step's last token on a sliding-window layer needs the layer's state from before the forward
         self.state_hook = GenerationStateHook(
-            self.student, keep_previous_sliding=rescore, watch_row=self.trigger_policy.watch_row
+            self.student, keep_previous_sliding=local and encodes_last_token(config),
+            watch_row=self.trigger_policy.watch_row,
         )
         self.scorer = None
         if local:
@@ -247,7 +241,7 @@ class S2TLogitsProcessor(LogitsProcessor):
                 f"`selector` must be an `S2TSelector`, got {type(self.selector).__name__}; load one with "
                 "`S2TSelector.from_pretrained(model, path)` (or use `S2TLogitsProcessor.from_pretrained`)."
             )
-        if _unwrap(self.selector.model) is not self.student:
+        if unwrap_model(self.selector.model) is not self.student:
             raise ValueError(
                 "The selector is attached to another model than `model`. Load it onto the model you generate with: "
                 "`S2TSelector.from_pretrained(model, path)`."
@@ -501,7 +495,7 @@ class S2TLogitsProcessor(LogitsProcessor):
             step.teacher_distribution,
         )
         session = self._session
-        if session is not None and session.fused and self.selection_policy.scores_candidates:
+        if session is not None and session.fused:
             # the fused loop scores the candidates in its next decoding forward and completes the selection; until
             # then the triggered rows may emit only their valid candidates
             session.hand_over(pending)

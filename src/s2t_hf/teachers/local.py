@@ -13,20 +13,12 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from ..kv import cache_argument, output_rows, positions_from_attention_mask
+from ..kv import cache_argument, model_device, output_rows, positions_from_attention_mask, unwrap_model
 from ..selection import takeover_selection, teacher_selection
 from .base import Teacher, TeacherChoice, vocabulary_difference
 
 
 __all__ = ["LocalTeacher", "as_teacher"]
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 class LocalTeacher(Teacher):
@@ -83,7 +75,7 @@ class LocalTeacher(Teacher):
 
     def prepare(self, student: torch.nn.Module, tokenizer: Any = None, blocked_ids: Sequence[int] = ()) -> None:
         super().prepare(student, tokenizer, blocked_ids)
-        if _device(_unwrap(self.model)).type == "meta":
+        if model_device(unwrap_model(self.model)).type == "meta":
             raise ValueError(
                 "The teacher's weights are on the `meta` device (an empty model, e.g. built under `init_empty_weights` "
                 "or loaded with an offloading `device_map` that left them unmaterialised). Load its weights onto a real "
@@ -98,8 +90,8 @@ class LocalTeacher(Teacher):
                     "is not supported yet. Pick a teacher that uses the student's tokenizer."
                 )
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
-        student_vocab = output_rows(_unwrap(student))
-        teacher_vocab = output_rows(_unwrap(self.model))
+        student_vocab = output_rows(unwrap_model(student))
+        teacher_vocab = output_rows(unwrap_model(self.model))
         self.vocab_size = self.comparable_vocab = student_vocab
         self.teacher_rows = teacher_vocab
         if teacher_vocab == student_vocab:
@@ -145,8 +137,8 @@ class LocalTeacher(Teacher):
         self._check_prepared()
         if self._last is not None and self._seen == input_ids.shape[1]:
             return self._last  # already asked at this step (e.g. by the `kl` trigger)
-        teacher = _unwrap(self.model)
-        device = _device(teacher)
+        teacher = unwrap_model(self.model)
+        device = model_device(teacher)
         if self._cache is None:
             self._cache = DynamicCache(config=teacher.config)
             self._seen = 0
@@ -209,8 +201,8 @@ class LocalTeacher(Teacher):
         the student's indexing, shape `(batch, num_new, vocab)` (float32, on `sequences`' device).
         """
         self._check_prepared()
-        teacher = _unwrap(self.model)
-        device = _device(teacher)
+        teacher = unwrap_model(self.model)
+        device = model_device(teacher)
         positions = positions_from_attention_mask(attention_mask)
         logits = teacher(
             input_ids=sequences.to(device),
