@@ -273,7 +273,8 @@ def test_pair_config(tokenizer):
     assert 120_000 < sizes["teacher"] < 180_000
     assert 35_000 < sizes["student"] < 0.5 * sizes["teacher"]
     assert PairTrainingConfig.from_dict(config.to_dict()) == config
-    assert "parallel" not in config.cache_key()
+    assert "parallel" not in config.cache_key() and "max_minutes" not in config.cache_key()
+    assert config.max_minutes is None  # steps and accuracy only: the wall clock is an opt-in safety net
     with pytest.raises(ValueError, match="`student_min_accuracy`"):
         PairTrainingConfig(student_min_accuracy=0.7, student_max_accuracy=0.6)
     with pytest.raises(ValueError, match="`teacher_hidden_size`"):
@@ -392,6 +393,48 @@ def test_train_pair_caches_and_loads(tmp_path, parallel):
         train_pair(tmp_path, seed=1, config=PairTrainingConfig(teacher_max_steps=5))
     with pytest.raises(FileNotFoundError, match="`path`"):
         load_pair(tmp_path / "nowhere")
+
+
+def test_pair_training_stops_on_steps_not_the_wall_clock(tmp_path, monkeypatch, caplog):
+    """A machine so slow that an hour passes between two clock reads trains the same pair (issue 20, item 5); the
+    opt-in `max_minutes` stops early, warns, and its truncated pair is never loaded as the full run."""
+    import itertools
+    import logging
+
+    from s2t_hf.tasks import PairTrainingConfig, pair, train_pair
+
+    caplog.set_level(logging.WARNING, logger="s2t_hf")
+    hours = itertools.count()
+    monkeypatch.setattr(pair.time, "monotonic", lambda: 3600.0 * next(hours))
+    config = PairTrainingConfig(
+        teacher_max_steps=2, student_max_steps=2, eval_steps=1, student_eval_steps=1, eval_problems=2,
+        test_problems=0, batch_size=2, warmup_steps=1, parallel=False,
+    )  # fmt: skip
+
+    def trained(path):
+        info = json.loads((path / "pair_info.json").read_text())
+        return {role: (info[role]["steps_trained"], info[role]["stop_reason"]) for role in ("teacher", "student")}
+
+    train_pair(tmp_path / "full", config=config)
+    assert trained(tmp_path / "full") == {"teacher": (2, "max_steps"), "student": (2, "max_steps")}
+    assert "max_minutes" not in caplog.text
+
+    capped = PairTrainingConfig.from_dict({**config.to_dict(), "max_minutes": 1.0})
+    caplog.clear()
+    train_pair(tmp_path / "capped", config=capped)
+    assert trained(tmp_path / "capped") == {"teacher": (1, "max_minutes"), "student": (1, "max_minutes")}
+    assert "`max_minutes` (1.0) stopped the training" in caplog.text
+    assert "the teacher at step 1 of 2, the student at step 1 of 2" in caplog.text
+
+    weights = tmp_path / "capped" / "student" / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    caplog.clear()
+    train_pair(tmp_path / "capped", config=capped)  # the same opt-in limit: the cut-short pair is loaded
+    assert weights.stat().st_mtime_ns == mtime and "stopped the training" in caplog.text
+    caplog.clear()
+    train_pair(tmp_path / "capped", config=config)  # the full run is asked for: trained again, to its steps
+    assert "was cut short by `max_minutes=1.0`" in caplog.text
+    assert trained(tmp_path / "capped") == {"teacher": (2, "max_steps"), "student": (2, "max_steps")}
 
 
 @pytest.mark.parametrize("module", ["arithmetic", "tokenizer", "pair"])

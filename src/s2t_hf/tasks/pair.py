@@ -47,7 +47,8 @@ logger = logging.get_logger(__name__)
 
 PAIR_INFO_NAME = "pair_info.json"
 ROLES = ("teacher", "student")
-# Fields that change how training runs but not what it produces; they do not invalidate a cache.
+# Fields that change how training runs but not what it produces; they do not invalidate a cache. `max_minutes` only
+# changes the result when it fires, and a pair it stopped is never loaded as the full run (see `train_pair`).
 _EXECUTION_FIELDS = ("parallel", "num_threads", "max_minutes")
 
 
@@ -79,7 +80,8 @@ class PairTrainingConfig:
             Fewest embedding rows above the tokenizer's vocabulary (reserved for S2T-Local bins); the total is rounded
             up to a multiple of 64.
         teacher_max_steps (`int`, *optional*, defaults to `4500`):
-            Teacher optimisation steps (fewer if it reaches `teacher_stop_accuracy` or the time limit first).
+            Teacher optimisation steps (fewer if it reaches `teacher_stop_accuracy` first, or if the opt-in
+            `max_minutes` fires).
         student_max_steps (`int`, *optional*, defaults to `5000`):
             Student optimisation steps (fewer once its accuracy has passed the target window).
         batch_size (`int`, *optional*, defaults to `32`):
@@ -119,9 +121,12 @@ class PairTrainingConfig:
             Train teacher and student at once in two worker processes. Execution setting: does not change the cache.
         num_threads (`int`, *optional*):
             Torch threads per training process; defaults to 1 when `parallel` else all cores.
-        max_minutes (`float`, *optional*, defaults to `20.0`):
-            Wall-clock limit of each model's training, in minutes; training stops at the next evaluation past it and
-            keeps the best checkpoint so far (`None` for no limit).
+        max_minutes (`float`, *optional*):
+            Opt-in safety net: a wall-clock limit of each model's training, in minutes. By default (`None`) training
+            stops on steps and validation accuracy only, so a seed gives the same pair on any machine. When set and
+            exceeded, training stops at the next evaluation, keeps the best checkpoint so far, records `stop_reason`
+            `"max_minutes"` and logs a warning: the pair then depends on the machine's speed. Such a pair is loaded
+            from the cache only by a call with the same `max_minutes`; any other call trains it again.
     """
 
     teacher_hidden_size: int = field(default=64, metadata={"help": "Teacher hidden size."})
@@ -154,7 +159,9 @@ class PairTrainingConfig:
     task: ArithmeticTaskConfig = field(default_factory=ArithmeticTaskConfig, metadata={"help": "Task knobs."})
     parallel: bool = field(default=True, metadata={"help": "Train both models at once in two processes."})
     num_threads: int | None = field(default=None, metadata={"help": "Torch threads per training process."})
-    max_minutes: float | None = field(default=20.0, metadata={"help": "Wall-clock limit per model, in minutes."})
+    max_minutes: float | None = field(
+        default=None, metadata={"help": "Opt-in wall-clock limit per model, in minutes (None: no time limit)."}
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.task, dict):
@@ -463,6 +470,7 @@ class _SelectionCallback(TrainerCallback):
         limit = self.settings.max_minutes
         if limit is not None and time.monotonic() - self.start > 60 * limit and not control.should_training_stop:
             control.should_training_stop, self.stop_reason = True, "max_minutes"
+            logger.info(f"{self.role}: `max_minutes` ({limit}) reached at step {step} of {self.max_steps}; stopping.")
         return control
 
     def _keep_best_snapshots(self) -> None:
@@ -625,6 +633,25 @@ def _run_workers(settings: PairTrainingConfig, output_dir: Path) -> dict[str, di
     return records
 
 
+def _cut_short(info: dict[str, Any]) -> list[str]:
+    """The roles of a pair's info (or records) whose training the opt-in `max_minutes` stopped."""
+    return [role for role in ROLES if (info.get(role) or {}).get("stop_reason") == "max_minutes"]
+
+
+def _warn_cut_short(info: dict[str, Any], settings: PairTrainingConfig, output_dir: Path) -> None:
+    """Warn that the pair of `info` (trained with `settings`) was stopped by `max_minutes`, if it was."""
+    roles = _cut_short(info)
+    if roles:
+        steps = ", ".join(
+            f"the {r} at step {info[r]['steps_trained']} of {getattr(settings, f'{r}_max_steps')}" for r in roles
+        )
+        logger.warning(
+            f"`max_minutes` ({settings.max_minutes}) stopped the training of the pair in {output_dir} before its "
+            f"step and accuracy criteria: {steps}. This pair depends on the machine's speed; leave "
+            "`max_minutes=None` (the default) to train the same pair on any machine."
+        )
+
+
 def train_pair(
     output_dir: str | os.PathLike | None = None,
     seed: int = 0,
@@ -636,11 +663,14 @@ def train_pair(
 
     The teacher (~150K parameters) trains until its validation greedy accuracy reaches `teacher_stop_accuracy` and
     keeps its best checkpoint; the student (~62K parameters) keeps, among its checkpoints whose accuracy lies in
-    `[student_min_accuracy, student_max_accuracy]`, the one closest to `student_target_accuracy`. Both are evaluated often on validation problems, saved in
-    safetensors with the tokenizer under `output_dir/teacher` and `output_dir/student`, and described in
-    `output_dir/pair_info.json` (settings, parameter counts, validation and test accuracy, timings). With the default
-    settings both train at once in two processes (one thread each); `max_minutes` caps each model's training time
-    (20 minutes by default; about 12 minutes are needed on an idle 2-core CPU).
+    `[student_min_accuracy, student_max_accuracy]`, the one closest to `student_target_accuracy`. Both are evaluated
+    often on validation problems, saved in safetensors with the tokenizer under `output_dir/teacher` and
+    `output_dir/student`, and described in `output_dir/pair_info.json` (settings, parameter counts, validation and
+    test accuracy, each model's `stop_reason`, timings). With the default settings both train at once in two
+    processes (one thread each), about 12 minutes on an idle 2-core CPU. Training stops on steps and validation
+    accuracy only, never on the wall clock, so a seed gives the same pair on a quiet or a loaded machine;
+    `max_minutes` is an opt-in time limit that warns when it fires, and a pair it cut short is loaded from the cache
+    only by a call with the same `max_minutes`.
 
     Args:
         output_dir (`str` or `os.PathLike`, *optional*):
@@ -651,7 +681,7 @@ def train_pair(
             Sizes and budget; defaults to `PairTrainingConfig()`.
         overwrite (`bool`, *optional*, defaults to `False`):
             Retrain even if `output_dir` holds a pair trained with other settings (a pair with the same settings is
-            always loaded, unless `overwrite` is set).
+            loaded, unless `overwrite` is set or `max_minutes` cut it short; see above).
 
     Returns:
         `tuple`: `(teacher, student, tokenizer)`, the models in eval mode.
@@ -661,13 +691,20 @@ def train_pair(
     output_dir = Path(output_dir) if output_dir is not None else default_pair_dir(seed)
     info = _read_json(output_dir / PAIR_INFO_NAME)
     if info is not None and not overwrite:
-        stored = PairTrainingConfig.from_dict(info.get("settings", {})).cache_key()
-        if stored == settings.cache_key():
+        stored = PairTrainingConfig.from_dict(info.get("settings", {}))
+        if stored.cache_key() != settings.cache_key():
+            raise ValueError(
+                f"`output_dir` ({output_dir}) holds a pair trained with other settings. Pass `overwrite=True` to "
+                "retrain it, or choose another `output_dir`."
+            )
+        if not _cut_short(info) or stored.max_minutes == settings.max_minutes:
             logger.info(f"Loading the cached arithmetic pair from {output_dir}.")
+            _warn_cut_short(info, stored, output_dir)
             return load_pair(output_dir)
-        raise ValueError(
-            f"`output_dir` ({output_dir}) holds a pair trained with other settings. Pass `overwrite=True` to retrain "
-            "it, or choose another `output_dir`."
+        logger.warning(
+            f"The pair cached in {output_dir} was cut short by `max_minutes={stored.max_minutes}` "
+            f"({', '.join(_cut_short(info))}), so it is not the run these settings ask for "
+            f"(`max_minutes={settings.max_minutes}`); training it again."
         )
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / PAIR_INFO_NAME).unlink(missing_ok=True)
@@ -676,6 +713,7 @@ def train_pair(
         records = _run_workers(settings, output_dir)
     else:
         records = {role: _train_one(role, settings, output_dir) for role in ROLES}
+    _warn_cut_short(records, settings, output_dir)
     tokenizer = build_tokenizer()
     info = {
         "library_version": __version__,
