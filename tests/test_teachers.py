@@ -285,8 +285,9 @@ def _word_tokenizer(words: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def test_a_teacher_with_another_tokenizer_is_refused_whatever_the_sizes():
-    """The student's vocabulary fits inside the teacher's, so sizes alone would accept it: the tokens decide."""
+def test_a_teacher_with_another_tokenizer_is_told_apart_whatever_the_sizes():
+    """The student's vocabulary fits inside the teacher's, so sizes alone would compare it token by token: the tokens
+    decide, and such a teacher scores the candidates as text (or is refused where token-by-token is asked for)."""
     from s2t_hf.teachers import vocabulary_difference
 
     words = [f"w{i}" for i in range(93)]
@@ -297,9 +298,19 @@ def test_a_teacher_with_another_tokenizer_is_refused_whatever_the_sizes():
         student_tokenizer, other_family
     )
     with pytest.raises(ValueError, match="The teacher's tokenizer is not the student's: id 3 is 'w0'"):
-        S2TLogitsProcessor(student, teacher=LocalTeacher(teacher, tokenizer=other_family),
+        S2TLogitsProcessor(student, teacher=LocalTeacher(teacher, tokenizer=other_family, candidate_scoring="tokens"),
                            tokenizer=student_tokenizer, selection="teacher", trigger="always")
     assert not student._forward_pre_hooks  # refused before the processor hooked the model
+    other = LocalTeacher(teacher, tokenizer=other_family)
+    with S2TLogitsProcessor(student, teacher=other, tokenizer=student_tokenizer, selection="teacher",
+                            trigger="always"):
+        assert other.text_scorer is not None and not other.full_distribution
+    # without the teacher's tokenizer, a teacher whose end token is none of the student's is told apart too
+    teacher.generation_config.eos_token_id = 127
+    with pytest.raises(ValueError, match="it has another tokenizer. Pass it"):
+        S2TLogitsProcessor(student, teacher=teacher, tokenizer=student_tokenizer, selection="teacher",
+                           trigger="always")
+    teacher.generation_config.eos_token_id = None
     # the same tokenizer with rows added after the student's (a padded or extended vocabulary) is accepted
     extended = _word_tokenizer(words + [f"x{i}" for i in range(32)])
     assert vocabulary_difference(student_tokenizer, extended) is None

@@ -36,6 +36,7 @@ from .state_hook import GenerationStateHook
 from .stats import CallStats, RunningTotals, TriggerRecord, trigger_records
 from .steps import INPUTS_EMBEDS_REFUSED, DecodingStep, StepTracker
 from .teachers import Teacher, TeacherChoice, as_teacher
+from .teachers.teacher_prompts import check_teacher_prompts, rows_of_prompts
 from .triggers import TRIGGERS
 
 
@@ -105,8 +106,14 @@ class S2TLogitsProcessor(LogitsProcessor):
             `generate` computes anyway). With `adapter_mode="scoring"` the selector's LoRA is off while the student
             generates, whatever the selection.
         tokenizer (`PreTrainedTokenizerBase`, *optional*):
-            The shared tokenizer. Needed only when the teacher's and the student's output sizes differ (padded
-            vocabularies): only the tokenizer's ids are compared then.
+            The student's tokenizer. Needed with a teacher of another tokenizer
+            (`LocalTeacher(model, tokenizer=teacher_tokenizer)`, whose candidates are then scored as text), with
+            `teacher_prompts`, and when the teacher's and the student's output layers are padded differently.
+        teacher_prompts (`list[str]` or `list[list[dict]]`, *optional*):
+            One prompt per prompt row that the teacher reads instead of the student's prompt, followed by the
+            student's continuation: a string, or chat messages rendered with the teacher's own chat template (a
+            system prompt, or privileged information such as a reference solution: a "hinted" teacher). Set
+            `processor.teacher_prompts` again before each `generate` call with other prompts.
         eos_token_id (`int` or `list[int]`, *optional*):
             End-of-sequence ids: rows that emitted one stop counting and triggering. Defaults to the model's
             generation config.
@@ -149,6 +156,7 @@ class S2TLogitsProcessor(LogitsProcessor):
         eos_token_id: int | Sequence[int] | None = None,
         lazy_teacher: bool = True,
         record_triggers: bool = False,
+        teacher_prompts: Sequence[Any] | None = None,
         **config_kwargs: Any,
     ):
         config = _config_from(config, config_kwargs)
@@ -168,7 +176,6 @@ class S2TLogitsProcessor(LogitsProcessor):
         self.trigger_policy = TRIGGERS[config.trigger](config, selector=selector)
         self.lazy_teacher = lazy_teacher and not self.trigger_policy.needs_teacher_every_step
         self.student_vocab = output_rows(self.student)
-        self._check_sizes(config, lazy_teacher)
         reserved = list(selector.reserved_token_ids) if selector is not None else list(config.reserved_token_ids)
         self.reserved_ids = torch.tensor(sorted(reserved), dtype=torch.long)
         bad = [i for i in reserved if not 0 <= i < self.student_vocab]
@@ -179,6 +186,10 @@ class S2TLogitsProcessor(LogitsProcessor):
             )
         if self.teacher_interface is not None:
             self.teacher_interface.prepare(self.student, tokenizer, reserved)
+        self._check_sizes(config, lazy_teacher)
+        self.teacher_prompts = check_teacher_prompts(teacher_prompts)
+        if self.teacher_prompts is not None and self.teacher_interface is None:
+            raise ValueError("`teacher_prompts` are read by a teacher: pass `teacher=` as well.")
         generation_config = getattr(self.student, "generation_config", None)
         if eos_token_id is None:
             eos_token_id = getattr(generation_config, "eos_token_id", None)
@@ -259,8 +270,9 @@ class S2TLogitsProcessor(LogitsProcessor):
             reason = "the `kl` trigger" if self.trigger_policy.needs_teacher_every_step else "`lazy_teacher=False`"
             raise ValueError(
                 f"{reason} needs the teacher's distribution over the whole vocabulary at every step, which a "
-                f"`{type(teacher).__name__}` cannot give. Use the `entropy` or `random` trigger (calibrated "
-                "without a teacher), or a local teacher model."
+                f"`{type(teacher).__name__}` cannot give (a served teacher, or one with another tokenizer). Use the "
+                "`entropy`, `learned` or `random` trigger (calibrated without a teacher), or a local teacher model "
+                "with the student's tokenizer."
             )
 
     @property
@@ -462,6 +474,11 @@ class S2TLogitsProcessor(LogitsProcessor):
         index, active = self.tracker.begin(input_ids, scores, refuse_inputs_embeds=self.trigger_policy.can_fire)
         if first:
             self.call_stats.start(input_ids.shape[0], input_ids.device)
+            if self.teacher_interface is not None:
+                prompts = self.teacher_prompts
+                if prompts is not None:
+                    prompts = rows_of_prompts(prompts, input_ids.shape[0])
+                self.teacher_interface.begin([input_ids.shape[1]] * input_ids.shape[0], prompts)
         watched = None
         if self.trigger_policy.watch_row is not None:
             watched = self.tracker.watched_logits(scores, type(self.student).__name__)
@@ -538,7 +555,8 @@ class S2TLogitsProcessor(LogitsProcessor):
                 candidate_log_probs=teacher_rows.gather(-1, candidate_ids[triggered]),
             )
         top1 = teacher_choice.top1 if teacher_choice is not None else None
-        self.call_stats.count_decisions(triggered, selection.chosen, candidate_ids, top1)
+        unscored = teacher_choice.unscored if teacher_choice is not None else None
+        self.call_stats.count_decisions(triggered, selection.chosen, candidate_ids, top1, unscored)
         if self.record_triggers:
             step = pending.input_ids.shape[1] - self.tracker.prompt_length
             self.trigger_records += trigger_records(

@@ -16,10 +16,10 @@ import torch
 __all__ = ["CallStats", "RunningTotals", "TriggerRecord", "with_rates"]
 
 # counters kept per row during a `generate` call
-ROW_COUNTERS = ("steps", "eligible_steps", "triggers", "flips", "teacher_hits")
+ROW_COUNTERS = ("steps", "eligible_steps", "triggers", "flips", "teacher_hits", "teacher_unscored")
 # counts that add up across `generate` calls
-SUMMED_COUNTS = ("steps", "eligible_steps", "triggers", "flips", "teacher_hits", "teacher_calls", "teacher_tokens",
-                 "local_calls")
+SUMMED_COUNTS = ("steps", "eligible_steps", "triggers", "flips", "teacher_hits", "teacher_unscored", "teacher_calls",
+                 "teacher_tokens", "local_calls")
 
 
 def with_rates(counts: dict[str, Any]) -> dict[str, Any]:
@@ -63,12 +63,16 @@ class CallStats:
         chosen: torch.Tensor,
         candidate_ids: torch.Tensor,
         teacher_top1: torch.Tensor | None,
+        teacher_unscored: torch.Tensor | None = None,
     ) -> None:
         """
-        Counts the flips of a decided step (the chosen token is not the student's top-1) and, where the teacher's
-        top-1 token is known (`teacher_top1`, one per triggered row), whether it was among the candidates.
+        Counts the flips of a decided step (the chosen token is not the student's top-1), the triggered rows the
+        teacher could not score exactly (`teacher_unscored`, one per triggered row) and, where the teacher's top-1
+        token is known (`teacher_top1`, one per triggered row), whether it was among the candidates.
         """
         self.rows["flips"] += triggered & (chosen != candidate_ids[:, 0])
+        if teacher_unscored is not None:
+            self.rows["teacher_unscored"][triggered.nonzero()[:, 0]] += teacher_unscored.long()
         if teacher_top1 is not None:
             rows = triggered.nonzero()[:, 0]
             hit = (candidate_ids[rows] == teacher_top1[:, None]).any(-1)

@@ -89,13 +89,18 @@ class TeacherChoice:
             The teacher's argmax over its whole vocabulary (feeds the `teacher_hits` statistic); `None` when the
             teacher cannot tell.
         candidate_log_probs (`torch.FloatTensor` of shape `(n, K)`, *optional*):
-            The teacher's absolute log-probabilities of the candidates (float32), when asked for or free.
+            The teacher's absolute log-probabilities of the candidates (float32), when asked for or free. A teacher
+            with another tokenizer gives `log P(context + candidate) - log P(context)` as strings.
+        unscored (`torch.BoolTensor` of shape `(n,)`, *optional*):
+            Rows the teacher could not score exactly (a teacher with another tokenizer: a candidate that is not
+            text, an incomplete UTF-8 character); they keep the student's top-1 (`teacher_unscored` statistic).
     """
 
     token_ids: torch.Tensor
     positions: torch.Tensor | None = None
     top1: torch.Tensor | None = None
     candidate_log_probs: torch.Tensor | None = None
+    unscored: torch.Tensor | None = None
 
 
 class Teacher(abc.ABC):
@@ -113,10 +118,14 @@ class Teacher(abc.ABC):
 
     #: Whether [`~Teacher.next_log_probs`] is available (the whole-vocabulary distribution at every row).
     full_distribution: bool = False
+    #: Whether the teacher can read a prompt of its own (`teacher_prompts`) before the student's continuation.
+    reads_teacher_prompts: bool = False
 
     def __init__(self) -> None:
         self.calls = 0
         self.tokens = 0
+        self.prompt_lengths: list[int] | None = None
+        self.teacher_prompts: list | None = None
 
     def prepare(self, student: torch.nn.Module, tokenizer: Any = None, blocked_ids: Sequence[int] = ()) -> None:
         """
@@ -130,6 +139,30 @@ class Teacher(abc.ABC):
         """Clears the per-generation state (cache) and the counters."""
         self.calls = 0
         self.tokens = 0
+
+    def begin(self, prompt_lengths: Sequence[int], teacher_prompts: Sequence[Any] | None = None) -> None:
+        """
+        Starts a generation (the processor calls it at the first step, after [`~Teacher.reset`]; data collection
+        before it scores a batch).
+
+        Args:
+            prompt_lengths (`Sequence[int]`):
+                Per row, where the student's continuation starts in the token ids the teacher will be given (the
+                padded prompt width in `generate`; each trajectory's prompt length in collection).
+            teacher_prompts (`Sequence[str | list[dict]]`, *optional*):
+                Per row, the prompt the teacher reads instead of the student's (a string, or chat messages rendered
+                with the teacher's chat template), followed by the student's continuation.
+        """
+        if teacher_prompts is not None and len(teacher_prompts) != len(prompt_lengths):
+            raise ValueError(
+                f"{len(teacher_prompts)} teacher prompts for {len(prompt_lengths)} rows: give one per row."
+            )
+        if teacher_prompts is not None and not self.reads_teacher_prompts:
+            raise NotImplementedError(
+                f"{type(self).__name__} cannot read a prompt of its own (`teacher_prompts`): use a `LocalTeacher`."
+            )
+        self.prompt_lengths = [int(n) for n in prompt_lengths]
+        self.teacher_prompts = None if teacher_prompts is None else list(teacher_prompts)
 
     @property
     def cached_tokens(self) -> int:
