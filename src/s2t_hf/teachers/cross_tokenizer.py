@@ -43,7 +43,7 @@ from .teacher_prompts import RenderedPrompt, leading_special_ids, render_teacher
 from .token_text import TokenText, end_token_ids, split_incomplete_utf8
 
 
-__all__ = ["CrossTokenizerScorer", "RowScores"]
+__all__ = ["CrossTokenizerScorer", "RowScores", "ScoringPlan"]
 
 
 @dataclass
@@ -60,6 +60,27 @@ class RowScores:
 
     log_probs: list[float]
     scored: bool
+
+
+@dataclass
+class ScoringPlan:
+    """
+    What the teacher reads to score one row's candidates: the `trunk` (teacher tokens shared by the context and every
+    candidate string), the context's `remainder` after it, and per text candidate `k` its string and its `branch`
+    (the teacher's tokens of remainder + candidate after the trunk); per special candidate the teacher ids it stands
+    for.
+    """
+
+    trunk: list[int]
+    remainder: list[int]
+    strings: dict[int, str]
+    branches: dict[int, list[int]]
+    specials: dict[int, list[int]]
+    num_candidates: int
+
+    def forced(self) -> list[list[int]]:
+        """The token sequences to teacher-force after the trunk: each branch, then the remainder (when not empty)."""
+        return [*self.branches.values(), *([self.remainder] if self.remainder else [])]
 
 
 @dataclass
@@ -251,8 +272,11 @@ class CrossTokenizerScorer:
             self._by_first_byte = index
         return self._by_first_byte
 
-    def _towards(self, extensions: list[bytes]) -> list[int]:
-        """Teacher tokens whose bytes agree with one of `extensions` (one is a prefix of the other)."""
+    def towards(self, extensions: list[bytes]) -> list[int]:
+        """Teacher tokens whose bytes agree with one of `extensions` (one is a prefix of the other), for the
+        correction of a candidate that is a string prefix of others."""
+        if not extensions:
+            return []
         index = self._teacher_tokens_by_first_byte()
         ids = set()
         for extension in extensions:
@@ -261,15 +285,17 @@ class CrossTokenizerScorer:
                     ids.add(i)
         return sorted(ids)
 
-    def score(
+    def plan(
         self, key: int, prompt_ids: Sequence[int], continuation_ids: Sequence[int], candidate_ids: Sequence[int],
         valid: Sequence[bool],
-    ) -> RowScores:
-        """The teacher's scores of one row's candidates (see the module's description)."""
-        unscored = RowScores([0.0 if v else float("-inf") for v in valid], scored=False)
+    ) -> ScoringPlan | None:
+        """
+        What the teacher must read to score one row's candidates (steps 1, 2 and 5 of the module's description), with
+        no forward: the trunk and the branches, or `None` when the row cannot be scored (the student keeps its token).
+        """
         context = self.context(key, prompt_ids, continuation_ids)
         if context is None:
-            return unscored
+            return None
         prefix, text, tail = context
         strings: dict[int, str] = {}
         specials: dict[int, list[int]] = {}
@@ -283,17 +309,15 @@ class CrossTokenizerScorer:
                 if special and not tail:
                     specials[k] = special
                 elif k == 0:
-                    return unscored  # a special token the teacher cannot read here: the student keeps it
+                    return None  # a special token the teacher cannot read here: the student keeps it
                 continue
-            data = None if candidate in self.student_text.special_ids else self.student_text.continuation_bytes(
-                context_ids, [candidate]
-            )
+            data = self.student_text.continuation_bytes(context_ids, [candidate])
             try:
                 string = (tail + data).decode("utf-8") if data else None
             except UnicodeDecodeError:  # still an incomplete character: only the next token can tell
                 string = None
             if string is None and k == 0:
-                return unscored  # the student's own token cannot be compared: it keeps it
+                return None  # the student's own token cannot be compared: it keeps it
             if string is not None:
                 strings[k] = string
         encodings = self._encode([text, *(text + s for s in strings.values())])
@@ -301,28 +325,58 @@ class CrossTokenizerScorer:
         branches = {k: [*prefix, *e] for k, e in zip(strings, encodings[1:])}
         trunk_length = _common_prefix([context_tokens, *branches.values()])
         if trunk_length == 0 or len(branches.get(0, [None] * (trunk_length + 1))) == trunk_length:
-            return unscored  # no token to condition on, or a top-1 the teacher's tokenizer drops
+            return None  # no token to condition on, or a top-1 the teacher's tokenizer drops
         # a candidate the teacher's tokenizer drops entirely (no token of its own) cannot be compared
-        branches = {k: b for k, b in branches.items() if len(b) > trunk_length}
-        strings = {k: strings[k] for k in branches}
-        row = self._advance(key, context_tokens[:trunk_length])
-        remainder = context_tokens[trunk_length:]
-        forced = [b[trunk_length:] for b in branches.values()] + ([remainder] if remainder else [])
-        token_log_probs, after = self._branches(row, forced) if forced else ([], None)
-        remainder_log_prob = sum(token_log_probs[-1]) if remainder else 0.0
-        end_distribution = after[-1] if remainder else row.last
-        log_probs = [float("-inf")] * len(candidate_ids)
-        for (k, string), branch_log_probs, branch_after in zip(strings.items(), token_log_probs, after if after is not None else []):
-            log_probs[k] = sum(branch_log_probs) - remainder_log_prob
-            extensions = [s[len(string) :].encode() for j, s in strings.items() if j != k and s.startswith(string)]
-            extensions = [e for e in extensions if e]
-            if extensions:
-                towards = self._towards(extensions)
-                mass = float(branch_after[towards].exp().sum()) if towards else 0.0
+        branches = {k: b[trunk_length:] for k, b in branches.items() if len(b) > trunk_length}
+        return ScoringPlan(
+            trunk=context_tokens[:trunk_length],
+            remainder=context_tokens[trunk_length:],
+            strings={k: strings[k] for k in branches},
+            branches=branches,
+            specials=specials,
+            num_candidates=len(candidate_ids),
+        )
+
+    def finish(self, plan: ScoringPlan, token_log_probs: list[list[float]], log_probs_after: Any) -> RowScores:
+        """
+        The candidates' scores from the teacher's answers about `plan.forced()` (steps 3 to 5).
+
+        Args:
+            plan (`ScoringPlan`): the row's plan.
+            token_log_probs (`list[list[float]]`): per forced sequence, the log-probabilities of its tokens.
+            log_probs_after (`Callable[[int | None, list[int]], torch.Tensor]`): the teacher's log-probabilities of
+                given token ids after the trunk and forced sequence `i` (`None`: after the trunk alone).
+        """
+        remainder_log_prob = sum(token_log_probs[-1]) if plan.remainder else 0.0
+        log_probs = [float("-inf")] * plan.num_candidates
+        for i, (k, string) in enumerate(plan.strings.items()):
+            log_probs[k] = sum(token_log_probs[i]) - remainder_log_prob
+            extensions = [s[len(string) :].encode() for j, s in plan.strings.items() if j != k and s.startswith(string)]
+            towards = self.towards([e for e in extensions if e])
+            if towards:
+                mass = float(log_probs_after(i, towards).exp().sum())
                 log_probs[k] += math.log1p(-min(mass, 1.0 - 1e-6))
-        for k, teacher_ids in specials.items():
-            log_probs[k] = float(torch.logsumexp(end_distribution[teacher_ids].float(), dim=0))
+        after_remainder = len(plan.branches) if plan.remainder else None
+        for k, teacher_ids in plan.specials.items():
+            log_probs[k] = float(torch.logsumexp(log_probs_after(after_remainder, teacher_ids).float(), dim=0))
         return RowScores(log_probs, scored=True)
+
+    def score(
+        self, key: int, prompt_ids: Sequence[int], continuation_ids: Sequence[int], candidate_ids: Sequence[int],
+        valid: Sequence[bool],
+    ) -> RowScores:
+        """The teacher's scores of one row's candidates (see the module's description)."""
+        plan = self.plan(key, prompt_ids, continuation_ids, candidate_ids, valid)
+        if plan is None:
+            return RowScores([0.0 if v else float("-inf") for v in valid], scored=False)
+        row = self._advance(key, plan.trunk)
+        forced = plan.forced()
+        token_log_probs, after = self._branches(row, forced) if forced else ([], None)
+
+        def log_probs_after(i: int | None, ids: list[int]) -> torch.Tensor:
+            return (row.last if i is None else after[i])[ids]
+
+        return self.finish(plan, token_log_probs, log_probs_after)
 
     def greedy_token(
         self, key: int, prompt_ids: Sequence[int], continuation_ids: Sequence[int], allowed: Any = None
