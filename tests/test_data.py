@@ -319,8 +319,10 @@ def test_errors(pair):
         collect_selection_data(student, teacher, prompts=prompts, fraction=0.0)
     with pytest.raises(ValueError, match="`signal`"):
         collect_selection_data(student, teacher, prompts=prompts, signal="margin")
-    with pytest.raises(ValueError, match="applies to `mode='teacher_forced'`"):
-        collect_selection_data(student, teacher, prompts=prompts, mode="on_policy", signal="entropy")
+    with pytest.raises(ValueError, match="one teacher prompt per prompt"):
+        collect_selection_data(student, teacher, prompts=prompts, teacher_prompts=["one"])
+    with pytest.raises(TypeError, match="`teacher_prompts`"):
+        collect_selection_data(student, teacher, prompts=prompts, teacher_prompts="one")
     with pytest.raises(ValueError, match="`prompts` is empty"):
         collect_selection_data(student, teacher, prompts=[])
     with pytest.raises(ValueError, match="tokenizer"):

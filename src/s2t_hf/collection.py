@@ -7,6 +7,7 @@ with [`~s2t_hf.shard_store.ShardStore`]).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,8 @@ class CollectionSettings:
     suppress_token_ids: list[int]
     generation_kwargs: dict[str, Any] = field(default_factory=dict)
     trajectories: bool = False
+    # a digest of the teacher prompts, when the teacher reads prompts of its own ("" otherwise)
+    teacher_prompts: str = ""
 
 
 
@@ -80,6 +83,9 @@ class SelectionCollector:
             Further arguments of `generate`.
         batch_size (`int`):
             Prompts per `generate` call and per scoring forward.
+        teacher_prompts (`list`, *optional*):
+            One teacher prompt per prompt (a string or chat messages), read by the teacher instead of the student's
+            prompt ([`~s2t_hf.teachers.Teacher.begin`]).
     """
 
     def __init__(
@@ -90,12 +96,20 @@ class SelectionCollector:
         settings: CollectionSettings,
         generation_kwargs: dict[str, Any],
         batch_size: int,
+        teacher_prompts: list | None = None,
     ):
         self.student = student
         self.teacher = teacher
         # the teacher behind the `Teacher` interface (checks the vocabularies; suppressed rows left out)
         self.teacher_interface = as_teacher(teacher, tokenizer)
         self.teacher_interface.prepare(student, tokenizer, settings.suppress_token_ids)
+        if settings.signal == "kl" and not self.teacher_interface.full_distribution:
+            raise ValueError(
+                f"`signal='kl'` needs the teacher's whole distribution over the student's vocabulary, which a "
+                f"`{type(self.teacher_interface).__name__}` of this kind cannot give (a served teacher, or one with "
+                "another tokenizer). Use `signal='entropy'`."
+            )
+        self.teacher_prompts = teacher_prompts
         self.tokenizer = tokenizer
         self.settings = settings
         self.extra_generation_kwargs = generation_kwargs
@@ -164,14 +178,20 @@ class SelectionCollector:
             bar.update(len(indices))
             if output.shape[1] == input_ids.shape[1]:
                 continue  # nothing generated
-            scored = self._score_batch(attention_mask, output, input_ids.shape[1])
+            scored = self._score_batch(attention_mask, output, input_ids.shape[1], self.prompts_of(indices))
             positions_seen += int(scored.lengths.sum())
             groups, rows = self._batch_groups(indices, prompts, scored)
             found += groups
             trajectories += rows
         return self._top_fraction(found, positions_seen), trajectories
 
-    def _score_batch(self, attention_mask: torch.Tensor, output: torch.Tensor, prompt_length: int) -> _ScoredBatch:
+    def prompts_of(self, indices: list[int]) -> list | None:
+        """The teacher prompts of the prompts at `indices`, or `None` when the teacher reads the student's."""
+        return None if self.teacher_prompts is None else [self.teacher_prompts[i] for i in indices]
+
+    def _score_batch(
+        self, attention_mask: torch.Tensor, output: torch.Tensor, prompt_length: int, teacher_prompts: list | None
+    ) -> _ScoredBatch:
         """Teacher-forced scores of the generated positions of `output` (prompts left padded to `prompt_length`)."""
         settings = self.settings
         generated = output[:, prompt_length:]
@@ -189,6 +209,7 @@ class SelectionCollector:
             input_ids=sequence, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=num_new,
         ).logits.float()
         if self.teacher_interface.full_distribution:
+            self.teacher_interface.begin([prompt_length] * batch, teacher_prompts)
             teacher_log_probs = self.teacher_interface.trajectory_log_probs(sequence, mask, num_new)
         if self.suppress.numel():
             student_logits.index_fill_(-1, self.suppress.to(student_logits.device), float("-inf"))
@@ -224,7 +245,7 @@ class SelectionCollector:
         generated_lists = scored.generated.tolist()
         teacher_log_probs = scored.teacher_log_probs[flat_index] if scored.teacher_log_probs is not None else None
         teacher_probs, teacher_top1 = self._teacher_values(
-            prompts, generated_lists, scored.lengths, rows, cols, cand_ids, teacher_log_probs
+            prompts, generated_lists, scored.lengths, rows, cols, cand_ids, teacher_log_probs, self.prompts_of(indices)
         )
         trajectories = []
         if settings.trajectories:
@@ -233,7 +254,10 @@ class SelectionCollector:
                 teacher_top1, student_logits, teacher_log_probs,
             )
         found = []
+        unscored = teacher_probs.isnan().any(-1).tolist()
         for n, (row, step) in enumerate(zip(rows.tolist(), cols.tolist())):
+            if unscored[n]:
+                continue  # a position the teacher (another tokenizer) could not score: no group
             record = {
                 "cand_ids": cand_ids[n].tolist(),
                 "teacher_probs": teacher_probs[n].tolist(),
@@ -254,13 +278,16 @@ class SelectionCollector:
         cols: torch.Tensor,
         cand_ids: torch.Tensor,
         teacher_log_probs: torch.Tensor | None,
+        teacher_prompts: list | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The teacher's probabilities of the candidates at the positions `(rows, cols)`, and its top-1 there."""
+        """The teacher's probabilities of the candidates at the positions `(rows, cols)`, and its top-1 there (NaN
+        probabilities where a teacher with another tokenizer could not score them; -1 where its top-1 is unknown)."""
         if teacher_log_probs is not None:
             return teacher_log_probs.gather(-1, cand_ids).exp(), teacher_log_probs.argmax(-1)
-        # a teacher without the whole distribution (RemoteTeacher): score the candidates only; the signal is the
-        # student's entropy (checked in `collect_selection_data`)
+        # a teacher without the whole distribution (served, or with another tokenizer): score the candidates only;
+        # the signal is the student's entropy (checked at construction)
         trajectories = [prompts[b] + generated_lists[b][: int(lengths[b])] for b in range(len(prompts))]
+        self.teacher_interface.begin([len(p) for p in prompts], teacher_prompts)
         prompt_lengths = torch.tensor([len(prompts[b]) for b in rows.tolist()])
         targets = torch.stack([rows.cpu(), cols.cpu() + prompt_lengths], 1)
         log_probs, top1 = self.teacher_interface.score_trajectories(trajectories, targets, cand_ids)
@@ -314,8 +341,8 @@ class SelectionCollector:
         return out
 
     def make_processor(self, threshold: float | None):
-        """The on-policy decoder: collaborative S2T (`trigger="kl"`, `selection="teacher"`) recording its triggers,
-        with `threshold` (`None`: to be calibrated)."""
+        """The on-policy decoder: collaborative S2T (the `kl` or `entropy` trigger of `settings.signal`,
+        `selection="teacher"`) recording its triggers, with `threshold` (`None`: to be calibrated)."""
         from .config import S2TConfig
         from .processor import S2TLogitsProcessor
 
@@ -324,7 +351,7 @@ class SelectionCollector:
         if settings.suppress_token_ids:
             reserved = {"num_bins": len(settings.suppress_token_ids), "bin_token_ids": settings.suppress_token_ids}
         config = S2TConfig(
-            trigger="kl",
+            trigger=settings.signal,
             selection="teacher",
             top_k=settings.top_k,
             signal_top_k=settings.signal_top_k,
@@ -347,19 +374,22 @@ class SelectionCollector:
         """The shard's selection groups: the triggers `processor` records while the student decodes with it."""
         out = []
         for indices, _, input_ids, attention_mask in self._batches(chunk):
+            processor.teacher_prompts = self.prompts_of(indices)
             self.student.generate(
                 input_ids=input_ids, attention_mask=attention_mask, logits_processor=[processor],
                 **self.generate_kwargs(),
             )
             bar.update(len(indices))
             for record in processor.records:
+                if any(math.isnan(p) for p in record["teacher_probs"]):
+                    continue  # a step the teacher (another tokenizer) could not score: no group
                 out.append(
                     {
                         "context_ids": record["context_ids"],
                         "cand_ids": record["cand_ids"],
                         "teacher_probs": record["teacher_probs"],
                         "student_probs": record["student_probs"],
-                        "teacher_top1": record["teacher_top1"],
+                        "teacher_top1": record.get("teacher_top1", -1),
                         "prompt_index": indices[record["row"]],
                         "step": record["step"],
                         "signal": record["signal"],

@@ -10,6 +10,8 @@ tensors is [`~s2t_hf.collator.SelectionGroupCollator`].
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import warnings
@@ -25,6 +27,7 @@ from .prompts import prompt_token_ids
 # `METADATA_NAME` is re-exported: the CLI reads the names of the files of `save_to` from this module
 from .shard_store import METADATA_NAME, TRAJECTORIES_DIR, ShardStore, collection_fingerprint  # noqa: F401
 from .teachers import Teacher
+from .teachers.teacher_prompts import check_teacher_prompts
 
 
 __all__ = [
@@ -123,6 +126,7 @@ def collect_selection_data(
     shard_size: int = 256,
     show_progress: bool = True,
     return_trajectories: bool = False,
+    teacher_prompts: Sequence[Any] | None = None,
 ):
     """
     Collects selection groups `{context_ids, cand_ids[K], teacher_probs[K], ...}` at the student's divergence points.
@@ -176,11 +180,18 @@ def collect_selection_data(
         fraction (`float`, *optional*, defaults to 0.1):
             Teacher-forced mode: the fraction of generated positions that become groups (the top by `signal`).
         signal (`str`, *optional*, defaults to `"kl"`):
-            Teacher-forced mode: how positions are ranked, `"kl"` or `"entropy"` (see above).
+            How positions are chosen, `"kl"` or `"entropy"` (see above): in teacher-forced mode the ranking, in
+            on-policy mode the trigger (`kl` or `entropy`). A served teacher, or one with another tokenizer than the
+            student, has no distribution over the student's vocabulary: use `"entropy"` with it.
         trigger_rate (`float`, *optional*):
-            On-policy mode: target trigger rate of the calibrated `kl` trigger. Defaults to `fraction`.
+            On-policy mode: target trigger rate of the calibrated trigger. Defaults to `fraction`.
         trigger_threshold (`float`, *optional*):
-            On-policy mode: use this KL threshold instead of calibrating one.
+            On-policy mode: use this threshold (KL or entropy, after `signal`) instead of calibrating one.
+        teacher_prompts (sequence, *optional*):
+            One prompt per prompt that the teacher reads instead of the student's, followed by the student's
+            continuation: a string, or chat messages rendered with the teacher's chat template. Privileged
+            information here makes a *hinted* teacher (e.g. the reference solution: the student's own model then
+            serves as a teacher).
         calibration_prompts (sequence, *optional*):
             On-policy mode: prompts to calibrate the trigger on (same formats as `prompts`). Defaults to the first 32
             prompts.
@@ -243,6 +254,12 @@ def collect_selection_data(
     generation_kwargs = _check_generation_kwargs(generation_kwargs)
     vocab = output_rows(student)
     encoded = _encode(prompts, tokenizer, chat_template, vocab, "prompts")
+    teacher_prompts = check_teacher_prompts(teacher_prompts)
+    if teacher_prompts is not None and len(teacher_prompts) != len(encoded):
+        raise ValueError(
+            f"`teacher_prompts` has {len(teacher_prompts)} prompts for {len(encoded)} `prompts`: give one teacher "
+            "prompt per prompt, in the same order."
+        )
     settings = CollectionSettings(
         mode=mode,
         top_k=top_k,
@@ -256,8 +273,11 @@ def collect_selection_data(
         suppress_token_ids=_suppressed_rows(suppress_token_ids, tokenizer, vocab),
         generation_kwargs={k: repr(v) for k, v in sorted(generation_kwargs.items())},
         trajectories=bool(return_trajectories),
+        teacher_prompts=_digest(teacher_prompts),
     )
-    collector = SelectionCollector(student, teacher, tokenizer, settings, generation_kwargs, batch_size)
+    collector = SelectionCollector(
+        student, teacher, tokenizer, settings, generation_kwargs, batch_size, teacher_prompts=teacher_prompts
+    )
 
     store = None
     if save_to is not None:
@@ -316,10 +336,6 @@ def _check_arguments(
             "`return_trajectories=True` needs `mode='teacher_forced'`: on-policy trajectories follow the teacher's "
             "choices after each trigger, so they are not the student's own steps the learned trigger is fit on."
         )
-    if signal != "kl" and mode != "teacher_forced":
-        raise ValueError(
-            f"`signal={signal!r}` applies to `mode='teacher_forced'`; on-policy groups come from KL triggers."
-        )
     trigger_rate = fraction if trigger_rate is None else trigger_rate
     if mode == "on_policy" and not 0.0 < trigger_rate < 1.0:  # `fraction=1` is fine in teacher-forced mode
         raise ValueError(f"`trigger_rate` must lie in (0, 1), got {trigger_rate}.")
@@ -329,13 +345,19 @@ def _check_arguments(
     if student is None or teacher is None:
         raise ValueError("`student` and `teacher` are both required: groups compare the teacher with the student.")
     # --- remote teachers (s2t_hf.teachers): no whole-vocabulary distribution, so no KL signal
-    if isinstance(teacher, Teacher) and not teacher.full_distribution and (mode != "teacher_forced" or signal == "kl"):
+    if isinstance(teacher, Teacher) and not teacher.full_distribution and signal == "kl":
         raise ValueError(
             f"A `{type(teacher).__name__}` gives the teacher's probabilities of the candidates, not its whole "
-            f"distribution, which `mode={mode!r}` with `signal={signal!r}` needs (the KL signal). Use "
-            "`mode='teacher_forced', signal='entropy'`, or a local teacher model."
+            f"distribution, which `signal='kl'` needs. Use `signal='entropy'`, or a local teacher model."
         )
     return trigger_rate
+
+
+def _digest(teacher_prompts: list | None) -> str:
+    """A digest of the teacher prompts for the collection's fingerprint ("" without them)."""
+    if teacher_prompts is None:
+        return ""
+    return hashlib.sha256(json.dumps(teacher_prompts, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def _check_generation_kwargs(generation_kwargs: dict[str, Any] | None) -> dict[str, Any]:
