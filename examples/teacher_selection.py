@@ -1,7 +1,8 @@
 """Collaborative S2T: a teacher chooses among the student's top-K at calibrated entropy triggers.
 
-Runs offline on CPU with two tiny random Llama models built from a config (replace them with real checkpoints that
-share a tokenizer, e.g. Qwen2.5-1.5B-Instruct and Qwen2.5-32B-Instruct).
+Runs offline on CPU with two tiny random Llama models built from a config (replace them with real checkpoints, e.g.
+Qwen2.5-1.5B-Instruct and Qwen2.5-32B-Instruct; for a teacher of another model family see
+`examples/teacher_across_tokenizers.py`).
 
     python examples/teacher_selection.py
 """
