@@ -256,3 +256,30 @@ def test_local_task_names_what_is_wrong(tmp_path):
     assert (tmp_path / "t" / "gsm8k_local.yaml").read_text().startswith("include: ")
     with pytest.raises(SystemExit, match="--local_data takes TASK=DIR"):
         _local_data_arguments(["--local_data", "gsm8k"], str(tmp_path / "t"))
+
+
+def test_a_teacher_of_another_tokenizer_is_loaded_with_its_own(workspace, tmp_path):
+    """A local teacher directory with another tokenizer: loaded with it, it scores the candidates as text."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+    from tokenizer_pair import sentencepiece_unigram
+
+    tokenizer = sentencepiece_unigram()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "other")
+    tokenizer.save_pretrained(tmp_path / "other")
+    model = get_model("s2t")(
+        pretrained=str(workspace / "student"), teacher=str(tmp_path / "other"), trigger="always", warmup_tokens=0,
+        device="cpu", dtype="float32", batch_size=4,
+    )
+    assert model.s2t.teacher_interface.text_scorer is not None
+    requests = [
+        Instance("generate_until", {}, (q, {"until": ["<eos>"], "max_gen_toks": 6, "do_sample": False}), i)
+        for i, q in enumerate(QUESTIONS)
+    ]
+    assert len(model.generate_until(requests)) == len(QUESTIONS)
+    stats = model.s2t_stats
+    assert stats["triggers"] > 0 and stats["teacher_calls"] > 0 and stats["flips"] > 0

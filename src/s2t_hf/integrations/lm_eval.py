@@ -73,6 +73,11 @@ class S2TLM(HFLM):
             The served model's name on a teacher server with several.
         teacher_dtype (`str`, *optional*):
             dtype of a local teacher (defaults to `dtype`).
+        teacher_gguf_file (`str`, *optional*):
+            A GGUF file in the local teacher's directory to load it from (as `gguf_file` does for the student).
+
+    A local teacher is loaded with its own tokenizer: a teacher of another model family (another tokenizer) then
+    scores the student's candidates as text (see `docs/method.md`), reading the student's prompt as text.
         calibration_size (`int`, *optional*, defaults to 32):
             Prompts used to calibrate a threshold from `trigger_rate` when none is given.
         kwargs:
@@ -87,6 +92,7 @@ class S2TLM(HFLM):
         teacher: Any = None,
         teacher_model: str | None = None,
         teacher_dtype: str | None = None,
+        teacher_gguf_file: str | None = None,
         calibration_size: int = 32,
         **kwargs: Any,
     ):
@@ -100,7 +106,7 @@ class S2TLM(HFLM):
         self.calibration_size = int(calibration_size)
         dtype = teacher_dtype or kwargs.get("dtype", "auto")
         trust_remote_code = kwargs.get("trust_remote_code", False)
-        self._teacher_object = self._load_teacher(teacher, teacher_model, dtype, trust_remote_code)
+        self._teacher_object = self._load_teacher(teacher, teacher_model, dtype, trust_remote_code, teacher_gguf_file)
         if selector is not None:
             processor = S2TLogitsProcessor.from_pretrained(selector, model=self.model, teacher=self._teacher_object,
                                                            tokenizer=self.tokenizer, **s2t_kwargs)
@@ -118,21 +124,28 @@ class S2TLM(HFLM):
                 "then calibrated on the first prompts) in `--model_args`."
             )
 
-    def _load_teacher(self, teacher: Any, served_model: str | None, dtype: Any, trust_remote_code: bool) -> Any:
-        """The teacher object: as given, a `RemoteTeacher` for an address, or a model loaded as the student is (its
-        custom code runs only with `trust_remote_code=True` in `--model_args`, as for the student)."""
+    def _load_teacher(
+        self, teacher: Any, served_model: str | None, dtype: Any, trust_remote_code: bool, gguf_file: str | None
+    ) -> Any:
+        """The teacher object: as given, a `RemoteTeacher` for an address, or a `LocalTeacher` of a model loaded as the
+        student is, with its own tokenizer (its custom code runs only with `trust_remote_code=True` in
+        `--model_args`, as for the student)."""
         if teacher is None or not isinstance(teacher, str):
             return teacher
         if teacher.startswith(("http://", "https://")):
             from ..teachers import RemoteTeacher
 
             return RemoteTeacher(teacher, tokenizer=self.tokenizer, model=served_model)
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from ..teachers import LocalTeacher
 
         if isinstance(dtype, str) and dtype != "auto":
             dtype = getattr(torch, dtype)
-        model = AutoModelForCausalLM.from_pretrained(teacher, dtype=dtype, trust_remote_code=bool(trust_remote_code))
-        return model.to(self.device).eval()
+        options = {"trust_remote_code": bool(trust_remote_code), **({"gguf_file": gguf_file} if gguf_file else {})}
+        model = AutoModelForCausalLM.from_pretrained(teacher, dtype=dtype, **options)
+        tokenizer = AutoTokenizer.from_pretrained(teacher, **options)
+        return LocalTeacher(model.to(self.device).eval(), tokenizer=tokenizer)
 
     def generate_until(self, requests, disable_tqdm: bool = False):
         if self._needs_calibration and requests:
