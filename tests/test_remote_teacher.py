@@ -57,11 +57,12 @@ def engine_python() -> str | None:
     )
 
 
-def save_teacher(directory: Path):
-    """A small Llama teacher (random weights, head_dim 64) and the word-level task tokenizer, saved for vLLM."""
+def save_teacher(directory: Path, tokenizer=None):
+    """A small Llama teacher (random weights, head_dim 64) and its tokenizer (by default the word-level task
+    tokenizer), saved for vLLM."""
     from s2t_hf.tasks import build_tokenizer
 
-    tokenizer = build_tokenizer(model_max_length=1024)
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(model_max_length=1024)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,

@@ -164,6 +164,13 @@ class Teacher(abc.ABC):
         self.prompt_lengths = [int(n) for n in prompt_lengths]
         self.teacher_prompts = None if teacher_prompts is None else list(teacher_prompts)
 
+    def row_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, row: int) -> tuple[list, list]:
+        """A row's student prompt (left padding dropped) and continuation as token-id lists, split where
+        [`~Teacher.begin`] said the continuation starts (the whole row is continuation before any `begin`)."""
+        start = self.prompt_lengths[0] if self.prompt_lengths else 0
+        ids, mask = input_ids[row].tolist(), attention_mask[row].tolist()
+        return [i for i, m in zip(ids[:start], mask[:start]) if m], ids[start:]
+
     @property
     def cached_tokens(self) -> int:
         """Tokens the teacher holds in its per-generation cache (0 for a teacher without one)."""

@@ -39,11 +39,32 @@ import torch
 from transformers import DynamicCache
 
 from ..kv import cache_argument, model_device, unwrap_model
+from .base import vocabulary_difference
 from .teacher_prompts import RenderedPrompt, leading_special_ids, render_teacher_prompt
 from .token_text import TokenText, end_token_ids, split_incomplete_utf8
 
 
-__all__ = ["CrossTokenizerScorer", "RowScores", "ScoringPlan"]
+__all__ = ["CrossTokenizerScorer", "RowScores", "ScoringPlan", "uses_text_scoring"]
+
+
+def uses_text_scoring(candidate_scoring: str, student_tokenizer: Any, teacher_tokenizer: Any) -> bool:
+    """
+    Whether a teacher scores the candidates as text: `candidate_scoring="text"`, or `"auto"` with two tokenizers
+    whose vocabularies differ ([`~s2t_hf.teachers.vocabulary_difference`]). `"tokens"` with different vocabularies
+    raises a `ValueError` that points to `"auto"`.
+    """
+    difference = None
+    if student_tokenizer is not None and teacher_tokenizer is not None:
+        difference = vocabulary_difference(student_tokenizer, teacher_tokenizer)
+    if candidate_scoring == "text" or (candidate_scoring == "auto" and difference is not None):
+        return True
+    if difference is not None:
+        raise ValueError(
+            f"The teacher's tokenizer is not the student's: {difference}. `candidate_scoring='tokens'` compares the "
+            "two models token by token, which needs one tokenizer. Use `candidate_scoring='auto'` (or 'text') to "
+            "score the candidates as text under the teacher's own tokenizer."
+        )
+    return False
 
 
 @dataclass
@@ -104,12 +125,15 @@ class CrossTokenizerScorer:
     Scores the student's candidates as text under a local teacher's own tokenizer (see the module's description).
 
     Args:
-        model (`PreTrainedModel`): the teacher model.
+        model (`PreTrainedModel` or `None`): the teacher model; `None` for a teacher asked elsewhere (a served one),
+            which uses only [`~CrossTokenizerScorer.plan`], [`~CrossTokenizerScorer.finish`] and the text helpers.
         tokenizer (`PreTrainedTokenizerBase`): the teacher's tokenizer.
         student_tokenizer (`PreTrainedTokenizerBase`): the student's tokenizer.
         student_end_ids (`Sequence[int]`, *optional*): more ids that end the student's reply (its generation config's
             `eos_token_id`).
         counters (`Teacher`, *optional*): the teacher whose `calls` and `tokens` count the forwards.
+        teacher_end_ids (`Sequence[int]`, *optional*): more ids that end the teacher's reply; defaults to the model's
+            generation config's `eos_token_id`.
     """
 
     def __init__(
@@ -119,14 +143,16 @@ class CrossTokenizerScorer:
         student_tokenizer: Any,
         student_end_ids: Sequence[int] = (),
         counters: Any = None,
+        teacher_end_ids: Sequence[int] | None = None,
     ):
-        self.model = unwrap_model(model)
+        self.model = unwrap_model(model) if model is not None else None
         self.tokenizer = tokenizer
         self.student_tokenizer = student_tokenizer
         self.student_text = TokenText(student_tokenizer)
         self.teacher_text = TokenText(tokenizer)
-        generation_config = getattr(self.model, "generation_config", None)
-        teacher_eos = getattr(generation_config, "eos_token_id", None)
+        teacher_eos = teacher_end_ids
+        if teacher_eos is None:
+            teacher_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         teacher_eos = [teacher_eos] if isinstance(teacher_eos, int) else list(teacher_eos or [])
         self.teacher_end_ids = end_token_ids(tokenizer, teacher_eos)
         self.student_end_ids = set(end_token_ids(student_tokenizer, student_end_ids))
@@ -175,6 +201,17 @@ class CrossTokenizerScorer:
             return None
         complete, tail = split_incomplete_utf8(continuation)
         return list(prefix), prompt_text + complete.decode("utf-8", errors="replace"), tail
+
+    def context_token_ids(
+        self, key: int, prompt_ids: Sequence[int], continuation_ids: Sequence[int]
+    ) -> list[int] | None:
+        """The teacher's tokens of a row's whole context (takeover), or `None` when it ends in an incomplete character
+        or cannot be read as bytes."""
+        context = self.context(key, prompt_ids, continuation_ids)
+        if context is None or context[2]:
+            return None
+        prefix, text, _ = context
+        return [*prefix, *self._encode([text])[0]]
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -285,6 +322,31 @@ class CrossTokenizerScorer:
                     ids.add(i)
         return sorted(ids)
 
+    def corrections(self, plan: ScoringPlan) -> dict[int, list[int]]:
+        """Per text candidate `k` that is a string prefix of others, the teacher tokens towards the longer ones (step
+        4; read after its branch)."""
+        corrections = {}
+        for k, string in plan.strings.items():
+            extensions = [s[len(string) :].encode() for j, s in plan.strings.items() if j != k and s.startswith(string)]
+            towards = self.towards([e for e in extensions if e])
+            if towards:
+                corrections[k] = towards
+        return corrections
+
+    def after_reads(self, plan: ScoringPlan) -> dict[int | None, list[int]]:
+        """
+        The teacher ids whose log-probabilities [`~CrossTokenizerScorer.finish`] reads after forced sequence `i` of
+        `plan.forced()` (`None`: after the trunk alone), for a teacher that is asked for them ahead (a served one).
+        """
+        reads: dict[int | None, set[int]] = {}
+        corrections = self.corrections(plan)
+        for i, k in enumerate(plan.strings):
+            reads.setdefault(i, set()).update(corrections.get(k, []))
+        after_remainder = len(plan.branches) if plan.remainder else None
+        for teacher_ids in plan.specials.values():
+            reads.setdefault(after_remainder, set()).update(teacher_ids)
+        return {i: sorted(ids) for i, ids in reads.items() if ids}
+
     def plan(
         self, key: int, prompt_ids: Sequence[int], continuation_ids: Sequence[int], candidate_ids: Sequence[int],
         valid: Sequence[bool],
@@ -349,10 +411,10 @@ class CrossTokenizerScorer:
         """
         remainder_log_prob = sum(token_log_probs[-1]) if plan.remainder else 0.0
         log_probs = [float("-inf")] * plan.num_candidates
-        for i, (k, string) in enumerate(plan.strings.items()):
+        corrections = self.corrections(plan)
+        for i, k in enumerate(plan.strings):
             log_probs[k] = sum(token_log_probs[i]) - remainder_log_prob
-            extensions = [s[len(string) :].encode() for j, s in plan.strings.items() if j != k and s.startswith(string)]
-            towards = self.towards([e for e in extensions if e])
+            towards = corrections.get(k)
             if towards:
                 mass = float(log_probs_after(i, towards).exp().sum())
                 log_probs[k] += math.log1p(-min(mass, 1.0 - 1e-6))
@@ -389,19 +451,23 @@ class CrossTokenizerScorer:
         A teacher token whose text the student writes with several tokens advances by its first: the student goes
         on from the new text, and the teacher is asked again at the next trigger.
         """
-        context = self.context(key, prompt_ids, continuation_ids)
-        if context is None or context[2]:
+        tokens = self.context_token_ids(key, prompt_ids, continuation_ids)
+        if tokens is None:
             return None
-        prefix, text, _ = context
-        tokens = [*prefix, *self._encode([text])[0]]
         row = self._advance(key, tokens)
-        best = int(row.last.argmax())
-        if best in self.teacher_end_ids:
+        return self.student_token(int(row.last.argmax()), [*prompt_ids, *continuation_ids], allowed)
+
+    def student_token(self, teacher_id: int, context_ids: Sequence[int], allowed: Any = None) -> int | None:
+        """
+        A teacher token as the student's token that starts its text after `context_ids` (the student's first end
+        token for a teacher end token), or `None` when it cannot be written so or `allowed` rules it out.
+        """
+        if teacher_id in self.teacher_end_ids:
             ends = sorted(self.student_end_ids)
             eos = self.student_tokenizer.eos_token_id
             student = eos if eos is not None else (ends[0] if ends else None)
         else:
-            student = self._student_token_for(self.teacher_text.token_bytes(best), [*prompt_ids, *continuation_ids])
+            student = self._student_token_for(self.teacher_text.token_bytes(teacher_id), list(context_ids))
         if student is None or (allowed is not None and not bool(allowed[student])):
             return None
         return student

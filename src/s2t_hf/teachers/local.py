@@ -16,8 +16,8 @@ from transformers import DynamicCache
 
 from ..kv import cache_argument, model_device, output_rows, positions_from_attention_mask, unwrap_model
 from ..selection import takeover_selection, teacher_selection
-from .base import Teacher, TeacherChoice, vocabulary_difference
-from .cross_tokenizer import CrossTokenizerScorer
+from .base import Teacher, TeacherChoice
+from .cross_tokenizer import CrossTokenizerScorer, uses_text_scoring
 from .teacher_prompts import check_teacher_prompts, render_teacher_prompt
 from .token_text import end_token_ids
 
@@ -104,18 +104,9 @@ class LocalTeacher(Teacher):
         self.teacher_rows = teacher_vocab
         self.text_scorer = None
         self.full_distribution = True
-        difference = None
-        if tokenizer is not None and self.tokenizer is not None:
-            difference = vocabulary_difference(tokenizer, self.tokenizer)
-        if self.candidate_scoring == "text" or (self.candidate_scoring == "auto" and difference is not None):
+        if uses_text_scoring(self.candidate_scoring, tokenizer, self.tokenizer):
             self._prepare_text_scoring(student, tokenizer)
             return
-        if difference is not None:
-            raise ValueError(
-                f"The teacher's tokenizer is not the student's: {difference}. `candidate_scoring='tokens'` compares "
-                "the two models token by token, which needs one tokenizer. Use `candidate_scoring='auto'` (or 'text') "
-                "to score the candidates as text under the teacher's own tokenizer."
-            )
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         if teacher_vocab == student_vocab:
             return
@@ -208,18 +199,11 @@ class LocalTeacher(Teacher):
             torch.cat([mask.to(attention_mask.device), attention_mask[:, start:]], dim=1),
         )
 
-    def _row_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, row: int) -> tuple[list, list]:
-        """A row's student prompt (left padding dropped) and continuation, as token-id lists."""
-        start = self.prompt_lengths[0] if self.prompt_lengths else 0
-        ids, mask = input_ids[row].tolist(), attention_mask[row].tolist()
-        prompt = [i for i, m in zip(ids[:start], mask[:start]) if m]
-        return prompt, ids[start:]
-
     def _text_scores(self, input_ids, attention_mask, rows, candidate_ids, valid) -> tuple[torch.Tensor, torch.Tensor]:
         """Text scoring of the triggered rows' candidates: `(log_probs (n, K), unscored (n,))`."""
         log_probs, unscored = [], []
         for row, candidates, ok in zip(rows.tolist(), candidate_ids.tolist(), valid.tolist()):
-            prompt, continuation = self._row_tokens(input_ids, attention_mask, row)
+            prompt, continuation = self.row_tokens(input_ids, attention_mask, row)
             scores = self.text_scorer.score(row, prompt, continuation, candidates, ok)
             log_probs.append(scores.log_probs)
             unscored.append(not scores.scored)
@@ -315,7 +299,7 @@ class LocalTeacher(Teacher):
         if self.text_scorer is not None:
             tokens = []
             for n, row in enumerate(rows.tolist()):
-                prompt, continuation = self._row_tokens(input_ids, attention_mask, row)
+                prompt, continuation = self.row_tokens(input_ids, attention_mask, row)
                 token = self.text_scorer.greedy_token(
                     row, prompt, continuation, allowed=allowed[n] if allowed is not None else None
                 )

@@ -5,7 +5,9 @@
 The server is vLLM, or another server of the OpenAI-compatible `/v1/completions` API that accepts token-id prompts and
 vLLM's sampling extensions. The S2T choice is one constrained greedy token (`allowed_token_ids=<candidates>`,
 `temperature=0`, `max_tokens=1`); Takeover is one plain greedy token; teacher-forced collection reads
-`prompt_logprobs`. See `docs/serving.md`.
+`prompt_logprobs`. A served teacher with another tokenizer than the student's scores the candidates as text
+([`~s2t_hf.teachers.cross_tokenizer.CrossTokenizerScorer`]), reading log-probabilities of given token ids. See
+`docs/serving.md`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ from typing import Any
 
 import torch
 
-from .base import Teacher, TeacherChoice, vocabulary_difference
+from ..kv import unwrap_model
+from .base import Teacher, TeacherChoice
+from .cross_tokenizer import CrossTokenizerScorer, ScoringPlan, uses_text_scoring
+from .teacher_prompts import check_teacher_prompts
+from .token_text import end_token_ids
 from .transport import JSONClient, ServerError
 
 
@@ -28,6 +34,8 @@ class RemoteTeacherError(ServerError):
 
 
 _TOKEN_PREFIX = "token_id:"
+# the most ids vLLM reads in one `logprob_token_ids` request (its `MAX_LOGPROB_TOKEN_IDS`)
+_MAX_LOGPROB_TOKEN_IDS = 128
 
 
 def _token_id(key: str) -> int:
@@ -72,8 +80,9 @@ def _check_served_tokenizer(client: JSONClient, model: str, tokenizer: Any) -> N
     if list(answer.get("tokens", [])) != expected:
         raise ValueError(
             f"The teacher server's tokenizer does not match `tokenizer`: {probe!r} encodes to "
-            f"{answer.get('tokens')} on the server and to {expected} here. S2T compares token ids, so the teacher "
-            "must use the student's tokenizer (serve a teacher of the same model family)."
+            f"{answer.get('tokens')} on the server and to {expected} here. Pass the served model's own tokenizer as "
+            "`tokenizer=` (the student's for a teacher of the same family; another one makes the teacher score the "
+            "candidates as text)."
         )
     # the ends of the vocabulary: same size and order (ordinary tokens: servers may skip special ones in decoding)
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
@@ -86,7 +95,7 @@ def _check_served_tokenizer(client: JSONClient, model: str, tokenizer: Any) -> N
             raise ValueError(
                 f"The teacher server's tokenizer does not match `tokenizer`: token id {token_id} decodes to "
                 f"{answer.get('prompt')!r} on the server and to {local!r} here (vocabularies of different size or "
-                "order). S2T compares token ids, so the teacher must use the student's tokenizer."
+                "order). Pass the served model's own tokenizer as `tokenizer=`."
             )
 
 
@@ -118,16 +127,31 @@ class RemoteTeacher(Teacher):
     matches `tokenizer` (through vLLM's `/tokenize` and `/detokenize`), and that it honours `allowed_token_ids` and
     returns raw log-probabilities (one probe request).
 
-    The remote teacher has no whole-vocabulary distribution: the `kl` trigger and `lazy_teacher=False` raise an error
-    with it. `teacher_calls` counts trigger steps that asked the server (one batch of requests each) and
-    `teacher_tokens` the prompt tokens sent (the server's prefix cache re-encodes only what is new).
+    **A teacher with another tokenizer.** When `tokenizer` (the served model's) is not the student's tokenizer given to
+    the processor (checked on the vocabularies in [`~RemoteTeacher.prepare`]), the teacher scores the student's
+    candidates as text under its own tokenizer, as [`~s2t_hf.teachers.LocalTeacher`] does: the client plans each row
+    ([`~s2t_hf.teachers.cross_tokenizer.CrossTokenizerScorer.plan`]: the teacher's tokens of the shared trunk, and per
+    candidate the branch it teacher-forces) and asks the server, per distinct prefix `trunk + branch[:j]`, for the
+    log-probabilities of the token ids it needs next (the branch's next token; after a whole branch, the tokens of the
+    prefix correction and the end tokens). With a server that serves vLLM's `logprob_token_ids` (checked once, in
+    `prepare`) that is one request per prefix (up to 128 ids each); otherwise one request per id, constrained to it
+    (`allowed_token_ids=[id]`). Every request reuses the server's prefix cache (`prompt_logprobs`, which skips it, is
+    not used). The values are exact, so the choices are the local teacher's. Takeover asks for the teacher's greedy
+    token after the whole context and emits the student's token that starts its text
+    ([`~s2t_hf.teachers.cross_tokenizer.CrossTokenizerScorer.student_token`]). Teacher prompts (`teacher_prompts`)
+    are read on this path, rendered with the teacher tokenizer's own template.
+
+    The remote teacher has no whole-vocabulary distribution over the student's vocabulary: the `kl` trigger and
+    `lazy_teacher=False` raise an error with it. `teacher_calls` counts trigger steps that asked the server (one batch
+    of requests each) and `teacher_tokens` the prompt tokens sent (the server's prefix cache re-encodes only what is new).
 
     Args:
         base_url (`str`):
             The server's address, e.g. `"http://127.0.0.1:8000"` (a trailing `/v1` is accepted).
         tokenizer (`PreTrainedTokenizerBase`, *optional*):
-            The student's tokenizer, checked against the server's. Strongly recommended; without it the check is
-            skipped with a warning.
+            The served model's tokenizer, checked against the server's: the student's for a teacher of the same family
+            (token ids are compared), or the teacher's own (another family: the candidates are scored as text).
+            Strongly recommended; without it the check is skipped with a warning.
         model (`str`, *optional*):
             The served model's name; defaults to the only (first) model the server lists.
         api_key (`str`, *optional*):
@@ -143,6 +167,9 @@ class RemoteTeacher(Teacher):
         top_logprobs (`int`, *optional*, defaults to 20):
             Top log-probabilities asked for when candidate log-probabilities are needed (at most the server's
             `--max-logprobs`).
+        candidate_scoring (`str`, *optional*, defaults to `"auto"`):
+            `"tokens"` compares token ids (one tokenizer), `"text"` scores the candidates as strings under the
+            teacher's tokenizer, `"auto"` picks `"text"` exactly when `tokenizer` is not the student's.
         check (`bool`, *optional*, defaults to `True`):
             Run the construction checks.
 
@@ -154,6 +181,10 @@ class RemoteTeacher(Teacher):
     >>> teacher = RemoteTeacher("http://127.0.0.1:8000", tokenizer=tokenizer)  # doctest: +SKIP
     >>> s2t = S2TLogitsProcessor(student, teacher=teacher, trigger="entropy", trigger_threshold=1.0)  # doctest: +SKIP
     >>> out = student.generate(**inputs, logits_processor=[s2t])  # doctest: +SKIP
+    >>> # a served teacher of another family: its own tokenizer here, the student's to the processor
+    >>> gemma = RemoteTeacher("http://127.0.0.1:8001", tokenizer=gemma_tokenizer)  # doctest: +SKIP
+    >>> s2t = S2TLogitsProcessor(student, teacher=gemma, tokenizer=student_tokenizer, trigger="entropy",
+    ...                          trigger_threshold=1.0)  # doctest: +SKIP
     ```
     """
 
@@ -171,9 +202,12 @@ class RemoteTeacher(Teacher):
         backoff: float = 0.5,
         max_concurrency: int = 32,
         top_logprobs: int = 20,
+        candidate_scoring: str = "auto",
         check: bool = True,
     ):
         super().__init__()
+        if candidate_scoring not in ("auto", "tokens", "text"):
+            raise ValueError(f"`candidate_scoring` must be 'auto', 'tokens' or 'text', got {candidate_scoring!r}.")
         #: The JSON-over-HTTP client that carries the requests (connections, retries, timeouts, threads).
         self.client = JSONClient(
             _server_root(base_url),
@@ -191,6 +225,12 @@ class RemoteTeacher(Teacher):
         self.base_url = self.client.base_url
         self.tokenizer = tokenizer
         self.top_logprobs = top_logprobs
+        self.candidate_scoring = candidate_scoring
+        #: Set by `prepare` when the teacher scores candidates as text (another tokenizer than the student's).
+        self.text_scorer: CrossTokenizerScorer | None = None
+        #: How the text path reads log-probabilities of given ids: `"logprob_token_ids"` (one request per prefix) or
+        #: `"allowed_token_ids"` (one per id); found out by the first `prepare` that needs it.
+        self.id_log_probs: str | None = None
         self.blocked_ids = torch.zeros(0, dtype=torch.long)
         self.max_model_len: int | None = None
         self.model = model
@@ -303,6 +343,11 @@ class RemoteTeacher(Teacher):
 
     def prepare(self, student: torch.nn.Module, tokenizer: Any = None, blocked_ids: Sequence[int] = ()) -> None:
         super().prepare(student, tokenizer, blocked_ids)
+        self.text_scorer = None
+        self.reads_teacher_prompts = False
+        if uses_text_scoring(self.candidate_scoring, tokenizer, self.tokenizer):
+            self._prepare_text_scoring(student, tokenizer)
+            return
         if tokenizer is None or self.tokenizer is None:
             return
         if len(tokenizer) != len(self.tokenizer):
@@ -310,12 +355,174 @@ class RemoteTeacher(Teacher):
                 f"The processor's `tokenizer` ({len(tokenizer)} tokens) is not the one the `RemoteTeacher` was "
                 f"checked with ({len(self.tokenizer)} tokens). S2T compares token ids, so both must use one tokenizer."
             )
-        difference = vocabulary_difference(tokenizer, self.tokenizer)
-        if difference is not None:
+
+    def _prepare_text_scoring(self, student: torch.nn.Module, tokenizer: Any) -> None:
+        if tokenizer is None or self.tokenizer is None:
             raise ValueError(
-                f"The processor's `tokenizer` is not the one the `RemoteTeacher` was checked with: {difference}. S2T "
-                "compares token ids, so both must use one tokenizer."
+                "Scoring the candidates as text needs both tokenizers: the served teacher's as "
+                "`RemoteTeacher(base_url, tokenizer=teacher_tokenizer)` and the student's as `tokenizer=` of the "
+                "processor (or of `collect_selection_data`)."
             )
+        student_eos = getattr(getattr(unwrap_model(student), "generation_config", None), "eos_token_id", None)
+        student_eos = [student_eos] if isinstance(student_eos, int) else list(student_eos or [])
+        # the served model's generation config is not visible here: its tokenizer's end tokens stand for it
+        self.text_scorer = CrossTokenizerScorer(
+            None, self.tokenizer, tokenizer, student_eos, teacher_end_ids=end_token_ids(self.tokenizer)
+        )
+        self.reads_teacher_prompts = True
+        if self.id_log_probs is None:
+            self.id_log_probs = "logprob_token_ids" if self._serves_logprob_token_ids() else "allowed_token_ids"
+
+    def _serves_logprob_token_ids(self) -> bool:
+        """Whether the server answers vLLM's `logprob_token_ids` (two probe requests)."""
+        prompt = list(self.tokenizer("12 + 7 =")["input_ids"]) or [0]
+        greedy = self._parse_one(self._complete(prompt, logprobs=1))["token"]
+        probe = [i for i in (len(self.tokenizer) - 1, len(self.tokenizer) // 2, 1) if i != greedy][:2]
+        try:
+            answer = self._parse_one(self._complete(prompt, logprobs=len(probe), logprob_token_ids=probe))
+        except RemoteTeacherError as error:
+            if error.status is None or error.status >= 500:
+                raise
+            return False  # a server that rejects the field
+        # a server that ignores the field answers its top-2, which holds the greedy token: never both probe ids
+        return all(i in answer["top"] for i in probe)
+
+    def reset(self) -> None:
+        super().reset()
+        if self.text_scorer is not None:
+            self.text_scorer.reset()
+
+    def begin(self, prompt_lengths, teacher_prompts=None) -> None:
+        teacher_prompts = check_teacher_prompts(teacher_prompts)
+        super().begin(prompt_lengths, teacher_prompts)
+        if self.text_scorer is not None:
+            self.text_scorer.set_prompts(teacher_prompts)
+
+    # ------------------------------------------------------------------ text scoring (another tokenizer)
+
+    def _check_length(self, prompt: Sequence[int]) -> None:
+        if self.max_model_len is not None and len(prompt) >= self.max_model_len:
+            raise RemoteTeacherError(
+                f"A context of {len(prompt)} teacher tokens does not fit the teacher server's `max_model_len` of "
+                f"{self.max_model_len}. Restart the server with a larger `--max-model-len`."
+            )
+
+    def _log_probs_of_ids(self, queries: dict[tuple[int, ...], set[int]]) -> dict[tuple[int, ...], dict[int, float]]:
+        """The teacher's log-probabilities of the given ids after each prompt (concurrent requests)."""
+        jobs = []
+        for prompt, ids in queries.items():
+            self._check_length(prompt)
+            ids = sorted(ids)
+            width = _MAX_LOGPROB_TOKEN_IDS if self.id_log_probs == "logprob_token_ids" else 1
+            jobs += [(prompt, ids[start : start + width]) for start in range(0, len(ids), width)]
+
+        def one(job: tuple[tuple[int, ...], list[int]]) -> dict[int, float]:
+            prompt, ids = job
+            if self.id_log_probs == "allowed_token_ids":
+                answer = self._complete(list(prompt), logprobs=0, allowed_token_ids=ids)
+                return {ids[0]: self._parse_one(answer)["log_prob"]}
+            top = self._parse_one(self._complete(list(prompt), logprobs=len(ids), logprob_token_ids=ids))["top"]
+            if any(i not in top for i in ids):
+                raise RemoteTeacherError(
+                    f"The teacher server at {self.base_url} answered `logprob_token_ids` without some of the ids asked "
+                    f"for ({[i for i in ids if i not in top][:5]})."
+                )
+            return {i: top[i] for i in ids}
+
+        values: dict[tuple[int, ...], dict[int, float]] = {}
+        for (prompt, _), answer in zip(jobs, self.client.map(one, jobs)):
+            values.setdefault(prompt, {}).update(answer)
+        self.tokens += sum(len(prompt) for prompt, _ in jobs)
+        return values
+
+    def _finish_plans(self, plans: list[ScoringPlan | None]) -> list:
+        """The candidates' scores of each planned row (`None`: unscored), from one round of requests."""
+        queries: dict[tuple[int, ...], set[int]] = {}
+        for plan in plans:
+            if plan is None:
+                continue
+            forced = plan.forced()
+            for branch in forced:
+                for j, token in enumerate(branch):
+                    queries.setdefault(tuple(plan.trunk + branch[:j]), set()).add(token)
+            for i, ids in self.text_scorer.after_reads(plan).items():
+                queries.setdefault(tuple(plan.trunk + (forced[i] if i is not None else [])), set()).update(ids)
+        values = self._log_probs_of_ids(queries)
+        scores = []
+        for plan in plans:
+            if plan is None:
+                scores.append(None)
+                continue
+            forced = plan.forced()
+            token_log_probs = [
+                [values[tuple(plan.trunk + branch[:j])][token] for j, token in enumerate(branch)] for branch in forced
+            ]
+
+            def log_probs_after(i: int | None, ids: list[int], plan=plan, forced=forced) -> torch.Tensor:
+                after = values[tuple(plan.trunk + (forced[i] if i is not None else []))]
+                return torch.tensor([after[t] for t in ids], dtype=torch.float32)
+
+            scores.append(self.text_scorer.finish(plan, token_log_probs, log_probs_after))
+        return scores
+
+    def _text_scores(self, keyed_rows: list, candidate_ids: torch.Tensor, valid: torch.Tensor):
+        """
+        Text scoring of rows given as `(key, prompt_ids, continuation_ids)`: `(log_probs (n, K), unscored (n,))`, the
+        log-probabilities `-inf` at candidates that cannot be scored and `nan` in unscored rows.
+        """
+        plans = [
+            self.text_scorer.plan(key, prompt, continuation, candidates, ok)
+            for (key, prompt, continuation), candidates, ok in zip(keyed_rows, candidate_ids.tolist(), valid.tolist())
+        ]
+        scores = self._finish_plans(plans)
+        self.calls += 1
+        width = candidate_ids.shape[1]
+        device = candidate_ids.device
+        log_probs = torch.tensor(
+            [s.log_probs if s is not None else [float("nan")] * width for s in scores], dtype=torch.float32
+        ).reshape(candidate_ids.shape)
+        unscored = torch.tensor([s is None for s in scores], dtype=torch.bool)
+        return log_probs.to(device), unscored.to(device)
+
+    def _keyed_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor) -> list:
+        return [(row, *self.row_tokens(input_ids, attention_mask, row)) for row in rows.tolist()]
+
+    def _text_select(self, input_ids, attention_mask, rows, candidate_ids, valid) -> TeacherChoice:
+        scores, unscored = self._text_scores(self._keyed_rows(input_ids, attention_mask, rows), candidate_ids, valid)
+        positions = scores.masked_fill(~valid | scores.isnan(), float("-inf")).argmax(-1).masked_fill(unscored, 0)
+        return TeacherChoice(
+            token_ids=candidate_ids.gather(-1, positions[:, None])[:, 0],
+            positions=positions,
+            candidate_log_probs=scores,
+            unscored=unscored,
+        )
+
+    def _text_takeover(self, input_ids, attention_mask, rows, candidate_ids, allowed, with_log_probs) -> TeacherChoice:
+        keyed = self._keyed_rows(input_ids, attention_mask, rows)
+        contexts = [self.text_scorer.context_token_ids(*row) for row in keyed]
+        asked = [n for n, tokens in enumerate(contexts) if tokens is not None]
+        for n in asked:
+            self._check_length(contexts[n])
+
+        def one(n: int) -> int:
+            return self._parse_one(self._complete(contexts[n], logprobs=0))["token"]
+
+        tokens = [-1] * len(keyed)
+        for n, best in zip(asked, self.client.map(one, asked)):
+            _, prompt, continuation = keyed[n]
+            token = self.text_scorer.student_token(
+                best, [*prompt, *continuation], allowed=allowed[n] if allowed is not None else None
+            )
+            tokens[n] = -1 if token is None else token
+        self.calls += 1
+        self.tokens += sum(len(contexts[n]) for n in asked)
+        token_ids = torch.tensor(tokens, dtype=torch.long, device=input_ids.device)
+        log_probs = None
+        if with_log_probs and candidate_ids is not None:
+            log_probs, _ = self._text_scores(keyed, candidate_ids, torch.ones_like(candidate_ids, dtype=torch.bool))
+        return TeacherChoice(token_ids=token_ids, candidate_log_probs=log_probs, unscored=token_ids < 0)
+
+    # ------------------------------------------------------------------ the interface (token ids)
 
     def _contexts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor) -> list[list[int]]:
         contexts = []
@@ -348,6 +555,8 @@ class RemoteTeacher(Teacher):
         return torch.tensor(values, dtype=torch.float32, device=candidate_ids.device)
 
     def select(self, input_ids, attention_mask, rows, candidate_ids, valid, *, with_log_probs=False) -> TeacherChoice:
+        if self.text_scorer is not None:
+            return self._text_select(input_ids, attention_mask, rows, candidate_ids, valid)
         contexts = self._contexts(input_ids, attention_mask, rows)
         allowed = [[c for c, ok in zip(ids, oks) if ok] for ids, oks in zip(candidate_ids.tolist(), valid.tolist())]
         count = self.top_logprobs if with_log_probs else 1
@@ -375,6 +584,8 @@ class RemoteTeacher(Teacher):
     def takeover(
         self, input_ids, attention_mask, rows, candidate_ids=None, *, allowed=None, with_log_probs=False
     ) -> TeacherChoice:
+        if self.text_scorer is not None:
+            return self._text_takeover(input_ids, attention_mask, rows, candidate_ids, allowed, with_log_probs)
         contexts = self._contexts(input_ids, attention_mask, rows)
         params: dict[str, Any] = {"logprobs": self.top_logprobs if with_log_probs else 0}
         if self.blocked_ids.numel():
@@ -415,11 +626,22 @@ class RemoteTeacher(Teacher):
         return 0 <= token < allowed_row.shape[0] and bool(allowed_row[token])
 
     def candidate_log_probs(self, input_ids, attention_mask, rows, candidate_ids) -> torch.Tensor:
+        if self.text_scorer is not None:
+            valid = torch.ones_like(candidate_ids, dtype=torch.bool)
+            return self._text_scores(self._keyed_rows(input_ids, attention_mask, rows), candidate_ids, valid)[0]
         contexts = self._contexts(input_ids, attention_mask, rows)
         self.calls += 1
         return self._fill_log_probs(contexts, candidate_ids, [{} for _ in contexts])
 
     def score_trajectories(self, trajectories, positions, candidate_ids):
+        if self.text_scorer is not None:
+            prompt_lengths = self.prompt_lengths or [0] * len(trajectories)
+            keyed = [
+                (b, list(trajectories[b][: prompt_lengths[b]]), list(trajectories[b][prompt_lengths[b] : t]))
+                for b, t in positions.tolist()
+            ]
+            log_probs, _ = self._text_scores(keyed, candidate_ids, torch.ones_like(candidate_ids, dtype=torch.bool))
+            return log_probs, torch.full_like(candidate_ids[:, 0], -1)  # no top-1 over another vocabulary
         positions_list = positions.tolist()
         needed: dict[int, int] = {}
         for b, t in positions_list:
