@@ -90,6 +90,8 @@ def sentencepiece_unigram() -> PreTrainedTokenizerFast:
     }
     backend = Tokenizer.from_str(json.dumps(data))
     tokenizer = _wrap(backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    # the turn markers are special tokens, as in Gemma's tokenizer (their ids stay those of the vocabulary)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
     tokenizer.chat_template = (
         "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
         "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"

@@ -89,7 +89,10 @@ def end_token_ids(tokenizer: Any, extra: Sequence[int] = ()) -> list[int]:
     if getattr(tokenizer, "eos_token_id", None) is not None:
         ids.append(int(tokenizer.eos_token_id))
     vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-    ids += [vocab[token] for token in END_OF_TURN_TOKENS if token in vocab]
+    # only where the marker is a special token (Gemma's `</s>` is ordinary text)
+    special = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    special |= {t.content for t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values() if t.special}
+    ids += [vocab[token] for token in END_OF_TURN_TOKENS if token in vocab and token in special]
     return sorted(set(ids))
 
 
