@@ -190,8 +190,8 @@ def collect_selection_data(
         teacher_prompts (sequence, *optional*):
             One prompt per prompt that the teacher reads instead of the student's, followed by the student's
             continuation: a string, or chat messages rendered with the teacher's chat template. Privileged
-            information here makes a *hinted* teacher (e.g. the reference solution: the student's own model then
-            serves as a teacher).
+            information here makes a *hinted* teacher (e.g. the reference solution: a copy of the student's model,
+            `LocalTeacher(copy.deepcopy(student), tokenizer=tokenizer)`, then serves as a teacher).
         calibration_prompts (sequence, *optional*):
             On-policy mode: prompts to calibrate the trigger on (same formats as `prompts`). Defaults to the first 32
             prompts.

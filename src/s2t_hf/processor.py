@@ -238,6 +238,16 @@ class S2TLogitsProcessor(LogitsProcessor):
                 f"`selection={config.selection!r}` with `trigger={config.trigger!r}` needs a `teacher` model. Pass "
                 "`teacher=...`, or use `selection='local'` with a trained selector and a teacher-free trigger."
             )
+        teacher_model = self.teacher
+        if not isinstance(teacher_model, torch.nn.Module):
+            teacher_model = getattr(teacher_model, "model", None)  # a `LocalTeacher`'s model
+        if isinstance(teacher_model, torch.nn.Module) and unwrap_model(teacher_model) is self.student:
+            raise ValueError(
+                "The teacher is the student's own model object: the teacher's forwards would pass through the "
+                "processor's hook on `model` and be taken for the student's steps. To use the student's weights as the "
+                "teacher (e.g. a hinted teacher with `teacher_prompts`), pass a copy: "
+                "`LocalTeacher(copy.deepcopy(model), tokenizer=tokenizer)`."
+            )
         if SELECTIONS[config.selection].scores_candidates and self.selector is None:
             raise ValueError(
                 "`selection='local'` needs a trained `selector` (an `S2TSelector`); load one with "

@@ -156,7 +156,9 @@ class ShardStore:
         path = self._shard_path(index, kind)
         temporary = path + ".tmp"
         shutil.rmtree(temporary, ignore_errors=True)
-        shard.save_to_disk(temporary)
+        # `datasets` writes an empty dataset as no file at all and cannot read that back: one empty file instead (a
+        # shard of on-policy prompts where the trigger never fired holds no group)
+        shard.save_to_disk(temporary, num_shards=1 if len(shard) == 0 else None)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(temporary, path)
         return self.load(index, kind)

@@ -86,7 +86,9 @@ def generate_batched(
             Prompts per `generate` call.
         s2t (`S2TLogitsProcessor`, *optional*):
             Decode with S2T through the fused loop ([`s2t_hf.generate`]); to use the drop-in path instead, pass
-            `logits_processor=[s2t]`. The processor's `stats` and `records` then describe the last batch.
+            `logits_processor=[s2t]`. The processor's `stats` and `records` then describe the last batch. Its
+            `teacher_prompts`, if any, hold one teacher prompt per prompt, in the order of `prompts`: each batch gets
+            its own.
         chat_template (`bool`, *optional*):
             Whether strings are formatted with the tokenizer's chat template; defaults to `True` when it has one.
         add_special_tokens (`bool`, *optional*, defaults to `True`):
@@ -171,22 +173,34 @@ def generate_batched(
     eos_ids = _eos_ids(generate_kwargs, model, tokenizer)
     device = _model_device(model)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i])) if sort_by_length else list(range(len(rows)))
+    teacher_prompts = None if s2t is None else s2t.teacher_prompts
+    if teacher_prompts is not None and len(teacher_prompts) != len(rows):
+        raise ValueError(
+            f"`s2t.teacher_prompts` has {len(teacher_prompts)} prompts for {len(rows)} `prompts`: give one teacher "
+            "prompt per prompt, in the order of `prompts` (each batch gets its own)."
+        )
     continuations: list[list[int]] = [[] for _ in rows]
 
     from transformers.utils.logging import tqdm
 
     with tqdm(total=len(rows), desc=desc, unit="prompt", leave=False, disable=not show_progress) as bar:
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            batch = left_pad([rows[i] for i in index], pad, device)
-            if s2t is not None:
-                output = fused_generate(model, s2t, **batch, pad_token_id=pad, **generate_kwargs)
-            else:
-                output = model.generate(**batch, pad_token_id=pad, **generate_kwargs)
-            new = output[:, batch["input_ids"].shape[1] :].tolist()
-            for i, ids in zip(index, new):
-                continuations[i] = _until_eos(ids, eos_ids)
-            bar.update(len(index))
+        try:
+            for start in range(0, len(order), batch_size):
+                index = order[start : start + batch_size]
+                batch = left_pad([rows[i] for i in index], pad, device)
+                if s2t is not None:
+                    if teacher_prompts is not None:
+                        s2t.teacher_prompts = [teacher_prompts[i] for i in index]
+                    output = fused_generate(model, s2t, **batch, pad_token_id=pad, **generate_kwargs)
+                else:
+                    output = model.generate(**batch, pad_token_id=pad, **generate_kwargs)
+                new = output[:, batch["input_ids"].shape[1] :].tolist()
+                for i, ids in zip(index, new):
+                    continuations[i] = _until_eos(ids, eos_ids)
+                bar.update(len(index))
+        finally:
+            if teacher_prompts is not None:
+                s2t.teacher_prompts = teacher_prompts
     if not decode:
         return continuations
     return [tokenizer.decode(ids, skip_special_tokens=skip_special_tokens) for ids in continuations]
