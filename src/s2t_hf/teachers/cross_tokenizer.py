@@ -44,7 +44,13 @@ from .teacher_prompts import RenderedPrompt, leading_special_ids, render_teacher
 from .token_text import TokenText, end_token_ids, split_incomplete_utf8
 
 
-__all__ = ["CrossTokenizerScorer", "RowScores", "ScoringPlan", "uses_text_scoring"]
+__all__ = ["CrossTokenizerScorer", "RowScores", "ScoringPlan", "generation_end_ids", "uses_text_scoring"]
+
+
+def generation_end_ids(model: torch.nn.Module) -> list[int]:
+    """The end-of-sequence ids of `model`'s generation config (a PEFT model is unwrapped), as a list."""
+    eos = getattr(getattr(unwrap_model(model), "generation_config", None), "eos_token_id", None)
+    return [eos] if isinstance(eos, int) else list(eos or [])
 
 
 def uses_text_scoring(candidate_scoring: str, student_tokenizer: Any, teacher_tokenizer: Any) -> bool:

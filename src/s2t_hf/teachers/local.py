@@ -17,7 +17,7 @@ from transformers import DynamicCache
 from ..kv import cache_argument, model_device, output_rows, positions_from_attention_mask, unwrap_model
 from ..selection import takeover_selection, teacher_selection
 from .base import Teacher, TeacherChoice
-from .cross_tokenizer import CrossTokenizerScorer, uses_text_scoring
+from .cross_tokenizer import CrossTokenizerScorer, generation_end_ids, uses_text_scoring
 from .teacher_prompts import check_teacher_prompts, render_teacher_prompt
 from .token_text import end_token_ids
 
@@ -130,9 +130,9 @@ class LocalTeacher(Teacher):
                 "`LocalTeacher(model, tokenizer=teacher_tokenizer)` and the student's as `tokenizer=` of the processor "
                 "(or of `collect_selection_data`)."
             )
-        student_eos = getattr(getattr(unwrap_model(student), "generation_config", None), "eos_token_id", None)
-        student_eos = [student_eos] if isinstance(student_eos, int) else list(student_eos or [])
-        self.text_scorer = CrossTokenizerScorer(self.model, self.tokenizer, tokenizer, student_eos, counters=self)
+        self.text_scorer = CrossTokenizerScorer(
+            self.model, self.tokenizer, tokenizer, generation_end_ids(student), counters=self
+        )
         self.full_distribution = False  # its distribution is over another vocabulary
 
     def _check_same_family(self, student: torch.nn.Module, tokenizer: Any) -> None:

@@ -18,9 +18,8 @@ from typing import Any
 
 import torch
 
-from ..kv import unwrap_model
 from .base import Teacher, TeacherChoice
-from .cross_tokenizer import CrossTokenizerScorer, ScoringPlan, uses_text_scoring
+from .cross_tokenizer import CrossTokenizerScorer, ScoringPlan, generation_end_ids, uses_text_scoring
 from .teacher_prompts import check_teacher_prompts
 from .token_text import end_token_ids
 from .transport import JSONClient, ServerError
@@ -363,11 +362,9 @@ class RemoteTeacher(Teacher):
                 "`RemoteTeacher(base_url, tokenizer=teacher_tokenizer)` and the student's as `tokenizer=` of the "
                 "processor (or of `collect_selection_data`)."
             )
-        student_eos = getattr(getattr(unwrap_model(student), "generation_config", None), "eos_token_id", None)
-        student_eos = [student_eos] if isinstance(student_eos, int) else list(student_eos or [])
         # the served model's generation config is not visible here: its tokenizer's end tokens stand for it
         self.text_scorer = CrossTokenizerScorer(
-            None, self.tokenizer, tokenizer, student_eos, teacher_end_ids=end_token_ids(self.tokenizer)
+            None, self.tokenizer, tokenizer, generation_end_ids(student), teacher_end_ids=end_token_ids(self.tokenizer)
         )
         self.reads_teacher_prompts = True
         if self.id_log_probs is None:
