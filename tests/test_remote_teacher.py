@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -83,7 +84,8 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, python: str, model_dir: Path, log_path: Path):
+    def __init__(self, python: str, model_dir: Path, log_path: Path, extra_args: Sequence[str] = (),
+                 extra_env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.model_dir = model_dir
@@ -91,10 +93,11 @@ class Server:
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
         env.pop("PYTHONPATH", None)
+        env.update(extra_env or {})
         command = [
             python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host", "127.0.0.1",
             "--port", str(self.port), "--dtype", "float32", "--max-model-len", "1024", "--max-logprobs", "20",
-            "--enforce-eager", "--disable-log-stats",
+            "--enforce-eager", "--disable-log-stats", *extra_args,
         ]
         self.log = open(log_path, "w")
         start = time.monotonic()
