@@ -1,4 +1,4 @@
-"""The `s2t-hf` command line: demo, calibrate, collect, train, evaluate, push.
+"""The `s2t-hf` command line: demo, calibrate, collect, train, evaluate, push, export.
 
 Models are loaded with `AutoModelForCausalLM.from_pretrained` from local directories or the Hugging Face cache
 (`trust_remote_code` stays off). Run `s2t-hf COMMAND --help` for the options of each command.
@@ -231,6 +231,21 @@ def cmd_push(args) -> None:
     print(url)
 
 
+def cmd_export(args) -> None:
+    from .selector import S2TSelector
+    from .serving import export_for_vllm
+
+    model = _load_model(args.model)
+    tokenizer = _load_tokenizer(args.tokenizer or args.model)
+    if args.selector:
+        selector = S2TSelector.from_pretrained(model, args.selector)
+        export = export_for_vllm(args.output, selector=selector, tokenizer=tokenizer, adapter_name=args.adapter_name)
+    else:
+        export = export_for_vllm(args.output, model=model, tokenizer=tokenizer)
+    command = " ".join(["python -m vllm.entrypoints.openai.api_server", *export.serve_args()])
+    print(json.dumps({"model_dir": export.model_dir, "adapter_dir": export.adapter_dir, "serve": command}, indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .demo import DemoConfig
 
@@ -320,6 +335,17 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--repo-id", required=True)
     push.add_argument("--private", action="store_true")
     push.set_defaults(func=cmd_push)
+
+    export = sub.add_parser(
+        "export", help="export a student (and its selector) for a vLLM server that runs S2T in the engine"
+    )
+    export.add_argument("--model", required=True, help="the student (a local folder or a Hub id in the cache)")
+    export.add_argument("--selector", help="the trained selector (S2T-Local); without it, the student alone "
+                        "(S2T with a served teacher)")
+    export.add_argument("--tokenizer", help="defaults to --model")
+    export.add_argument("--output", required=True, help="the folder to write (model/, adapter/, s2t_config.json)")
+    export.add_argument("--adapter-name", default="s2t-selector", help="the name the LoRA is served under")
+    export.set_defaults(func=cmd_export)
     return parser
 
 

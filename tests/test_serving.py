@@ -1,0 +1,146 @@
+"""`s2t_hf.serving` without a server: the export (the checkpoint with the rows baked in, the LoRA for vLLM, the
+manifest) against the selector in transformers, the CLI's `export`, and the client's early errors. The served
+student itself is tested against a real vLLM server in tests/test_served_student.py (marker `engine`)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from s2t_hf import S2TConfig, S2TSelector
+from s2t_hf.cli import main
+from s2t_hf.serving import ServedS2T, ServedS2TError, ServingManifest, export_for_vllm
+from s2t_hf.tasks import build_tokenizer
+
+
+def student(tokenizer, tied=False):
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=len(tokenizer), tie_word_embeddings=tied,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def trained_like(model, tokenizer, learned_trigger=False):
+    selector = S2TSelector.create(model, tokenizer=tokenizer, num_bins=4, lora_r=4, preserve_cache=True,
+                                  learned_trigger=learned_trigger)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in selector.model.named_parameters():
+            if parameter.requires_grad:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * (0.5 if "lora" in name else 2.0))
+    return selector
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_export_bakes_the_rows_and_the_adapter_reproduces_the_selector(tmp_path, tied):
+    from peft import PeftModel
+
+    tokenizer = build_tokenizer()
+    selector = trained_like(student(tokenizer, tied), tokenizer, learned_trigger=True)
+    export = export_for_vllm(tmp_path, selector=selector, tokenizer=tokenizer)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        with selector.lora_disabled():
+            rows_only = selector.model(ids).logits
+        adapted = selector.model(ids).logits
+    base = AutoModelForCausalLM.from_pretrained(export.model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        baked = base(ids).logits
+    # every row, the reserved ones included, is the selector's with its LoRA off
+    torch.testing.assert_close(baked, rows_only, rtol=1e-5, atol=1e-5)
+    assert baked.shape[-1] == len(tokenizer) + 5  # 4 bins and the trigger row, grown
+    config = json.load(open(os.path.join(export.adapter_dir, "adapter_config.json")))
+    assert config["trainable_token_indices"] is None and config["modules_to_save"] is None
+    served = PeftModel.from_pretrained(base, export.adapter_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(served(ids).logits, adapted, rtol=1e-5, atol=1e-5)
+    manifest = ServingManifest.from_pretrained(export.model_dir)
+    assert manifest.reserved_token_ids == selector.reserved_token_ids
+    assert manifest.sentinel_token_id == selector.bin_token_ids[0]
+    assert manifest.trigger_token_id == selector.trigger_token_id and manifest.lora_rank == 4
+    assert S2TConfig.from_pretrained(tmp_path).bin_token_ids == selector.bin_token_ids
+    args = export.serve_args()
+    assert args[args.index("--logprobs-mode") + 1] == "processed_logprobs"
+    assert f"s2t-selector={export.adapter_dir}" in args
+    # the selector itself is left as it was
+    with torch.no_grad():
+        torch.testing.assert_close(selector.model(ids).logits, adapted)
+
+
+def test_export_without_a_selector_adds_one_sentinel_row(tmp_path):
+    tokenizer = build_tokenizer()
+    model = student(tokenizer)
+    export = export_for_vllm(tmp_path, model=model, tokenizer=tokenizer)
+    assert export.adapter_dir is None and export.config.selection == "teacher"
+    assert export.manifest.reserved_token_ids == [export.manifest.sentinel_token_id] == [len(tokenizer)]
+    base = AutoModelForCausalLM.from_pretrained(export.model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(base(ids).logits[..., : len(tokenizer)], model(ids).logits)
+    assert model.get_output_embeddings().weight.shape[0] == len(tokenizer)  # the user's model is not grown
+    assert "--enable-lora" not in export.serve_args()
+
+
+def test_export_refuses_bad_arguments(tmp_path):
+    tokenizer = build_tokenizer()
+    model = student(tokenizer)
+    with pytest.raises(ValueError, match="exactly one"):
+        export_for_vllm(tmp_path, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="tokenizer"):
+        export_for_vllm(tmp_path, model=model)
+    with pytest.raises(TypeError, match="S2TSelector"):
+        export_for_vllm(tmp_path, selector=model, tokenizer=tokenizer)
+    with pytest.raises(FileNotFoundError, match="s2t-hf export"):
+        ServingManifest.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="sentinel"):
+        ServingManifest(reserved_token_ids=[3], sentinel_token_id=4)
+
+
+def test_cli_export_writes_the_folders_and_prints_the_server_command(tmp_path, capsys):
+    tokenizer = build_tokenizer()
+    model = student(tokenizer)
+    model.save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+    selector = trained_like(model, tokenizer)
+    selector.save_pretrained(tmp_path / "selector")
+    main(["export", "--model", str(tmp_path / "student"), "--selector", str(tmp_path / "selector"),
+          "--output", str(tmp_path / "export")])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["adapter_dir"] == str(tmp_path / "export" / "adapter")
+    assert "--logits-processors s2t_hf.serving.vllm_processor:S2TVllmLogitsProcessor" in printed["serve"]
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / "model").eval()
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad(), selector.lora_disabled():
+        torch.testing.assert_close(fresh(ids).logits, selector.model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_client_refuses_what_the_engine_cannot_run(tmp_path):
+    tokenizer = build_tokenizer()
+    selector = trained_like(student(tokenizer), tokenizer)
+    export = export_for_vllm(tmp_path, selector=selector, tokenizer=tokenizer)
+    url = "http://127.0.0.1:9"  # nothing listens there
+
+    def client(**overrides):
+        config = S2TConfig.from_dict({**export.config.to_dict(), **overrides})
+        return ServedS2T(url, config, export.manifest, tokenizer, max_retries=0, timeout=2)
+
+    with pytest.raises(ValueError, match="kl"):
+        client(trigger="kl", trigger_threshold=1.0)
+    with pytest.raises(ValueError, match="trigger_threshold"):
+        client(trigger="entropy", trigger_threshold=None)
+    with pytest.raises(ValueError, match="trigger row"):
+        client(trigger="learned", trigger_threshold=1.0)
+    with pytest.raises(ValueError, match="teacher="):
+        client(trigger="always", selection="teacher")
+    s2t = client(trigger="always")
+    with pytest.raises(ValueError, match="prompts"):
+        s2t.generate("a single string")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        s2t.generate(["a b"], max_new_tokens=0)
+    with pytest.raises(ServedS2TError, match="did not answer"):
+        s2t.generate(["a b"], max_new_tokens=2)
