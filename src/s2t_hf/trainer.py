@@ -44,7 +44,7 @@ logger = logging.get_logger(__name__)
 MODEL_CARD_NAME = "README.md"
 
 
-def _unmark_dequantized_gguf(model: nn.Module) -> None:
+def unmark_dequantized_gguf(model: nn.Module) -> None:
     """
     A model loaded from a GGUF file (`from_pretrained(..., gguf_file=...)`) has its weights de-quantised to float
     tensors, yet keeps its GGUF quantizer, and `Trainer` refuses to train a quantized model. When every weight is a
@@ -274,7 +274,7 @@ class S2TTrainer(Trainer):
             )
         _check_dataset(train_dataset, "train_dataset")
         _check_dataset(eval_dataset, "eval_dataset")
-        _unmark_dequantized_gguf(selector.model)
+        unmark_dequantized_gguf(selector.model)
         overrides = {}
         if args.scoring is not None:
             overrides["scoring"] = args.scoring

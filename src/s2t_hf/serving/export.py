@@ -15,6 +15,7 @@ from transformers.utils import logging
 from ..bin_rows import choose_reserved_rows, grow_embeddings
 from ..config import S2TConfig
 from ..selector import S2TSelector
+from ..trainer import unmark_dequantized_gguf
 from ..version import __version__
 from .manifest import VLLM_PROCESSOR, ServingManifest
 
@@ -178,6 +179,8 @@ def export_for_vllm(
             grow_embeddings(base, rows.num_added_rows)
         config = S2TConfig(selection="teacher")
         reserved, sentinel, trigger_row = list(rows.bin_token_ids), rows.bin_token_ids[0], None
+    # a model loaded from a GGUF file with its weights de-quantised is saved as the float model it is
+    unmark_dequantized_gguf(base)
     base.save_pretrained(model_dir, safe_serialization=True)
     tokenizer.save_pretrained(model_dir)
     manifest = ServingManifest(
