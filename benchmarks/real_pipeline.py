@@ -95,9 +95,9 @@ TASK_SEARCH_NOTE = (
 )
 
 SIZES = {
-    # about an hour on 2 shared cores
+    # about 70 minutes on 2 shared cores
     "full": dict(
-        task_train=300, task_calibration=40, task_test=100, task_hit=100, task_new_tokens=32,
+        task_train=1000, task_calibration=40, task_test=100, task_hit=100, task_new_tokens=32,
         gsm8k_hit=24, gsm8k_calibration=12, gsm8k_test=30, gsm8k_new_tokens=128, gsm8k_groups=80,
         batch_size=16, epochs=2.0, train_batch_size=8, learning_rate=1e-3, max_steps=-1,
     ),

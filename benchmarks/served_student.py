@@ -135,8 +135,10 @@ def main() -> None:
                 workdir / "export", url, max_concurrency=n,
                 config_overrides={"trigger": "entropy", "trigger_threshold": threshold},
             )
+        warm = ServedS2T.from_export(workdir / "export", url, config_overrides={"trigger": "always", "warmup_tokens": 0})
+        warm.generate(prompts[:2], max_new_tokens=2)  # the adapter loaded
         for client in clients.values():
-            client.generate(prompts[:2], max_new_tokens=4)  # warm: the probe, the adapter loaded
+            client.generate(prompts[:2], max_new_tokens=4)  # the probe
             client.reset_stats()
         runs = {name: [] for name in clients}
         for r in range(rounds):

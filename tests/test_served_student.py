@@ -81,8 +81,11 @@ def client(served, teacher=None, **overrides) -> ServedS2T:
                                  teacher=teacher)
 
 
-@pytest.mark.parametrize("scoring", ["residual", "pure"])
-def test_always_trigger_equals_transformers_token_for_token(served, scoring):
+@pytest.mark.parametrize("scoring,adapter_logprobs", [("residual", 20), ("residual", 1), ("pure", 20)])
+def test_always_trigger_equals_transformers_token_for_token(served, scoring, adapter_logprobs, monkeypatch):
+    # with 1 top log-probability of the selector on the context, the residual term mostly comes from the request that
+    # keeps only the candidates
+    monkeypatch.setattr("s2t_hf.serving.client.ADAPTER_LOGPROBS", adapter_logprobs)
     _, _, selector, student, tokenizer = served
     settings = dict(selection="local", trigger="always", warmup_tokens=0, top_k=4, scoring=scoring,
                     adapter_mode="scoring")

@@ -59,7 +59,7 @@ def unmark_dequantized_gguf(model: nn.Module) -> None:
     if not all(p.is_floating_point() for p in base.parameters()):
         return
     quantizer.remove_quantization_config(base)
-    logger.info("The model was loaded from a GGUF file with its weights de-quantised: trained as a float model.")
+    logger.info("The model was loaded from a GGUF file with its weights de-quantised: handled as the float model it is.")
 
 
 @dataclass

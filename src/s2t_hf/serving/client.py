@@ -39,6 +39,8 @@ from .manifest import VLLM_PROCESSOR, ServingManifest
 logger = logging.get_logger(__name__)
 
 _TOKEN_PREFIX = "token_id:"
+# the selector's top log-probabilities asked for on the context (vLLM's default `--max-logprobs`)
+ADAPTER_LOGPROBS = 20
 # a session yields a list of calls (each a function of no argument: one HTTP request, or a teacher's answer) and
 # receives their results in the same order
 Calls = list[Callable[[], Any]]
@@ -365,12 +367,22 @@ class ServedS2T:
             generated.extend(tokens[:-1])
             step = len(generated)
             context = prompt + generated
-            # the student's top-K at the triggered step, the reserved rows masked (its own model: base or adapter)
-            (answer,) = yield [functools.partial(self._complete, self._body(context, 1, model=generation_model,
-                                                                            logprobs=self.config.top_k))]
-            result.requests += 1
-            candidate_ids, valid = self._candidates(self._top(answer))
-            chosen = yield from self._select(context, candidate_ids, valid, result)
+            # the student's top-K at the triggered step, the reserved rows masked (its own model: base or adapter);
+            # for S2T-Local, in parallel, the selector on the context: its log-probabilities (the residual form's
+            # term), and the context's prefill under the adapter, which the K candidate requests then find cached
+            calls = [functools.partial(self._complete, self._body(context, 1, model=generation_model,
+                                                                  logprobs=max(self.config.top_k, ADAPTER_LOGPROBS)))]
+            local = self.config.selection == "local"
+            adapter = self.manifest.adapter_name or self.model
+            if local and generation_model != adapter:
+                calls.append(functools.partial(self._complete, self._body(context, 1, model=adapter,
+                                                                          logprobs=ADAPTER_LOGPROBS)))
+            answers = yield calls
+            result.requests += len(calls)
+            student_top = self._top(answers[0])
+            candidate_ids, valid = self._candidates(student_top)
+            adapter_top = self._top(answers[-1]) if local else None
+            chosen = yield from self._select(context, candidate_ids, valid, adapter_top, result)
             generated.append(chosen)
             result.triggers += 1
             result.flips += int(chosen != candidate_ids[0])
@@ -401,7 +413,7 @@ class ServedS2T:
         return candidate_ids[0].tolist(), valid[0].tolist()
 
     def _select(self, context: list[int], candidate_ids: list[int], valid: list[bool],
-                result: ServedCompletion) -> Generator[Calls, list[Any], int]:
+                adapter_top: dict[int, float] | None, result: ServedCompletion) -> Generator[Calls, list[Any], int]:
         if self.config.selection == "teacher":
             ((choice, top1),) = yield [functools.partial(self._teacher_select, context, candidate_ids, valid)]
             result.requests += 1
@@ -416,9 +428,12 @@ class ServedS2T:
                                                               keep=bins))
                  for c in candidate_ids]
         residual = config.scoring == "residual"
-        if residual:
-            # the selector's log-probabilities of the candidates, renormalised over them (a shift that is the same
-            # for every candidate: the argmax is that of `selector_log_probs`)
+        # the residual form's term: the selector's log-probabilities of the candidates with the reserved rows masked
+        # (`selector_log_probs`), read from its top log-probabilities on the context; where a candidate is not among
+        # them, one more request keeps only the candidates (log-probabilities renormalised over them: the same shift
+        # for every candidate, so the same argmax)
+        missing = residual and any(c not in adapter_top for c in candidate_ids)
+        if missing:
             calls.append(functools.partial(self._complete, self._body(context, 1, model=adapter,
                                                                       logprobs=len(candidate_ids),
                                                                       keep=candidate_ids)))
@@ -431,7 +446,7 @@ class ServedS2T:
             bin_log_probs.append([top.get(b, float("-inf")) for b in bins])
         student_log_probs = None
         if residual:
-            top = self._top(answers[-1])
+            top = self._top(answers[-1]) if missing else adapter_top
             student_log_probs = torch.tensor([[top.get(c, float("-inf")) for c in candidate_ids]])
         logits = local_candidate_logits(
             torch.tensor([bin_log_probs]), torch.tensor(config.resolved_bin_values(), dtype=torch.float32),
