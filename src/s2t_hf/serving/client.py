@@ -70,6 +70,7 @@ class ServedCompletion:
         requests (`int`): requests this prompt sent (decoding segments, candidate scoring).
         trigger_seconds (`list[float]`): per trigger, the wall time from the stopped request's answer to the selected
             token (the top-K and scoring round trips).
+        teacher_hits (`int`): triggers where the teacher's own top-1 was the selected token (teacher selection).
     """
 
     token_ids: list[int]
@@ -80,6 +81,7 @@ class ServedCompletion:
     trigger_steps: list[int] = field(default_factory=list)
     requests: int = 0
     trigger_seconds: list[float] = field(default_factory=list)
+    teacher_hits: int = 0
 
 
 class ServedS2T:
@@ -423,8 +425,7 @@ class ServedS2T:
         if self.config.selection == "teacher":
             ((choice, top1),) = yield [functools.partial(self._teacher_select, context, candidate_ids, valid)]
             result.requests += 1
-            self.totals["teacher_calls"] += 1
-            self.totals["teacher_hits"] += int(top1 == choice)
+            result.teacher_hits += int(top1 == choice)
             return choice
         config = self.config
         adapter = self.manifest.adapter_name or self.model
@@ -445,7 +446,6 @@ class ServedS2T:
                                                                       keep=candidate_ids)))
         answers = yield calls
         result.requests += len(calls)
-        self.totals["local_calls"] += 1
         bin_log_probs = []
         for answer in answers[: len(candidate_ids)]:
             top = self._top(answer)
@@ -496,6 +496,8 @@ class ServedS2T:
             self.totals["triggers"] += c.triggers
             self.totals["flips"] += c.flips
             self.totals["requests"] += c.requests
+            self.totals["teacher_hits"] += c.teacher_hits
+            self.totals["teacher_calls" if self.config.selection == "teacher" else "local_calls"] += c.triggers
 
     def _run_sync(self, session: Generator) -> ServedCompletion:
         try:
