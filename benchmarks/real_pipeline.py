@@ -94,6 +94,8 @@ TASK_SEARCH_NOTE = (
     "gives 35% with distinct problems and short replies (cheap Maj@8)."
 )
 
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
 SIZES = {
     # about 70 minutes on 2 shared cores
     "full": dict(
@@ -556,7 +558,9 @@ def stage_decode(run: Run, dataset: str, selector) -> None:
             record(run, dataset, "S2T-Local (hinted selector, no teacher)", problems, texts, seconds, tokens,
                    stats=s2t.total_stats, trigger_threshold=local_threshold, local_path=s2t.stats.get("local_path"))
             if dataset == "task" and run.args.selector_dir:
-                selector.config = dataclasses.replace(s2t.config, selection="local")
+                # the GGUF folder is this machine's path: the selector names the Hub checkpoint it fits
+                selector.config = dataclasses.replace(s2t.config, selection="local",
+                                                      base_model_name_or_path=SMOLLM2_HUB_ID)
                 rows = run.results["methods"][dataset]
                 selector.save_pretrained(run.args.selector_dir, metrics={
                     f"{TASK['name']} held-out accuracy (S2T-Local)": rows["S2T-Local (hinted selector, no teacher)"][

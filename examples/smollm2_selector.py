@@ -16,7 +16,8 @@ from s2t_hf import S2TLogitsProcessor
 
 
 HERE = pathlib.Path(__file__).resolve().parent
-QUESTION = "State the final answer to the following arithmetic problem: 47 + 38 ="
+# a question where the selector triggers and changes a token (it does not make the answer right: 172)
+QUESTION = "State the final answer to the following arithmetic problem: 85 + 87 ="
 
 
 def main():
