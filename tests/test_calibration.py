@@ -43,3 +43,26 @@ def test_the_recorder_collects_the_signal_of_every_eligible_step_and_is_removed(
         with pytest.raises(RuntimeError, match="boom"), recording_signals(s2t):
             raise RuntimeError("boom")
         assert s2t.trigger_policy is policy
+
+
+def test_calibrate_formats_chat_messages_with_the_chat_template():
+    from s2t_hf.prompts import prompt_token_ids
+    from s2t_hf.tasks import build_tokenizer
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
+    chats = [[{"role": "user", "content": "tim has 3 coins"}], [{"role": "user", "content": "5 + 7"}]]
+    settings = dict(target_rate=0.3, max_new_tokens=8, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(1)
+    teacher = AutoModelForCausalLM.from_config(model.config)
+    with S2TLogitsProcessor(model, trigger="entropy", teacher=teacher, tokenizer=tokenizer) as s2t:
+        with pytest.raises(ValueError, match="chat_template"):
+            s2t.calibrate(chats, **settings)
+        from_chats = s2t.calibrate(chats, chat_template=True, **settings)
+        from_ids = s2t.calibrate(prompt_token_ids(chats, tokenizer, chat_template=True), **settings)
+    assert from_chats == from_ids

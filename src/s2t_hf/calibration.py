@@ -44,6 +44,7 @@ def calibrate_threshold(
     *,
     tokenizer: Any = None,
     batch_size: int = 8,
+    chat_template: bool = False,
     **generate_kwargs: Any,
 ) -> float:
     """
@@ -74,7 +75,7 @@ def calibrate_threshold(
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = pad if pad is not None else processor.pad_token_id
     with recording_signals(processor) as recorder:
-        for batch in _prompt_batches(prompts, tokenizer, batch_size, processor.student.device, pad):
+        for batch in _prompt_batches(prompts, tokenizer, batch_size, processor.student.device, pad, chat_template):
             processor.model.generate(**batch, **{**generate_kwargs, "do_sample": False}, logits_processor=[processor])
     threshold = threshold_for_rate(torch.cat(recorder.signals), target_rate)
     processor.config = dataclasses.replace(config, trigger_threshold=threshold, trigger_rate=target_rate)
@@ -97,9 +98,11 @@ def recording_signals(processor: Any) -> Iterator[SignalRecorder]:
 
 
 def _prompt_batches(
-    prompts: list[Any], tokenizer: Any, batch_size: int, device: torch.device, pad_token_id: int
+    prompts: list[Any], tokenizer: Any, batch_size: int, device: torch.device, pad_token_id: int,
+    chat_template: bool = False,
 ) -> Iterator[dict]:
-    """Left-padded batches of `input_ids` + `attention_mask` from strings or token-id lists (no chat template)."""
-    rows = prompt_token_ids(prompts, tokenizer, chat_template=False)
+    """Left-padded batches of `input_ids` + `attention_mask` from strings, chat messages (with `chat_template`) or
+    token-id lists."""
+    rows = prompt_token_ids(prompts, tokenizer, chat_template=chat_template)
     for start in range(0, len(rows), batch_size):
         yield left_pad(rows[start : start + batch_size], pad_token_id, device)

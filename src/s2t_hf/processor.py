@@ -580,6 +580,7 @@ class S2TLogitsProcessor(LogitsProcessor):
         *,
         tokenizer: Any = None,
         batch_size: int = 8,
+        chat_template: bool = False,
         **generate_kwargs: Any,
     ) -> float:
         """
@@ -590,15 +591,19 @@ class S2TLogitsProcessor(LogitsProcessor):
         about that rate. See [`~s2t_hf.calibration.calibrate_threshold`].
 
         Args:
-            prompts (iterable of `str` or of token-id lists):
-                Calibration prompts. Strings need `tokenizer` (or the one given to the processor); a chat template
-                is not applied here, so pass prompts formatted the way you will generate.
+            prompts (iterable of `str`, of chat messages or of token-id lists):
+                Calibration prompts. Strings need `tokenizer` (or the one given to the processor); they are
+                tokenized as plain text unless `chat_template=True`, so pass prompts formatted the way you will
+                generate. Chat messages need `chat_template=True`.
             target_rate (`float`, *optional*):
                 Desired trigger rate in (0, 1); defaults to `config.trigger_rate`.
             tokenizer (`PreTrainedTokenizerBase`, *optional*):
                 Tokenizer for string prompts.
             batch_size (`int`, *optional*, defaults to 8):
                 Prompts per `generate` call.
+            chat_template (`bool`, *optional*, defaults to `False`):
+                Format strings and chat messages with the tokenizer's chat template (generation prompt added), as
+                `generate_batched(..., chat_template=True)` does.
             generate_kwargs:
                 Passed to `generate` (e.g. `max_new_tokens=128`). Sampling is turned off.
 
@@ -606,5 +611,6 @@ class S2TLogitsProcessor(LogitsProcessor):
             `float`: the threshold, also stored in `processor.config.trigger_threshold`.
         """
         return calibrate_threshold(
-            self, prompts, target_rate, tokenizer=tokenizer, batch_size=batch_size, **generate_kwargs
+            self, prompts, target_rate, tokenizer=tokenizer, batch_size=batch_size, chat_template=chat_template,
+            **generate_kwargs
         )
