@@ -134,8 +134,8 @@ class Server:
         self.log.close()
 
 
-@pytest.fixture(scope="session")
-def engine(tmp_path_factory):
+def teacher_server(tmp_path_factory):
+    """A vLLM server of a small Llama teacher with the word-level tokenizer (a generator: the server, then stopped)."""
     python = engine_python()
     directory = tmp_path_factory.mktemp("engine")
     model_dir = directory / "teacher"
@@ -143,6 +143,12 @@ def engine(tmp_path_factory):
     server = Server(python, model_dir, directory / "server.log")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def engine(tmp_path_factory):
+    # the last test of this module kills it
+    yield from teacher_server(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import entropy_gap_threshold
-from test_remote_teacher import REPO, Server, engine, engine_python, save_teacher  # noqa: F401 (the fixture)
+from test_remote_teacher import REPO, Server, engine_python, save_teacher, teacher_server
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from s2t_hf import S2TConfig, S2TLogitsProcessor, S2TSelector
@@ -55,6 +55,12 @@ def served(tmp_path_factory):
                     extra_env={"PYTHONPATH": str(REPO / "src")})
     yield server, export, selector, student, tokenizer
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    """A plain teacher server of its own (the remote-teacher tests kill theirs at the end)."""
+    yield from teacher_server(tmp_path_factory)
 
 
 def reference(student, selector, tokenizer, prompts=PROMPTS, **settings):
@@ -126,7 +132,7 @@ def test_calibrated_entropy_trigger_left_padded_batch_sent_concurrently(served):
     assert [c.token_ids for c in again] == expected
 
 
-def test_teacher_selection_with_a_served_teacher(served, engine):  # noqa: F811 (the fixture)
+def test_teacher_selection_with_a_served_teacher(served, engine):
     _, _, selector, student, tokenizer = served
     teacher_model = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=torch.float32).eval()
     settings = dict(selection="teacher", trigger="always", warmup_tokens=1, top_k=4)
@@ -169,7 +175,7 @@ def test_bins_are_never_emitted_even_when_pushed(served):
     assert tokens and not set(tokens) & set(selector.reserved_token_ids)
 
 
-def test_a_server_without_the_processor_is_refused(served, engine):  # noqa: F811 (the fixture)
+def test_a_server_without_the_processor_is_refused(served, engine):
     _, export, _, _, tokenizer = served
     # the remote-teacher tests' server serves a plain checkpoint, without the processor
     manifest = ServingManifest.from_pretrained(export.model_dir)
