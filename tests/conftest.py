@@ -157,12 +157,23 @@ def long_left_padded_batch():
     return prompts, input_ids, attention_mask
 
 
-def rows_until_eos(output, prompt_length):
-    """Each row's generated tokens, up to and including its first EOS."""
+def rows_until_eos(output, prompt_length, eos=EOS):
+    """Each row's generated tokens, up to and including its first `eos`."""
     rows = []
     for row in output[:, prompt_length:].tolist():
-        rows.append(row[: row.index(EOS) + 1] if EOS in row else row)
+        rows.append(row[: row.index(eos) + 1] if eos in row else row)
     return rows
+
+
+def randomize_trainable(selector, seed=0):
+    """Random trainable weights for a selector, as if trained (a fresh one scores every candidate 0.5): LoRA
+    N(0, 0.5^2), bin rows N(0, 2^2). Returns the selector."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in selector.model.named_parameters():
+            if parameter.requires_grad:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * (0.5 if "lora" in name else 2.0))
+    return selector
 
 
 GREEDY = dict(do_sample=False, pad_token_id=PAD, max_new_tokens=12)

@@ -8,7 +8,16 @@ import os
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, EOS, GREEDY, left_padded_batch, long_left_padded_batch, rows_until_eos, tiny_model
+from conftest import (
+    ARCHITECTURES,
+    EOS,
+    GREEDY,
+    left_padded_batch,
+    long_left_padded_batch,
+    randomize_trainable,
+    rows_until_eos,
+    tiny_model,
+)
 
 from s2t_hf import S2TLogitsProcessor, S2TSelector
 
@@ -19,12 +28,7 @@ BINS = list(range(80, 88))
 def trained_like_selector(model, seed=0, use_lora=True, bins=BINS, preserve_cache=False):
     """A selector whose bin rows and LoRA weights are random, as if trained (a fresh one scores every candidate 0.5)."""
     selector = S2TSelector.create(model, bin_token_ids=bins, use_lora=use_lora, preserve_cache=preserve_cache)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in selector.model.named_parameters():
-            if parameter.requires_grad:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * (0.5 if "lora" in name else 2.0))
-    return selector
+    return randomize_trainable(selector, seed)
 
 
 @torch.no_grad()

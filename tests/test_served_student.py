@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import entropy_gap_threshold
+from conftest import entropy_gap_threshold, left_padded_batch, randomize_trainable, rows_until_eos
 from test_remote_teacher import REPO, Server, engine_python, save_teacher, teacher_server
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -32,12 +32,7 @@ PROMPTS = ([5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16])
 def trained_like_selector(model, tokenizer, seed=0):
     """A selector with random LoRA (the last layer's query, output and MLP) and bin rows, as if trained."""
     selector = S2TSelector.create(model, tokenizer=tokenizer, num_bins=16, lora_r=8, preserve_cache=True)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in selector.model.named_parameters():
-            if parameter.requires_grad:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * (0.5 if "lora" in name else 2.0))
-    return selector
+    return randomize_trainable(selector, seed)
 
 
 @pytest.fixture(scope="module")
@@ -63,22 +58,21 @@ def engine(tmp_path_factory):
     yield from teacher_server(tmp_path_factory)
 
 
-def reference(student, selector, tokenizer, prompts=PROMPTS, **settings):
-    """`S2TLogitsProcessor` on a left-padded batch: each row's tokens up to its end token."""
-    width = max(map(len, prompts))
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+def decode_batch(student, tokenizer, s2t, **generate_kwargs):
+    """`generate` with `s2t` on the left-padded batch of `PROMPTS`: each row's tokens up to its end token."""
+    prompts, input_ids, attention_mask = left_padded_batch()
+    assert [list(p) for p in PROMPTS] == prompts and tokenizer.pad_token_id == 0  # the batch's padding
+    out = student.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=[s2t],
+                           do_sample=False, max_new_tokens=NEW_TOKENS, pad_token_id=tokenizer.pad_token_id,
+                           **generate_kwargs)
+    return out, input_ids.shape[1]
+
+
+def reference(student, selector, tokenizer, **settings):
+    """`S2TLogitsProcessor` with the selector on the left-padded batch, and its stats."""
     with S2TLogitsProcessor(student, selector.config, selector=selector, tokenizer=tokenizer, **settings) as s2t:
-        out = student.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=[s2t],
-                               do_sample=False, max_new_tokens=NEW_TOKENS, pad_token_id=pad)
-        stats = s2t.stats
-    rows = []
-    for row in out[:, width:].tolist():
-        if tokenizer.eos_token_id in row:
-            row = row[: row.index(tokenizer.eos_token_id) + 1]
-        rows.append(row)
-    return rows, stats
+        out, width = decode_batch(student, tokenizer, s2t)
+        return rows_until_eos(out, width, eos=tokenizer.eos_token_id), s2t.stats
 
 
 def client(served, teacher=None, **overrides) -> ServedS2T:
@@ -108,14 +102,8 @@ def test_always_trigger_equals_transformers_token_for_token(served, scoring, ada
 
 def test_calibrated_entropy_trigger_left_padded_batch_sent_concurrently(served):
     _, _, selector, student, tokenizer = served
-    width = max(map(len, PROMPTS))
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in PROMPTS])
-    attention_mask = (input_ids != pad).long()
     with S2TLogitsProcessor(student, selector.config, selector=selector, trigger="never") as s2t:
-        plain = student.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=[s2t],
-                                 output_scores=True, return_dict_in_generate=True, do_sample=False,
-                                 max_new_tokens=NEW_TOKENS, pad_token_id=pad)
+        plain, _ = decode_batch(student, tokenizer, s2t, output_scores=True, return_dict_in_generate=True)
     threshold = entropy_gap_threshold(plain.scores)
     settings = dict(selection="local", trigger="entropy", trigger_threshold=threshold, warmup_tokens=2, top_k=4,
                     scoring="residual", adapter_mode="scoring")
@@ -145,22 +133,12 @@ def test_teacher_selection_with_a_served_teacher(served, engine):
 
 
 def reference_teacher(student, teacher, selector, tokenizer, **settings):
-    width = max(map(len, PROMPTS))
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in PROMPTS])
-    attention_mask = (input_ids != pad).long()
-    # the student generates without the selector's LoRA; the reserved rows are masked
+    """`S2TLogitsProcessor` with the teacher on the left-padded batch: the student generates without the selector's
+    LoRA, the reserved rows masked."""
     with S2TLogitsProcessor(student, teacher=teacher, tokenizer=tokenizer, **settings,
                             bin_token_ids=selector.config.bin_token_ids) as s2t, selector.lora_disabled():
-        out = student.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=[s2t],
-                               do_sample=False, max_new_tokens=NEW_TOKENS, pad_token_id=pad)
-        stats = s2t.stats
-    rows = []
-    for row in out[:, width:].tolist():
-        if tokenizer.eos_token_id in row:
-            row = row[: row.index(tokenizer.eos_token_id) + 1]
-        rows.append(row)
-    return rows, stats
+        out, width = decode_batch(student, tokenizer, s2t)
+        return rows_until_eos(out, width, eos=tokenizer.eos_token_id), s2t.stats
 
 
 def test_bins_are_never_emitted_even_when_pushed(served):

@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from conftest import randomize_trainable
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from s2t_hf import S2TConfig, S2TSelector
@@ -28,12 +29,7 @@ def student(tokenizer, tied=False):
 def trained_like(model, tokenizer, learned_trigger=False):
     selector = S2TSelector.create(model, tokenizer=tokenizer, num_bins=4, lora_r=4, preserve_cache=True,
                                   learned_trigger=learned_trigger)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in selector.model.named_parameters():
-            if parameter.requires_grad:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * (0.5 if "lora" in name else 2.0))
-    return selector
+    return randomize_trainable(selector, seed=1)
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -391,6 +391,25 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def unmark_dequantized_gguf(model: torch.nn.Module) -> None:
+    """
+    A model loaded from a GGUF file (`from_pretrained(..., gguf_file=...)`) has its weights de-quantised to float
+    tensors, yet keeps its GGUF quantizer, and `Trainer` refuses to train a quantized model. When every weight is a
+    float tensor, the quantization marks are removed (transformers' own `remove_quantization_config`); weights kept in
+    GGUF blocks are left alone. The trainer and the vLLM export (`save_pretrained` refuses a quantized model too)
+    call it.
+    """
+    base = unwrap_model(model)
+    quantizer = getattr(base, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if getattr(method, "value", method) != "gguf":
+        return
+    if not all(p.is_floating_point() for p in base.parameters()):
+        return
+    quantizer.remove_quantization_config(base)
+    logger.info("The model was loaded from a GGUF file with its weights de-quantised: handled as the float model it is.")
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device of the model's first parameter (`meta` for an empty model)."""
     return next(model.parameters()).device

@@ -31,7 +31,7 @@ from .kv import (
     output_rows,
     packed_candidate_masks,
     positions_from_attention_mask,
-    unwrap_model,
+    unmark_dequantized_gguf,
 )
 from .losses import lm_kl_divergence, selection_loss, selection_metrics
 from .selection import local_candidate_logits, selector_log_probs
@@ -42,24 +42,6 @@ __all__ = ["S2TTrainer", "S2TTrainingArguments"]
 logger = logging.get_logger(__name__)
 
 MODEL_CARD_NAME = "README.md"
-
-
-def unmark_dequantized_gguf(model: nn.Module) -> None:
-    """
-    A model loaded from a GGUF file (`from_pretrained(..., gguf_file=...)`) has its weights de-quantised to float
-    tensors, yet keeps its GGUF quantizer, and `Trainer` refuses to train a quantized model. When every weight is a
-    float tensor, the quantization marks are removed (transformers' own `remove_quantization_config`); weights kept in
-    GGUF blocks are left alone.
-    """
-    base = unwrap_model(model)
-    quantizer = getattr(base, "hf_quantizer", None)
-    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
-    if getattr(method, "value", method) != "gguf":
-        return
-    if not all(p.is_floating_point() for p in base.parameters()):
-        return
-    quantizer.remove_quantization_config(base)
-    logger.info("The model was loaded from a GGUF file with its weights de-quantised: handled as the float model it is.")
 
 
 @dataclass

@@ -31,6 +31,7 @@ import torch
 from transformers.utils import logging
 
 from ..config import S2TConfig
+from ..prompts import prompt_token_ids
 from ..selection import local_candidate_logits, top_k_candidates
 from ..stats import with_rates
 from ..teachers.transport import JSONClient, ServerError
@@ -265,8 +266,9 @@ class ServedS2T:
                     f"it with `--logits-processors {VLLM_PROCESSOR}` and `--model` on the exported `model/` folder "
                     "(see `VllmExport.serve_args()`)."
                 )
-            keep = [i for i in range(2) if i not in self.reserved] + [self.manifest.sentinel_token_id]
-            keep = keep[:2]
+            # two rows the processor must keep alone: the first ordinary token and the sentinel
+            keep = [next(i for i in range(len(self.reserved) + 1) if i not in self.reserved),
+                    self.manifest.sentinel_token_id]
             top = self._top(self._complete(self._body(prompt, 1, logprobs=2, keep=keep)))
             total = sum(math.exp(v) for v in top.values())
             if set(top) != set(keep) or abs(total - 1.0) > 1e-3:
@@ -475,18 +477,15 @@ class ServedS2T:
     # ---------------------------------------------------------------------------------------------------------------
     # drivers
 
-    def _prompts(self, prompts: Sequence[Any]) -> list[list[int]]:
+    def _sessions(self, prompts: Sequence[Any], max_new_tokens: int, temperature: float, top_p: float,
+                  seed: int | None, stop: Sequence[str]) -> list[Generator]:
+        """One decoding generator per prompt (strings tokenized as plain text, or token ids), the arguments checked."""
         if isinstance(prompts, (str, dict)) or not isinstance(prompts, Sequence) or not prompts:
             raise ValueError("`prompts` must be a non-empty list of strings or of token-id lists.")
-        encoded = []
-        for prompt in prompts:
-            if isinstance(prompt, str):
-                encoded.append(list(self.tokenizer(prompt)["input_ids"]))
-            elif isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt) and prompt:
-                encoded.append(list(prompt))
-            else:
-                raise ValueError(f"Each prompt must be a string or a non-empty list of token ids, got {prompt!r}.")
-        return encoded
+        if max_new_tokens < 1:
+            raise ValueError(f"`max_new_tokens` must be at least 1, got {max_new_tokens}.")
+        encoded = prompt_token_ids(prompts, self.tokenizer, chat_template=False)
+        return [self._decode(p, max_new_tokens, temperature, top_p, seed, tuple(stop)) for p in encoded]
 
     def _count(self, completions: list[ServedCompletion]) -> None:
         for c in completions:
@@ -532,11 +531,8 @@ class ServedS2T:
             seed (`int`, *optional*): the server's sampling seed (each resumed segment gets `seed + position`).
             stop (`list[str]`, *optional*): stop strings.
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"`max_new_tokens` must be at least 1, got {max_new_tokens}.")
-        encoded = self._prompts(prompts)
+        sessions = self._sessions(prompts, max_new_tokens, temperature, top_p, seed, stop)
         self._check()
-        sessions = [self._decode(p, max_new_tokens, temperature, top_p, seed, tuple(stop)) for p in encoded]
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(sessions))) as pool:
             completions = list(pool.map(self._run_sync, sessions))
         self._count(completions)
@@ -554,9 +550,7 @@ class ServedS2T:
     ) -> list[ServedCompletion]:
         """The asyncio form of [`~ServedS2T.generate`]: every prompt is a task of the running event loop (the HTTP
         requests run on worker threads, at most `max_concurrency` at once)."""
-        if max_new_tokens < 1:
-            raise ValueError(f"`max_new_tokens` must be at least 1, got {max_new_tokens}.")
-        encoded = self._prompts(prompts)
+        sessions = self._sessions(prompts, max_new_tokens, temperature, top_p, seed, stop)
         await asyncio.to_thread(self._check)
         limit = asyncio.Semaphore(self.max_concurrency)
 
@@ -573,8 +567,6 @@ class ServedS2T:
             except StopIteration as done:
                 return done.value
 
-        completions = await asyncio.gather(
-            *(run(self._decode(p, max_new_tokens, temperature, top_p, seed, tuple(stop))) for p in encoded)
-        )
+        completions = await asyncio.gather(*(run(session) for session in sessions))
         self._count(list(completions))
         return list(completions)

@@ -14,8 +14,8 @@ from transformers.utils import logging
 
 from ..bin_rows import choose_reserved_rows, grow_embeddings
 from ..config import S2TConfig
+from ..kv import unmark_dequantized_gguf
 from ..selector import S2TSelector
-from ..trainer import unmark_dequantized_gguf
 from ..version import __version__
 from .manifest import VLLM_PROCESSOR, ServingManifest
 
