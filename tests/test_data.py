@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 import os
+import subprocess
+import sys
+import textwrap
 
 import datasets
 import pytest
@@ -11,7 +16,8 @@ import torch
 
 from conftest import EOS, tiny_model
 from s2t_hf import collect_selection_data
-from s2t_hf.collection import SelectionCollector
+from s2t_hf.collection import CollectionSettings, SelectionCollector
+from s2t_hf.shard_store import IDENTITY_VERSION, legacy_fingerprint, stable_repr
 from s2t_hf.selection import top_k_candidates
 from s2t_hf.teachers import LocalTeacher, Teacher
 from s2t_hf.triggers import entropy_signal, kl_signal
@@ -205,6 +211,130 @@ def test_save_and_resume(pair, tmp_path, monkeypatch):
         collect_selection_data(student, teacher, save_to=foreign, **kwargs)
 
 
+def _interrupted_collection(student, teacher, target, monkeypatch, **kwargs) -> list:
+    """Runs a collection into `target` that stops in its second shard; returns the list the next runs' shards are
+    recorded in (`teacher_forced_shard` counts them from then on)."""
+    original = SelectionCollector.teacher_forced_shard
+    calls = []
+
+    def interrupted(self, chunk, bar):
+        calls.append(chunk[0][0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, chunk, bar)
+
+    monkeypatch.setattr(SelectionCollector, "teacher_forced_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        collect_selection_data(student, teacher, save_to=target, **kwargs)
+    calls.clear()
+    counting = lambda self, chunk, bar: calls.append(chunk[0][0]) or original(self, chunk, bar)  # noqa: E731
+    monkeypatch.setattr(SelectionCollector, "teacher_forced_shard", counting)
+    return calls
+
+
+def test_identity_tells_apart_checkpoints_that_share_embeddings(pair, tmp_path, monkeypatch):
+    """Two checkpoints of one model with the same input embeddings (one layer trained further) are refused, the part
+    that differs is named, and the same run (a copy of the same weights, another object) resumes."""
+    student, teacher = pair
+    kwargs = dict(prompts=random_prompts(4, seed=2), top_k=K, fraction=0.3, max_new_tokens=8, shard_size=2,
+                  show_progress=False)
+    target = tmp_path / "groups"
+    calls = _interrupted_collection(student, teacher, target, monkeypatch, **kwargs)
+
+    for role in ("student", "teacher"):
+        later = copy.deepcopy(student if role == "student" else teacher)
+        with torch.no_grad():
+            later.model.layers[1].mlp.down_proj.weight.mul_(1.01)  # embeddings untouched: version 1 saw no change
+        models = (later, teacher) if role == "student" else (student, later)
+        with pytest.raises(ValueError, match=rf"differing: {role}\.weights\).*resume=False"):
+            collect_selection_data(*models, save_to=target, **kwargs)
+    renamed = copy.deepcopy(student)
+    renamed.name_or_path = renamed.config._name_or_path = "org/student-step-2000"
+    with pytest.raises(ValueError, match=r"differing: student\.name_or_path\)"):
+        collect_selection_data(renamed, teacher, save_to=target, **kwargs)
+    with pytest.raises(ValueError, match=r"differing: collection_id\)"):
+        collect_selection_data(student, teacher, save_to=target, collection_id="run-2", **kwargs)
+    assert calls == []
+
+    resumed = collect_selection_data(copy.deepcopy(student), copy.deepcopy(teacher), save_to=target, **kwargs)
+    assert calls == [2] and len(resumed) > 0
+    metadata = json.loads((target / "collection.json").read_text())
+    assert metadata["identity_version"] == IDENTITY_VERSION and metadata["identity"]["student"]["kind"] == "local"
+
+
+def test_identity_is_stable_across_processes_and_object_addresses(pair):
+    """The same settings, prompts and models give the same fingerprint in another process, with `generation_kwargs`
+    holding objects whose `repr` carries an address."""
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.path.insert(0, {tests!r})
+        from conftest import tiny_model
+        from s2t_hf.collection import CollectionSettings
+        from s2t_hf.shard_store import collection_fingerprint, stable_repr
+        from transformers import StoppingCriteriaList, MaxTimeCriteria
+
+        class Stop:
+            def __init__(self):
+                self.after = 3
+
+        kwargs = dict(stopping_criteria=StoppingCriteriaList([MaxTimeCriteria(60.0, initial_timestamp=0.0)]),
+                      stop=Stop(), do_sample=False)
+        settings = CollectionSettings(mode="teacher_forced", top_k=6, fraction=0.3, signal="kl", trigger_rate=0.3,
+                                      max_new_tokens=8, signal_top_k=64, warmup_tokens=3, shard_size=2,
+                                      suppress_token_ids=[], generation_kwargs=stable_repr(kwargs))
+        print(collection_fingerprint(settings, [[5, 6, 7], [8, 9]], tiny_model("llama", seed=0),
+                                     tiny_model("qwen2", seed=1), "run-1"))
+        """
+    ).format(tests=os.path.dirname(__file__))
+    answers = set()
+    for _ in range(2):
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                                env={**os.environ, "PYTHONHASHSEED": "random"})
+        answers.add(result.stdout.strip().splitlines()[-1])
+    assert len(answers) == 1 and len(answers.pop()) == 32
+    assert stable_repr({"f": stable_repr, "x": object()}) == {"f": "s2t_hf.shard_store.stable_repr", "x": "<object object>"}
+    assert stable_repr(float("nan")) == "nan" and stable_repr(torch.tensor([1, 2])) == {
+        "tensor": "torch.int64", "shape": [2], "values": [1, 2]}
+
+
+def test_a_collection_of_an_older_identity_version_says_how_to_resume(pair, tmp_path, monkeypatch):
+    """A collection written under identity version 1 (s2t_hf 0.1.0's `collection.json`) is refused with what to do;
+    `resume="upgrade"` resumes it when it matches under version 1, and records version 2."""
+    student, teacher = pair
+    kwargs = dict(prompts=random_prompts(4, seed=2), top_k=K, fraction=0.3, max_new_tokens=8, shard_size=2,
+                  show_progress=False)
+    reference = collect_selection_data(student, teacher, **kwargs)
+    target = tmp_path / "groups"
+    calls = _interrupted_collection(student, teacher, target, monkeypatch, **kwargs)
+    path = target / "collection.json"
+    metadata = json.loads(path.read_text())
+    settings = CollectionSettings(
+        mode="teacher_forced", top_k=K, fraction=0.3, signal="kl", trigger_rate=0.3, max_new_tokens=8,
+        signal_top_k=64, warmup_tokens=3, shard_size=2, suppress_token_ids=[], generation_kwargs={},
+    )
+    old = {"format": 1, "s2t_hf_version": "0.1.0", "complete": False,
+           "fingerprint": legacy_fingerprint(settings, kwargs["prompts"], student, teacher, {})}
+    path.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"s2t_hf 0\.1\.0 under identity version 1.*matches.*resume='upgrade'"):
+        collect_selection_data(student, teacher, save_to=target, **kwargs)
+    with pytest.raises(ValueError, match="does not match .* even under that version"):
+        collect_selection_data(student, teacher, save_to=target, resume="upgrade", **{**kwargs, "fraction": 0.5})
+    with pytest.raises(ValueError, match="`resume` must be `True`, `False` or `'upgrade'`, got 'yes'"):
+        collect_selection_data(student, teacher, save_to=target, resume="yes", **kwargs)
+    assert calls == []
+    with pytest.warns(UserWarning, match="identity version 1.*now recorded under version 2"):
+        resumed = collect_selection_data(student, teacher, save_to=target, resume="upgrade", **kwargs)
+    assert calls == [2] and resumed.to_dict() == reference.to_dict()
+    upgraded = json.loads(path.read_text())
+    assert upgraded["identity_version"] == IDENTITY_VERSION and upgraded["fingerprint"] == metadata["fingerprint"]
+    assert upgraded["upgraded_from"] == {"identity_version": 1, "fingerprint": old["fingerprint"]}
+
+    path.write_text(json.dumps({**upgraded, "identity_version": IDENTITY_VERSION + 1, "s2t_hf_version": "9.0"}))
+    with pytest.raises(ValueError, match=r"written by s2t_hf 9\.0 .* newer than this s2t_hf"):
+        collect_selection_data(student, teacher, save_to=target, **kwargs)
+
+
 def test_trajectories_hold_every_eligible_position(pair, tmp_path, monkeypatch):
     """`return_trajectories=True`: the same pass gives, at every eligible position of each trajectory, what a group at
     that position holds (with `fraction=1` every position is a group) and the student's entropy there."""
@@ -232,22 +362,11 @@ def test_trajectories_hold_every_eligible_position(pair, tmp_path, monkeypatch):
     assert count == len(groups)
 
     # saved with the groups and resumed shard by shard
-    original = SelectionCollector.teacher_forced_shard
-    calls = []
-
-    def interrupted(self, chunk, bar):
-        calls.append(chunk[0][0])
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(self, chunk, bar)
-
     target = tmp_path / "collection"
-    monkeypatch.setattr(SelectionCollector, "teacher_forced_shard", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        collect_selection_data(student, teacher, return_trajectories=True, save_to=target, **kwargs)
-    monkeypatch.setattr(SelectionCollector, "teacher_forced_shard", original)
+    calls = _interrupted_collection(student, teacher, target, monkeypatch, return_trajectories=True, **kwargs)
     resumed = collect_selection_data(student, teacher, return_trajectories=True, save_to=target, **kwargs)
     again = collect_selection_data(student, teacher, return_trajectories=True, save_to=target, **kwargs)
+    assert calls == [4]  # only the missing shard ran, once
     for groups_again, trajectories_again in (resumed, again):
         assert groups_again.to_dict() == groups.to_dict()
         assert trajectories_again.to_dict() == trajectories.to_dict()

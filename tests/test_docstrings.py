@@ -14,6 +14,7 @@ MODULES = [
     "s2t_hf.adapter_state",
     "s2t_hf.bin_rows",
     "s2t_hf.data",
+    "s2t_hf.shard_store",
     "s2t_hf.collator",
     "s2t_hf.prompts",
     "s2t_hf.generation.batched",

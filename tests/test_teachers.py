@@ -319,3 +319,21 @@ def test_a_teacher_with_another_tokenizer_is_told_apart_whatever_the_sizes():
         student.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=5, do_sample=False, pad_token_id=0,
                          logits_processor=[s2t])
         assert s2t.stats["triggers"] > 0
+
+
+def test_a_served_teachers_identity_is_what_the_server_lists():
+    """A collection's identity of a served teacher: the served model's name, root and maximum length (a restarted
+    server that serves another checkpoint under the same name is another teacher), not the server's address."""
+    from s2t_hf.shard_store import model_identity
+
+    identities = []
+    for root in ("/models/step-1000", "/models/step-1000", "/models/step-2000"):
+        server = _PlainCompletionsServer(models=[{"id": "plain", "root": root, "max_model_len": 64}])
+        try:
+            identities.append(model_identity(RemoteTeacher(server.url, check=False, max_retries=0)))
+        finally:
+            server.close()
+    assert identities[0] == {
+        "kind": "served", "model": "plain", "root": "/models/step-1000", "max_model_len": 64, "teacher": "RemoteTeacher",
+    }
+    assert identities[1] == identities[0] and identities[2]["root"] == "/models/step-2000"

@@ -25,7 +25,16 @@ from .collection import CollectionSettings, IndexedPrompt, SelectionCollector
 from .kv import output_rows
 from .prompts import prompt_token_ids
 # `METADATA_NAME` is re-exported: the CLI reads the names of the files of `save_to` from this module
-from .shard_store import METADATA_NAME, TRAJECTORIES_DIR, ShardStore, collection_fingerprint  # noqa: F401
+from .shard_store import (  # noqa: F401
+    METADATA_NAME,
+    TRAJECTORIES_DIR,
+    ShardStore,
+    collection_fingerprint,
+    collection_fingerprint_of,
+    collection_identity,
+    legacy_fingerprint,
+    stable_repr,
+)
 from .teachers import Teacher
 from .teachers.teacher_prompts import check_teacher_prompts
 
@@ -122,11 +131,12 @@ def collect_selection_data(
     suppress_token_ids: Sequence[int] | None = None,
     generation_kwargs: dict[str, Any] | None = None,
     save_to: str | os.PathLike | None = None,
-    resume: bool = True,
+    resume: bool | str = True,
     shard_size: int = 256,
     show_progress: bool = True,
     return_trajectories: bool = False,
     teacher_prompts: Sequence[Any] | None = None,
+    collection_id: str | None = None,
 ):
     """
     Collects selection groups `{context_ids, cand_ids[K], teacher_probs[K], ...}` at the student's divergence points.
@@ -187,6 +197,9 @@ def collect_selection_data(
             On-policy mode: target trigger rate of the calibrated trigger. Defaults to `fraction`.
         trigger_threshold (`float`, *optional*):
             On-policy mode: use this threshold (KL or entropy, after `signal`) instead of calibrating one.
+        collection_id (`str`, *optional*):
+            A name for this collection, part of its identity: what the models cannot tell apart (e.g. a served
+            teacher whose weights changed under the same path; give each run its own id).
         teacher_prompts (sequence, *optional*):
             One prompt per prompt that the teacher reads instead of the student's, followed by the student's
             continuation: a string, or chat messages rendered with the teacher's chat template. Privileged
@@ -214,9 +227,13 @@ def collect_selection_data(
         save_to (`str` or `os.PathLike`, *optional*):
             Directory to write the dataset to (`datasets.load_from_disk(save_to)` reads it back); finished shards are
             kept under `save_to/shards` until the collection completes.
-        resume (`bool`, *optional*, defaults to `True`):
+        resume (`bool` or `"upgrade"`, *optional*, defaults to `True`):
             Pick up the shards (or the complete dataset) already in `save_to` if they were collected with the same
-            settings, prompts and models. `False` starts over and overwrites them.
+            settings, prompts and models ([`~s2t_hf.shard_store.collection_identity`]: for a local model its
+            `name_or_path`, configuration and every parameter tensor; for a served teacher the served model's name,
+            root and maximum length). `False` starts over and overwrites them. `"upgrade"` also resumes a collection
+            written by an older s2t_hf under an older identity version when it matches under that version (the error
+            such a collection raises says so).
         shard_size (`int`, *optional*, defaults to 256):
             Prompts per shard (the unit of resuming).
         show_progress (`bool`, *optional*, defaults to `True`):
@@ -246,6 +263,10 @@ def collect_selection_data(
 
     ```
     """
+    if resume not in (True, False, "upgrade"):
+        raise ValueError(f"`resume` must be `True`, `False` or `'upgrade'`, got {resume!r}.")
+    if collection_id is not None and not isinstance(collection_id, str):
+        raise ValueError(f"`collection_id` must be a string, got {type(collection_id).__name__}.")
     trigger_rate = _check_arguments(
         student, teacher, mode=mode, top_k=top_k, fraction=fraction, signal=signal, trigger_rate=trigger_rate,
         max_new_tokens=max_new_tokens, batch_size=batch_size, shard_size=shard_size,
@@ -271,7 +292,7 @@ def collect_selection_data(
         warmup_tokens=warmup_tokens,
         shard_size=shard_size,
         suppress_token_ids=_suppressed_rows(suppress_token_ids, tokenizer, vocab),
-        generation_kwargs={k: repr(v) for k, v in sorted(generation_kwargs.items())},
+        generation_kwargs=stable_repr(generation_kwargs),
         trajectories=bool(return_trajectories),
         teacher_prompts=_digest(teacher_prompts),
     )
@@ -281,8 +302,11 @@ def collect_selection_data(
 
     store = None
     if save_to is not None:
-        fingerprint = collection_fingerprint(settings, encoded, student, teacher)
-        store = ShardStore(os.fspath(save_to), fingerprint, resume, return_trajectories)
+        identity = collection_identity(settings, encoded, student, teacher, collection_id)
+        store = ShardStore(
+            os.fspath(save_to), collection_fingerprint_of(identity), resume, return_trajectories, identity=identity,
+            legacy_fingerprint=legacy_fingerprint(settings, encoded, student, teacher, generation_kwargs),
+        )
         if store.complete:
             return _load_complete(os.fspath(save_to), return_trajectories)
 

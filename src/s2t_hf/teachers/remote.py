@@ -232,6 +232,7 @@ class RemoteTeacher(Teacher):
         self.id_log_probs: str | None = None
         self.blocked_ids = torch.zeros(0, dtype=torch.long)
         self.max_model_len: int | None = None
+        self.model_root: str | None = None
         self.model = model
         self._discover_model()
         if check:
@@ -303,6 +304,9 @@ class RemoteTeacher(Teacher):
             )
         entry = served[names.index(self.model)]
         self.max_model_len = entry.get("max_model_len")
+        #: What the server loaded for `model` (vLLM lists the path or repository as `root`), part of a collection's
+        #: identity.
+        self.model_root = entry.get("root")
 
     def _check_capabilities(self) -> None:
         prompt = [0, 1] if self.tokenizer is None else list(self.tokenizer("12 + 7 =")["input_ids"]) or [0]
