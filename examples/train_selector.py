@@ -129,10 +129,8 @@ def main() -> None:
     test = generate_problems(args.test_problems, split="test", seed=args.seed)
     with selector.adapter_disabled():
         greedy = evaluate_greedy(selector.base_model, tokenizer, test)
-    calibration = [
-        tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False)
-        for p in generate_problems(100, split="validation", seed=args.seed + 1)
-    ]
+    # chat messages: `calibrate` formats them with the chat template, as the test problems are decoded
+    calibration = [p.messages for p in generate_problems(100, split="validation", seed=args.seed + 1)]
     accuracies = {"greedy": greedy}
     for trigger in ("entropy", "learned") if trajectories is not None else ("entropy",):
         with S2TLogitsProcessor(

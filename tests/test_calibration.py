@@ -60,9 +60,34 @@ def test_calibrate_formats_chat_messages_with_the_chat_template():
     settings = dict(target_rate=0.3, max_new_tokens=8, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(1)
     teacher = AutoModelForCausalLM.from_config(model.config)
+    questions = [chat[0]["content"] for chat in chats]
     with S2TLogitsProcessor(model, trigger="entropy", teacher=teacher, tokenizer=tokenizer) as s2t:
         with pytest.raises(ValueError, match="chat_template"):
-            s2t.calibrate(chats, **settings)
+            s2t.calibrate(chats, chat_template=False, **settings)
         from_chats = s2t.calibrate(chats, chat_template=True, **settings)
         from_ids = s2t.calibrate(prompt_token_ids(chats, tokenizer, chat_template=True), **settings)
-    assert from_chats == from_ids
+        # by default, as `encode_prompts` and `generate_batched` format prompts: through the template when there is one
+        by_default = s2t.calibrate(chats, **settings)
+        questions_by_default = s2t.calibrate(questions, **settings)
+        as_plain_text = s2t.calibrate(questions, chat_template=False, **settings)
+        plain_ids = s2t.calibrate(prompt_token_ids(questions, tokenizer, chat_template=False), **settings)
+    assert from_chats == from_ids == by_default == questions_by_default
+    assert as_plain_text == plain_ids
+    assert prompt_token_ids(questions, tokenizer) != prompt_token_ids(questions, tokenizer, chat_template=False)
+
+
+def test_every_prompt_helper_defaults_chat_template_alike():
+    """`calibrate` formats prompts as the decoding helpers do, so a chat model is calibrated on the prompts it sees."""
+    import inspect
+
+    from s2t_hf import collect_selection_data, encode_prompts
+    from s2t_hf.calibration import calibrate_threshold
+    from s2t_hf.generation import generate_batched
+    from s2t_hf.prompts import prompt_token_ids
+
+    helpers = (
+        S2TLogitsProcessor.calibrate, calibrate_threshold, encode_prompts, generate_batched, prompt_token_ids,
+        collect_selection_data,
+    )  # fmt: skip
+    defaults = {f.__qualname__: inspect.signature(f).parameters["chat_template"].default for f in helpers}
+    assert set(defaults.values()) == {None}, defaults

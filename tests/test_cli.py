@@ -198,3 +198,77 @@ def test_custom_code_of_a_checkpoint_never_runs(checkpoint, tmp_path, monkeypatc
         with pytest.raises(ValueError, match="(?s)contains custom code.*trust_remote_code"):
             cli.main(["calibrate", *arguments, *common])
     assert not (custom / "RAN").exists()
+
+
+def test_train_defaults_follow_the_recipe(model_dirs, capsys, tmp_path, monkeypatch):
+    """`s2t-hf train` defaults to the residual form and a cache-preserving selector active only while it scores (the
+    recipe of docs/settings.md), holds out whole prompts, and still offers the paper's form."""
+    from s2t_hf import trainer as trainer_module
+    from s2t_hf.tasks import generate_problems
+
+    seen = {}
+
+    class Trainer(trainer_module.S2TTrainer):
+        def __init__(self, **kwargs):
+            seen["args"], seen["split"] = kwargs["args"], (kwargs["train_dataset"], kwargs["eval_dataset"])
+            super().__init__(**kwargs)
+
+    monkeypatch.setattr(trainer_module, "S2TTrainer", Trainer)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(p.text for p in generate_problems(20, "train", seed=1)))
+    data = tmp_path / "data"
+    run(capsys, "collect", "--model", model_dirs / "student", "--teacher", model_dirs / "teacher", "--prompts", prompts,
+        "--top-k", 8, "--max-new-tokens", 8, "--fraction", 0.5, "--output-dir", data)
+    student = AutoModelForCausalLM.from_pretrained(model_dirs / "student")
+    common = ["train", "--model", model_dirs / "student", "--data", data, "--num-bins", 4, "--epochs", 1]
+
+    run(capsys, *common, "--output-dir", tmp_path / "recipe")
+    config = S2TConfig.from_pretrained(tmp_path / "recipe")
+    assert (config.scoring, config.adapter_mode) == ("residual", "scoring")
+    assert S2TSelector.from_pretrained(student, tmp_path / "recipe").preserves_cache
+    assert seen["args"].learning_rate == 1e-3 and seen["args"].per_device_train_batch_size == 8
+    assert seen["args"].teacher_kl_weight == 1.0 and seen["args"].lm_kl_weight == 0.0
+    train, held_out = seen["split"]
+    assert len(held_out) > 0 and not set(train["prompt_index"]) & set(held_out["prompt_index"])
+    assert len(set(held_out["prompt_index"])) == 2  # 10% of the 20 prompts
+
+    student = AutoModelForCausalLM.from_pretrained(model_dirs / "student")
+    run(capsys, *common, "--output-dir", tmp_path / "paper", "--scoring", "pure", "--no-preserve-cache")
+    config = S2TConfig.from_pretrained(tmp_path / "paper")
+    assert (config.scoring, config.adapter_mode) == ("pure", "generate")
+    assert not S2TSelector.from_pretrained(student, tmp_path / "paper").preserves_cache
+    assert seen["args"].learning_rate == 5e-5 and seen["args"].lm_kl_weight == 0.1
+
+
+def test_collect_with_a_teacher_of_another_tokenizer(model_dirs, capsys, tmp_path):
+    """`collect --teacher-tokenizer` scores the student's candidates as text under the teacher's own tokenizer, as
+    `collect_selection_data` does with `LocalTeacher(model, tokenizer=...)`; `--signal kl` is refused for it."""
+    from datasets import load_from_disk
+    from tokenizer_pair import sentencepiece_unigram
+
+    from s2t_hf import collect_selection_data
+    from s2t_hf.teachers import LocalTeacher
+
+    teacher_tokenizer = sentencepiece_unigram()
+    teacher_dir = tmp_path / "gemma_like"
+    tiny_model("llama", seed=3, vocab_size=len(teacher_tokenizer)).save_pretrained(teacher_dir)
+    teacher_tokenizer.save_pretrained(teacher_dir)
+    texts = ["tom has 5 apples .", "ann has 3 pens and 2 cups .", "bob has 7 cups ."]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(texts))
+    common = ["collect", "--model", model_dirs / "student", "--teacher", teacher_dir, "--prompts", prompts,
+              "--top-k", 4, "--max-new-tokens", 8, "--fraction", 0.5]
+    with pytest.raises(SystemExit, match="`--signal kl` compares the two models token by token"):
+        main([str(a) for a in [*common, "--teacher-tokenizer", teacher_dir, "--signal", "kl", "--output-dir",
+                               tmp_path / "kl"]])
+    out = run(capsys, *common, "--teacher-tokenizer", teacher_dir, "--output-dir", tmp_path / "groups")
+    assert out["groups"] > 0
+    student = AutoModelForCausalLM.from_pretrained(model_dirs / "student")
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs / "student")
+    teacher = LocalTeacher(AutoModelForCausalLM.from_pretrained(teacher_dir), tokenizer=teacher_tokenizer)
+    expected = collect_selection_data(
+        student, teacher, tokenizer, texts, top_k=4, fraction=0.5, signal="entropy", max_new_tokens=8
+    )
+    got = load_from_disk(str(tmp_path / "groups"))
+    assert got["cand_ids"] == expected["cand_ids"]
+    assert torch.allclose(torch.tensor(got["teacher_probs"]), torch.tensor(expected["teacher_probs"]), atol=1e-6)

@@ -44,7 +44,7 @@ def calibrate_threshold(
     *,
     tokenizer: Any = None,
     batch_size: int = 8,
-    chat_template: bool = False,
+    chat_template: bool | None = None,
     **generate_kwargs: Any,
 ) -> float:
     """
@@ -99,10 +99,10 @@ def recording_signals(processor: Any) -> Iterator[SignalRecorder]:
 
 def _prompt_batches(
     prompts: list[Any], tokenizer: Any, batch_size: int, device: torch.device, pad_token_id: int,
-    chat_template: bool = False,
+    chat_template: bool | None = None,
 ) -> Iterator[dict]:
-    """Left-padded batches of `input_ids` + `attention_mask` from strings, chat messages (with `chat_template`) or
-    token-id lists."""
+    """Left-padded batches of `input_ids` + `attention_mask` from strings, chat messages (through the chat template
+    unless `chat_template=False`, as [`prompt_token_ids`] formats them) or token-id lists."""
     rows = prompt_token_ids(prompts, tokenizer, chat_template=chat_template)
     for start in range(0, len(rows), batch_size):
         yield left_pad(rows[start : start + batch_size], pad_token_id, device)

@@ -73,7 +73,7 @@ def cmd_calibrate(args) -> None:
     student, tokenizer = _load_model(args.model), _load_tokenizer(args.tokenizer or args.model)
     teacher = _load_model(args.teacher)
     # formatted as `collect` formats them: the chat template applied when the tokenizer has one
-    prompts = prompt_token_ids(_read_prompts(args.prompts), tokenizer, name="--prompts")
+    prompts = prompt_token_ids(prompts, tokenizer, name="--prompts")
     with S2TLogitsProcessor(
         student, teacher=teacher, trigger=args.trigger, selection="teacher", top_k=args.top_k, tokenizer=tokenizer
     ) as s2t:
@@ -92,12 +92,22 @@ def cmd_collect(args) -> None:
             "error: `--trajectories` needs `--mode teacher_forced` (on-policy trajectories follow the teacher's "
             "choices, not the student's own decoding)."
         )
+    if args.signal == "kl" and args.teacher_tokenizer:
+        raise SystemExit(
+            "error: `--signal kl` compares the two models token by token, which a teacher with its own tokenizer "
+            "(`--teacher-tokenizer`) cannot do; use `--signal entropy`."
+        )
     prompts = _read_prompts(args.prompts)
     student, tokenizer = _load_model(args.model), _load_tokenizer(args.tokenizer or args.model)
     teacher = _load_model(args.teacher)
+    if args.teacher_tokenizer:
+        from .teachers import LocalTeacher
+
+        # a teacher of another family: it scores the student's candidates as text under its own tokenizer
+        teacher = LocalTeacher(teacher, tokenizer=_load_tokenizer(args.teacher_tokenizer))
     collected = collect_selection_data(
-        student, teacher, tokenizer, prompts, mode=args.mode, top_k=args.top_k,
-        fraction=args.fraction, trigger_rate=args.fraction if args.mode == "on_policy" else None,
+        student, teacher, tokenizer, prompts, mode=args.mode, top_k=args.top_k, fraction=args.fraction,
+        signal=args.signal, trigger_rate=args.fraction if args.mode == "on_policy" else None,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, save_to=args.output_dir,
         return_trajectories=args.trajectories,
     )
@@ -141,7 +151,12 @@ def cmd_train(args) -> None:
         dataset = []
     if len(dataset) == 0:
         raise SystemExit(f"error: `{args.data}` holds no selection groups; collect some with `s2t-hf collect`.")
-    config = S2TConfig(selection="local", scoring=args.scoring, residual_tau=args.residual_tau)
+    adapter_mode = args.adapter_mode or ("scoring" if args.preserve_cache else "generate")
+    learning_rate = args.learning_rate or (1e-3 if args.preserve_cache else 5e-5)
+    lm_kl_weight = args.lm_kl_weight if args.lm_kl_weight is not None else (0.0 if adapter_mode == "scoring" else 0.1)
+    config = S2TConfig(
+        selection="local", scoring=args.scoring, residual_tau=args.residual_tau, adapter_mode=adapter_mode
+    )
     trajectories = load_from_disk(trajectories_path) if args.learned_trigger else None
     candidates = trajectories[0]["cand_ids"] if trajectories is not None and len(trajectories) else []
     if candidates:  # the first trajectory's positions, each with the collected K candidates
@@ -152,15 +167,21 @@ def cmd_train(args) -> None:
                 f"for the selector's K={config.top_k}; collect again with `--top-k {config.top_k}` or more."
             )
     model, tokenizer = _load_model(args.model), _load_tokenizer(args.tokenizer or args.model)
-    selector = S2TSelector.create(
-        model, tokenizer, num_bins=args.num_bins, use_lora=not args.head_only, config=config,
-        learned_trigger=args.learned_trigger,
-    )
-    split = dataset.train_test_split(test_size=max(1, len(dataset) // 10), seed=0)
+    try:
+        selector = S2TSelector.create(
+            model, tokenizer, num_bins=args.num_bins, use_lora=not args.head_only, preserve_cache=args.preserve_cache,
+            config=config, learned_trigger=args.learned_trigger,
+        )
+    except ValueError as error:
+        if args.preserve_cache and "preserve_cache" in str(error):  # e.g. GPT-2's fused c_attn makes keys and values
+            raise SystemExit(f"error: {error} On the command line: `--no-preserve-cache` or `--head-only`.") from error
+        raise
+    split = _split_by_prompt(dataset, fraction=0.1, seed=0)
     training_args = S2TTrainingArguments(
-        output_dir=args.output_dir, num_train_epochs=args.epochs, learning_rate=args.learning_rate,
+        output_dir=args.output_dir, num_train_epochs=args.epochs, learning_rate=learning_rate,
         per_device_train_batch_size=args.batch_size, eval_strategy="epoch", save_strategy="epoch",
         load_best_model_at_end=True, metric_for_best_model="eval_agreement", report_to="none",
+        teacher_kl_weight=args.teacher_kl_weight, lm_kl_weight=lm_kl_weight,
     )
     trainer = S2TTrainer(
         selector=selector, args=training_args, train_dataset=split["train"], eval_dataset=split["test"]
@@ -169,11 +190,30 @@ def cmd_train(args) -> None:
     metrics = trainer.evaluate()
     if trajectories is not None:
         # after training: the trainer's weight decay would shrink a row fit before it
-        report = fit_trigger_row(selector, trajectories, target_rate=args.trigger_rate)
+        report = fit_trigger_row(selector, trajectories, adapter_mode=adapter_mode, target_rate=args.trigger_rate)
         metrics["trigger_auroc"] = report["auroc"]
         metrics["trigger_threshold"] = report["threshold"]
     trainer.save_model(args.output_dir)
     print(json.dumps(metrics))
+
+
+def _split_by_prompt(dataset, fraction: float, seed: int):
+    """
+    Train and held-out groups from different prompts (`prompt_index`, as `collect` writes it), about `fraction` of the
+    prompts held out: groups of one prompt share its context, so a split by group would score the selector on contexts
+    it trained on. Data without `prompt_index`, or from a single prompt, is split by group.
+    """
+    import random
+
+    indices = dataset["prompt_index"] if "prompt_index" in dataset.column_names else []
+    prompts = sorted(set(indices))
+    if len(prompts) < 2:
+        return dataset.train_test_split(test_size=max(1, len(dataset) // 10), seed=seed)
+    held_out = set(random.Random(seed).sample(prompts, max(1, round(fraction * len(prompts)))))
+    return {
+        "train": dataset.select([i for i, p in enumerate(indices) if p not in held_out]),
+        "test": dataset.select([i for i, p in enumerate(indices) if p in held_out]),
+    }
 
 
 def cmd_evaluate(args) -> None:
@@ -279,7 +319,18 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_argument("--teacher", required=True)
     collect.add_argument("--tokenizer")
     collect.add_argument("--prompts", required=True)
+    collect.add_argument(
+        "--teacher-tokenizer",
+        help="the teacher's own tokenizer, for a teacher of another model family: it then scores the student's "
+        "candidates as text (needs `--signal entropy`)",
+    )
     collect.add_argument("--mode", choices=["teacher_forced", "on_policy"], default="teacher_forced")
+    collect.add_argument(
+        "--signal", choices=["entropy", "kl"], default="entropy",
+        help="which positions become groups (teacher-forced) or trigger (on-policy): `entropy` (default), where "
+        "S2T-Local's entropy trigger fires at inference; `kl`, where the teacher disagrees with the student (the "
+        "paper's; needs a teacher of the student's tokenizer)",
+    )
     collect.add_argument("--top-k", type=int, default=16)
     collect.add_argument("--fraction", type=float, default=0.1)
     collect.add_argument("--max-new-tokens", type=int, default=256)
@@ -296,13 +347,40 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", required=True)
     train.add_argument("--tokenizer")
     train.add_argument("--data", required=True, help="a dataset saved by `s2t-hf collect`")
-    train.add_argument("--scoring", choices=["pure", "residual"], default="pure")
+    train.add_argument(
+        "--scoring", choices=["residual", "pure"], default="residual",
+        help="`residual` (default): the student's log-probability of each candidate + score / residual_tau; `pure`: "
+        "the score alone (the paper's form, which lost to greedy at small scale: see docs/settings.md)",
+    )
     train.add_argument("--residual-tau", type=float, default=0.1)
     train.add_argument("--num-bins", type=int, default=16)
     train.add_argument("--head-only", action="store_true", help="train only the bin rows (no LoRA)")
+    train.add_argument(
+        "--preserve-cache", action=argparse.BooleanOptionalAction, default=True,
+        help="LoRA only on the last layer's query, output and MLP projections, so candidates are scored on the "
+        "student's live KV cache (default); `--no-preserve-cache` puts LoRA on every projection (the paper's)",
+    )
+    train.add_argument(
+        "--adapter-mode", choices=["scoring", "generate"],
+        help="when the selector's adapter is on: `scoring`, only while it scores candidates, so the student writes "
+        "every other token itself; `generate`, while generating (the paper's). Default: `scoring` with "
+        "--preserve-cache, `generate` without",
+    )
     train.add_argument("--epochs", type=float, default=3.0)
-    train.add_argument("--learning-rate", type=float, default=5e-5)
-    train.add_argument("--batch-size", type=int, default=4)
+    train.add_argument(
+        "--learning-rate", type=float,
+        help="default: 1e-3 with --preserve-cache (LoRA on one layer), 5e-5 without (the paper's, LoRA everywhere)",
+    )
+    train.add_argument("--batch-size", type=int, default=8, help="selection groups per step")
+    train.add_argument(
+        "--teacher-kl-weight", type=float, default=1.0,
+        help="weight of KL(teacher || selector) over the candidates (1.0 beat the paper's 0.1 on the demo)",
+    )
+    train.add_argument(
+        "--lm-kl-weight", type=float,
+        help="weight of KL(base || adapted) on the next-token distributions; default 0 with --adapter-mode scoring "
+        "(the student generates as itself), 0.1 with generate",
+    )
     train.add_argument("--output-dir", required=True)
     train.add_argument(
         "--learned-trigger", action="store_true",

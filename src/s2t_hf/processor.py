@@ -580,7 +580,7 @@ class S2TLogitsProcessor(LogitsProcessor):
         *,
         tokenizer: Any = None,
         batch_size: int = 8,
-        chat_template: bool = False,
+        chat_template: bool | None = None,
         **generate_kwargs: Any,
     ) -> float:
         """
@@ -592,18 +592,21 @@ class S2TLogitsProcessor(LogitsProcessor):
 
         Args:
             prompts (iterable of `str`, of chat messages or of token-id lists):
-                Calibration prompts. Strings need `tokenizer` (or the one given to the processor); they are
-                tokenized as plain text unless `chat_template=True`, so pass prompts formatted the way you will
-                generate. Chat messages need `chat_template=True`.
+                Calibration prompts, formatted as [`~s2t_hf.prompts.encode_prompts`] and
+                [`~s2t_hf.generation.generate_batched`] format them: strings and chat messages go through the chat
+                template when the tokenizer has one. Strings need `tokenizer` (or the one given to the processor).
+                Calibrate on prompts like the ones you will generate from: the threshold is a quantile of the signal
+                on them.
             target_rate (`float`, *optional*):
                 Desired trigger rate in (0, 1); defaults to `config.trigger_rate`.
             tokenizer (`PreTrainedTokenizerBase`, *optional*):
                 Tokenizer for string prompts.
             batch_size (`int`, *optional*, defaults to 8):
                 Prompts per `generate` call.
-            chat_template (`bool`, *optional*, defaults to `False`):
-                Format strings and chat messages with the tokenizer's chat template (generation prompt added), as
-                `generate_batched(..., chat_template=True)` does.
+            chat_template (`bool`, *optional*):
+                Format strings and chat messages with the tokenizer's chat template (generation prompt added). By
+                default on when the tokenizer has a template, as in `encode_prompts` and `generate_batched`; pass
+                `False` for strings already formatted (they are then tokenized as plain text).
             generate_kwargs:
                 Passed to `generate` (e.g. `max_new_tokens=128`). Sampling is turned off.
 
