@@ -14,8 +14,9 @@
 
     python examples/train_selector.py --output-dir runs/arithmetic-selector [--problems 3000] [--max-steps 3000]
 
-Any Hugging Face causal LM pair sharing a tokenizer works the same way: replace step 1 with
-`AutoModelForCausalLM.from_pretrained(...)` and the prompts with your own.
+Any pair of Hugging Face causal LMs works the same way: replace step 1 with `AutoModelForCausalLM.from_pretrained(...)`
+and the prompts with your own (a teacher of another model family as `LocalTeacher(model, tokenizer=teacher_tokenizer)`
+with `signal="entropy"`).
 """
 
 from __future__ import annotations

@@ -163,7 +163,7 @@ def local_candidate_logits(
 
     - `pure`: the expected bin value (paper).
     - `residual`: the student's log-probability of the candidate plus expected bin value / `residual_tau`, so the
-      selector learns a correction to the student's own ranking (DESIGN.md §6).
+      selector learns a correction to the student's own ranking (why: docs/settings.md, "Residual or pure scoring").
 
     Args:
         bin_logits (`torch.Tensor` of shape `(batch, K, B)`): reserved-row logits at each candidate's position.

@@ -129,9 +129,9 @@ class Teacher(abc.ABC):
 
     def prepare(self, student: torch.nn.Module, tokenizer: Any = None, blocked_ids: Sequence[int] = ()) -> None:
         """
-        Checks that the teacher can serve `student` (same tokenizer) and records the rows it must never choose
-        (`blocked_ids`: the selector's reserved bins, suppressed rows). Called by the processor and by
-        `collect_selection_data`.
+        Checks that the teacher can serve `student` (the student's tokenizer, or its own with the candidates scored as
+        text) and records the rows it must never choose (`blocked_ids`: the selector's reserved bins, suppressed rows).
+        Called by the processor and by `collect_selection_data`.
         """
         self.blocked_ids = torch.tensor(sorted({int(i) for i in blocked_ids}), dtype=torch.long)
 

@@ -118,9 +118,10 @@ class LocalTeacher(Teacher):
             self.comparable_vocab = size
             return
         raise ValueError(
-            f"The teacher has {teacher_vocab} output rows but the student has {student_vocab}. S2T compares their "
-            "probabilities token by token, so both must use the same tokenizer. If they do and only the padding of "
-            "the output layer differs, pass `tokenizer=` so only the tokenizer's ids are compared."
+            f"The teacher has {teacher_vocab} output rows but the student has {student_vocab}. Compared token by "
+            "token, they need the same tokenizer: if they share one and only the padding of the output layer differs, "
+            "pass `tokenizer=` so only the tokenizer's ids are compared; if the teacher has its own tokenizer, pass "
+            "it, `LocalTeacher(model, tokenizer=teacher_tokenizer)`, and the candidates are scored as text."
         )
 
     def _prepare_text_scoring(self, student: torch.nn.Module, tokenizer: Any) -> None:

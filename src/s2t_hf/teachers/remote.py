@@ -56,8 +56,8 @@ def _check_served_tokenizer(client: JSONClient, model: str, tokenizer: Any) -> N
     (warns when there is no `tokenizer` or no `/tokenize` endpoint)."""
     if tokenizer is None:
         warnings.warn(
-            "`RemoteTeacher` got no `tokenizer`, so it cannot check that the server's tokenizer is the student's. "
-            "S2T compares token ids: pass `tokenizer=` to have them checked.",
+            "`RemoteTeacher` got no `tokenizer`, so it cannot check the server's tokenizer. "
+            "Pass the served model's own tokenizer as `tokenizer=` to have it checked.",
             stacklevel=3,
         )
         return
@@ -72,7 +72,7 @@ def _check_served_tokenizer(client: JSONClient, model: str, tokenizer: Any) -> N
             raise
         warnings.warn(
             f"The teacher server at {client.base_url} has no `/tokenize` endpoint, so its tokenizer could not be "
-            "checked against the student's. Make sure both use the same tokenizer.",
+            "checked. Make sure `tokenizer=` is the served model's own.",
             stacklevel=3,
         )
         return
@@ -356,7 +356,8 @@ class RemoteTeacher(Teacher):
         if len(tokenizer) != len(self.tokenizer):
             raise ValueError(
                 f"The processor's `tokenizer` ({len(tokenizer)} tokens) is not the one the `RemoteTeacher` was "
-                f"checked with ({len(self.tokenizer)} tokens). S2T compares token ids, so both must use one tokenizer."
+                f"checked with ({len(self.tokenizer)} tokens). Give the processor the student's tokenizer and the "
+                "teacher the served model's own, `RemoteTeacher(base_url, tokenizer=teacher_tokenizer)`."
             )
 
     def _prepare_text_scoring(self, student: torch.nn.Module, tokenizer: Any) -> None:
