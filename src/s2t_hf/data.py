@@ -150,9 +150,9 @@ def collect_selection_data(
       entropy ([`~s2t_hf.triggers.entropy_signal`]: where the teacher-free `entropy` trigger of S2T-Local fires). The
       positions with the highest signal, a fraction `fraction` of all generated positions, become groups. The first
       `warmup_tokens` positions never do.
-    - `"on_policy"`: the student decodes with collaborative S2T ([`S2TLogitsProcessor`] with `selection="teacher"`,
-      `trigger="kl"`), calibrated so that the trigger fires on a fraction `trigger_rate` of the steps; every trigger is
-      a group. The trajectories follow the teacher's choices, as S2T-Local decoding will.
+    - `"on_policy"`: the student decodes with collaborative S2T ([`S2TLogitsProcessor`] with `selection="teacher"`
+      and `trigger=signal`, `kl` or `entropy`), calibrated so that the trigger fires on a fraction `trigger_rate` of
+      the steps; every trigger is a group. The trajectories follow the teacher's choices, as S2T-Local decoding will.
 
     Each row holds `context_ids` (prompt + generated tokens before the step, no padding), `cand_ids` (the student's
     top-K, best first), `teacher_probs` (the teacher's *absolute* probabilities of the candidates), `student_probs`,
@@ -173,9 +173,11 @@ def collect_selection_data(
         student (`PreTrainedModel`):
             The student (the base model the selector will be trained on; collect before `S2TSelector.create`).
         teacher (`PreTrainedModel` or `Teacher`):
-            The teacher, sharing the student's tokenizer. It may live on another device or dtype, or behind a server
-            ([`~s2t_hf.teachers.RemoteTeacher`]: teacher-forced mode with `signal="entropy"` only, since the KL signal
-            and the on-policy `kl` trigger need the teacher's whole distribution at every position).
+            The teacher: a model of the student's tokenizer, or a [`~s2t_hf.teachers.Teacher`] — one of another model
+            family as `LocalTeacher(model, tokenizer=teacher_tokenizer)` (it scores the candidates as text), or one
+            behind a server ([`~s2t_hf.teachers.RemoteTeacher`]). It may live on another device or dtype. A teacher
+            of another tokenizer or behind a server gives no distribution over the student's vocabulary: use
+            `signal="entropy"` with it, in either mode.
         tokenizer (`PreTrainedTokenizerBase`, *optional*):
             Needed for string prompts. Rows of the output layer at or above `len(tokenizer)` (padded vocabularies)
             are never generated nor offered as candidates.
