@@ -107,6 +107,7 @@ def _body(config: S2TConfig, peft_config, uses_lora: bool, location: str, metric
             if config.trigger_token_id is not None
             else []
         ),
+        f"| adapter_mode | `{config.adapter_mode}` |",
         f"| top_k | {config.top_k} |",
         f"| num_bins | {config.num_bins} |",
         f"| vocab_fingerprint | `{config.vocab_fingerprint}` |",
@@ -118,5 +119,43 @@ def _body(config: S2TConfig, peft_config, uses_lora: bool, location: str, metric
             shown = f"{value:.4g}" if isinstance(value, float) else str(value)
             lines.append(f"| {str(key).replace('|', '/')} | {shown.replace('|', '/')} |")
         lines.append("")
+    lines += _use_and_limits(config, base_line)
     lines += [f"Written by s2t_hf {__version__} with PEFT {peft_version}.", ""]
     return lines
+
+
+def _use_and_limits(config: S2TConfig, base_line: str) -> list[str]:
+    """The card's intended use, limitations and licence: what holds for every selector."""
+    threshold = (
+        f"The trigger threshold ({config.trigger_threshold:.4g}) fits the prompts it was calibrated on"
+        if config.trigger_threshold is not None
+        else "The selector has no trigger threshold yet"
+    )
+    generating = (
+        "Its adapter is active only while candidates are scored (`adapter_mode=\"scoring\"`): every token outside a "
+        "trigger is the base model's own."
+        if config.adapter_mode == "scoring"
+        else "Its adapter stays active while generating (`adapter_mode=\"generate\"`), so it changes every token "
+        "the model writes, not only the selected ones: check the adapted model's own greedy output too."
+    )
+    return [
+        "## Intended use",
+        "",
+        f"Decoding with s2t_hf's `S2TLogitsProcessor` (or `s2t_hf.generate`) on {base_line}, the model it was trained "
+        "on (`vocab_fingerprint` is checked on load): at the steps where the trigger fires, it re-ranks the model's "
+        f"own top-{config.top_k} candidates. {generating} It is not a standalone model.",
+        "",
+        "## Limitations",
+        "",
+        "- It selects only among the model's own top-K candidates: a token the model ranks lower is out of its reach.",
+        "- It learned the choices of one teacher on one kind of prompt. Agreement with that teacher need not become "
+        "accuracy: measure held-out accuracy on your own task before relying on it.",
+        f"- {threshold}; calibrate it on prompts like yours (`processor.calibrate(prompts, target_rate=...)`).",
+        "- It inherits the base model's errors and biases, and those of the data and teacher it was trained with.",
+        "",
+        "## Licence",
+        "",
+        f"The adapter is derived from {base_line}: use it under that model's licence and the terms of the data it was "
+        "trained on. s2t_hf, which wrote it, is Apache-2.0.",
+        "",
+    ]
