@@ -1,6 +1,6 @@
 """`generate_batched` (`s2t_hf.generation.batched`) on tiny models from configs and the built-in task's tokenizer (built
 locally): batched generation against one prompt at a time, the fused loop with `s2t=...` against the drop-in processor,
-the errors of bad input, and the deprecated `s2t_hf.prompts.generate_batched`."""
+the errors of bad input, and where it is imported from."""
 
 from __future__ import annotations
 
@@ -122,19 +122,18 @@ def test_generate_batched_errors(tokenizer):
     assert len(generate_batched(model, ID_PROMPTS, tokenizer, decode=False, max_new_tokens=2, show_progress=False)) == 5
 
 
-def test_public_paths_and_the_deprecated_prompts_alias():
+def test_public_paths():
+    """`generate_batched` lives in `s2t_hf.generation` only: `s2t_hf.prompts` encodes prompts and imports nothing
+    above it (no alias was kept: nothing had been released)."""
     import s2t_hf.prompts as prompts
 
     assert s2t_hf.generate_batched is generate_batched
     assert "generate_batched" in generation.__all__ and "generate_batched" not in prompts.__all__
-    with pytest.warns(FutureWarning, match=r"import it from `s2t_hf.generation`") as record:
-        old = prompts.generate_batched
-    assert old is generate_batched
-    assert record[0].filename == __file__  # stacklevel=2: the warning points at the caller
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        from s2t_hf.prompts import encode_prompts  # the names that stay do not warn
+        from s2t_hf.prompts import encode_prompts
 
     assert encode_prompts is s2t_hf.encode_prompts
-    with pytest.raises(AttributeError, match="has no attribute 'not_a_name'"):
-        prompts.not_a_name  # noqa: B018
+    for name in ("generate_batched", "not_a_name"):
+        with pytest.raises(AttributeError, match=f"has no attribute '{name}'"):
+            getattr(prompts, name)

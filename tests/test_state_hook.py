@@ -32,7 +32,10 @@ def test_the_hook_records_generate_and_counts_generations_without_calling_back()
     assert not hook.attached and not model._forward_pre_hooks
 
 
-def test_the_old_import_path_warns_and_gives_the_same_class():
-    with pytest.warns(FutureWarning, match=r"`s2t_hf.kv.GenerationStateHook` moved to `s2t_hf.state_hook"):
-        from s2t_hf.kv import GenerationStateHook as old
-    assert old is GenerationStateHook
+def test_the_hook_lives_in_state_hook_only():
+    import s2t_hf.kv as kv
+
+    for name in ("ForwardRecord", "GenerationStateHook", "padding_mask_from_4d"):
+        assert not hasattr(kv, name)
+    with pytest.raises(ImportError):
+        from s2t_hf.kv import GenerationStateHook  # noqa: F401

@@ -533,20 +533,3 @@ def score_candidates_by_recompute(
         return torch.cat([logits[:, :1, 0], logits[:, :, 1]], dim=1)
     return logits[:, :, -1]
 
-
-# moved to `state_hook.py`; the old names still import from here, with a warning
-_MOVED_TO_STATE_HOOK = ("ForwardRecord", "GenerationStateHook", "padding_mask_from_4d")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_STATE_HOOK:
-        import warnings
-
-        warnings.warn(
-            f"`s2t_hf.kv.{name}` moved to `s2t_hf.state_hook.{name}`; import it from there.", FutureWarning,
-            stacklevel=2,
-        )
-        from . import state_hook
-
-        return getattr(state_hook, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

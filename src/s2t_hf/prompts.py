@@ -10,7 +10,6 @@ changed: the padding is done here, from token ids.
 from __future__ import annotations
 
 import numbers
-import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -252,18 +251,3 @@ def encode_prompts(
     rows = prompt_token_ids(prompts, tokenizer, chat_template=chat_template, add_special_tokens=add_special_tokens)
     return left_pad(rows, resolve_pad_token_id(pad_token_id, tokenizer), device)
 
-
-def __getattr__(name: str) -> Any:
-    # deprecated: `generate_batched` moved to `s2t_hf.generation` (this module only encodes prompts). The import is the
-    # one upward import of this module, listed under `ignore_imports` of the layers contract in `pyproject.toml`.
-    if name == "generate_batched":
-        warnings.warn(
-            "`s2t_hf.prompts.generate_batched` is deprecated and will be removed in a future version; import it from "
-            "`s2t_hf.generation` instead: `from s2t_hf.generation import generate_batched`.",
-            FutureWarning,
-            stacklevel=2,
-        )
-        from .generation.batched import generate_batched
-
-        return generate_batched
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
