@@ -501,3 +501,44 @@ def test_collection_arguments_are_checked(pair):
             collect(**{name: 0})
     with pytest.raises(ValueError, match="`student` and `teacher` are both required"):
         collect(teacher=None)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Teacher-forced on given responses (e.g. reference solutions)
+
+
+def test_given_responses_are_scored_instead_of_generated(pair):
+    student, teacher = pair
+    prompts = random_prompts(5, seed=3)
+    generator = torch.Generator().manual_seed(4)
+    # token ids 3..95 (no EOS): one response longer than `max_new_tokens`, which is cut there
+    responses = [torch.randint(3, 96, (n,), generator=generator).tolist() for n in (4, 9, 6, 15, 7)]
+    max_new = 10
+    dataset = collect_selection_data(
+        student, teacher, prompts=prompts, top_k=K, fraction=1.0, max_new_tokens=max_new, batch_size=2,
+        responses=responses, show_progress=False,
+    )
+    check_groups(dataset, prompts, student, teacher)
+    # every position of every response (its end-of-sequence token appended, cut to `max_new` tokens) after the
+    # warm-up is a group, and its context is the prompt followed by the response so far: nothing was generated
+    expected = []
+    for index, (prompt, response) in enumerate(zip(prompts, responses)):
+        forced = (response[: max_new - 1] + [EOS])
+        expected += [(index, step, prompt + forced[:step]) for step in range(3, len(forced))]
+    assert [(r["prompt_index"], r["step"], r["context_ids"]) for r in dataset] == expected
+
+
+def test_given_responses_are_checked(pair):
+    student, teacher = pair
+    prompts = random_prompts(2)
+    common = dict(top_k=K, max_new_tokens=8, show_progress=False)
+    with pytest.raises(ValueError, match="mode='teacher_forced'"):
+        collect_selection_data(student, teacher, prompts=prompts, mode="on_policy", responses=[[5], [6]], **common)
+    with pytest.raises(ValueError, match="one per prompt"):
+        collect_selection_data(student, teacher, prompts=prompts, responses=[[5]], **common)
+    with pytest.raises(ValueError, match=r"`responses\[1\]` is empty"):
+        collect_selection_data(student, teacher, prompts=prompts, responses=[[5], []], **common)
+    with pytest.raises(ValueError, match="outside the student's vocabulary"):
+        collect_selection_data(student, teacher, prompts=prompts, responses=[[5], [10_000]], **common)
+    with pytest.raises(ValueError, match="need `tokenizer`"):
+        collect_selection_data(student, teacher, prompts=prompts, responses=["a", "b"], **common)

@@ -48,6 +48,8 @@ class CollectionSettings:
     trajectories: bool = False
     # a digest of the teacher prompts, when the teacher reads prompts of its own ("" otherwise)
     teacher_prompts: str = ""
+    # a digest of the given responses, when the student's replies are given rather than generated ("" otherwise)
+    responses: str = ""
 
 
 
@@ -86,6 +88,8 @@ class SelectionCollector:
         teacher_prompts (`list`, *optional*):
             One teacher prompt per prompt (a string or chat messages), read by the teacher instead of the student's
             prompt ([`~s2t_hf.teachers.Teacher.begin`]).
+        responses (`list[list[int]]`, *optional*):
+            One response per prompt (token ids), scored teacher-forced instead of a generated reply.
     """
 
     def __init__(
@@ -97,6 +101,7 @@ class SelectionCollector:
         generation_kwargs: dict[str, Any],
         batch_size: int,
         teacher_prompts: list | None = None,
+        responses: list[list[int]] | None = None,
     ):
         self.student = student
         self.teacher = teacher
@@ -127,6 +132,12 @@ class SelectionCollector:
             pad = self.eos_ids[0] if self.eos_ids else 0
         self.pad_id = int(pad)
         self.suppress = torch.tensor(settings.suppress_token_ids, dtype=torch.long)
+        if responses is not None and not self.eos_ids:
+            raise ValueError(
+                "`responses` end with an end-of-sequence token, and neither the student's generation config nor the "
+                "tokenizer names one: set `student.generation_config.eos_token_id`."
+            )
+        self.responses = responses
 
     def generate_kwargs(self) -> dict[str, Any]:
         """The arguments of the student's `generate` calls: greedy unless `generation_kwargs` says otherwise."""
@@ -172,9 +183,12 @@ class SelectionCollector:
         found: list[_Candidate] = []
         trajectories: list[dict[str, Any]] = []
         for indices, prompts, input_ids, attention_mask in self._batches(chunk):
-            output = self.student.generate(
-                input_ids=input_ids, attention_mask=attention_mask, **self.generate_kwargs()
-            )
+            if self.responses is None:
+                output = self.student.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, **self.generate_kwargs()
+                )
+            else:
+                output = torch.cat([input_ids, self.response_block(indices, input_ids.device)], dim=1)
             bar.update(len(indices))
             if output.shape[1] == input_ids.shape[1]:
                 continue  # nothing generated
@@ -184,6 +198,14 @@ class SelectionCollector:
             found += groups
             trajectories += rows
         return self._top_fraction(found, positions_seen), trajectories
+
+    def response_block(self, indices: list[int], device: torch.device) -> torch.Tensor:
+        """The given responses of the prompts at `indices`, each cut to `max_new_tokens - 1` tokens and ended with the
+        first end-of-sequence id, right-padded with it (scoring stops after the first one)."""
+        eos = self.eos_ids[0]
+        rows = [self.responses[i][: self.settings.max_new_tokens - 1] + [eos] for i in indices]
+        width = max(len(r) for r in rows)
+        return torch.tensor([r + [eos] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
 
     def prompts_of(self, indices: list[int]) -> list | None:
         """The teacher prompts of the prompts at `indices`, or `None` when the teacher reads the student's."""

@@ -137,6 +137,7 @@ def collect_selection_data(
     return_trajectories: bool = False,
     teacher_prompts: Sequence[Any] | None = None,
     collection_id: str | None = None,
+    responses: Sequence[Any] | None = None,
 ):
     """
     Collects selection groups `{context_ids, cand_ids[K], teacher_probs[K], ...}` at the student's divergence points.
@@ -240,6 +241,12 @@ def collect_selection_data(
             Prompts per shard (the unit of resuming).
         show_progress (`bool`, *optional*, defaults to `True`):
             Show a tqdm progress bar over prompts (hidden when transformers' progress bars are disabled).
+        responses (sequence, *optional*):
+            Teacher-forced mode: one response per prompt that the student and the teacher score instead of the
+            student's own greedy reply, e.g. the dataset's reference solutions (the paper's cheap alternative to
+            on-policy rollouts: no generation at all). A string is tokenized without special tokens; a token-id list
+            is used as it is. The first end-of-sequence id is appended, and a response longer than `max_new_tokens`
+            is cut there.
         return_trajectories (`bool`, *optional*, defaults to `False`):
             Also return the trajectory dataset (teacher-forced mode only); with `save_to` it is written to
             `save_to/trajectories`.
@@ -283,6 +290,7 @@ def collect_selection_data(
             f"`teacher_prompts` has {len(teacher_prompts)} prompts for {len(encoded)} `prompts`: give one teacher "
             "prompt per prompt, in the same order."
         )
+    encoded_responses = _encode_responses(responses, tokenizer, mode, vocab, len(encoded))
     settings = CollectionSettings(
         mode=mode,
         top_k=top_k,
@@ -297,9 +305,11 @@ def collect_selection_data(
         generation_kwargs=stable_repr(generation_kwargs),
         trajectories=bool(return_trajectories),
         teacher_prompts=_digest(teacher_prompts),
+        responses=_digest(encoded_responses),
     )
     collector = SelectionCollector(
-        student, teacher, tokenizer, settings, generation_kwargs, batch_size, teacher_prompts=teacher_prompts
+        student, teacher, tokenizer, settings, generation_kwargs, batch_size, teacher_prompts=teacher_prompts,
+        responses=encoded_responses,
     )
 
     store = None
@@ -379,11 +389,51 @@ def _check_arguments(
     return trigger_rate
 
 
-def _digest(teacher_prompts: list | None) -> str:
-    """A digest of the teacher prompts for the collection's fingerprint ("" without them)."""
-    if teacher_prompts is None:
+def _digest(items: list | None) -> str:
+    """A digest of the teacher prompts (or the responses) for the collection's fingerprint ("" without them)."""
+    if items is None:
         return ""
-    return hashlib.sha256(json.dumps(teacher_prompts, sort_keys=True).encode()).hexdigest()[:32]
+    return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _encode_responses(
+    responses: Sequence[Any] | None, tokenizer: Any, mode: str, vocab: int, num_prompts: int
+) -> list[list[int]] | None:
+    """The responses' token ids (strings tokenized without special tokens), checked against the prompts and the
+    student's vocabulary; `None` without responses."""
+    if responses is None:
+        return None
+    if mode != "teacher_forced":
+        raise ValueError(
+            "`responses` are scored teacher-forced: use `mode='teacher_forced'` (on-policy collection decodes the "
+            "student's own replies)."
+        )
+    if isinstance(responses, (str, bytes)):
+        raise TypeError("`responses` must be a sequence with one response per prompt, not a single string.")
+    responses = list(responses)
+    if len(responses) != num_prompts:
+        raise ValueError(
+            f"`responses` has {len(responses)} responses for {num_prompts} `prompts`: give one per prompt, in order."
+        )
+    encoded = []
+    for index, response in enumerate(responses):
+        if isinstance(response, str):
+            if tokenizer is None:
+                raise ValueError("String `responses` need `tokenizer`; or pass token-id lists.")
+            ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+        elif isinstance(response, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in response):
+            ids = list(response)
+        else:
+            raise TypeError(f"`responses[{index}]` must be a string or a list of token ids, got {type(response)}.")
+        if not ids:
+            raise ValueError(f"`responses[{index}]` is empty; every response needs at least one token.")
+        if not 0 <= min(ids) <= max(ids) < vocab:
+            raise ValueError(
+                f"`responses[{index}]` holds token ids outside the student's vocabulary of {vocab} rows; encode the "
+                "responses with the student's tokenizer."
+            )
+        encoded.append([int(t) for t in ids])
+    return encoded
 
 
 def _check_generation_kwargs(generation_kwargs: dict[str, Any] | None) -> dict[str, Any]:
