@@ -73,10 +73,10 @@ def test_calibrate_formats_chat_prompts_with_the_template(model_dirs, capsys, tm
 
 
 def test_evaluate_greedy_and_s2t_local(model_dirs, capsys, monkeypatch):
-    from s2t_hf.tasks import pair
+    from s2t_hf.tasks import solutions
 
     # half of the completions replaced by right solutions: the reported accuracy counts exactly the right answers
-    real = pair.generate_solutions
+    real = solutions.generate_solutions
     seen = {}
 
     def half_right(model, tokenizer, problems, **kwargs):
@@ -85,12 +85,12 @@ def test_evaluate_greedy_and_s2t_local(model_dirs, capsys, monkeypatch):
         seen["correct"] = sum(check_answer(c, p.answer) for c, p in zip(completions, problems))
         return completions
 
-    monkeypatch.setattr(pair, "generate_solutions", half_right)
+    monkeypatch.setattr(solutions, "generate_solutions", half_right)
     rows = run(capsys, "evaluate", "--model", model_dirs / "student", "--num-problems", 6, "--batch-size", 4,
                "--max-new-tokens", 12)
     assert list(rows) == ["Greedy"] and rows["Greedy"]["accuracy"] == seen["correct"] / 6 >= 0.5
     assert rows["Greedy"]["seconds"] > 0
-    monkeypatch.setattr(pair, "generate_solutions", real)
+    monkeypatch.setattr(solutions, "generate_solutions", real)
 
     common = ("evaluate", "--model", model_dirs / "student", "--selector", model_dirs / "selector", "--num-problems", 6,
               "--max-new-tokens", 12)

@@ -282,7 +282,7 @@ def test_pair_config(tokenizer):
 
 
 def test_training_stream_masks_the_prompt(tokenizer):
-    from s2t_hf.tasks.pair import ArithmeticStream, _collate
+    from s2t_hf.tasks.pair_training import ArithmeticStream, collate_examples
 
     stream = iter(ArithmeticStream(tokenizer, seed=0))
     examples = [next(stream) for _ in range(3)]
@@ -292,7 +292,7 @@ def test_training_stream_masks_the_prompt(tokenizer):
         assert tokenizer.decode(labels) == problem.solution + " <eos>"
         prompt = example["input_ids"][: len(example["input_ids"]) - len(labels)]
         assert tokenizer.decode(prompt).split()[-1] == "<assistant>"
-    batch = _collate(tokenizer.pad_token_id)(examples)
+    batch = collate_examples(tokenizer.pad_token_id)(examples)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
 
@@ -326,12 +326,12 @@ def test_generate_solutions_is_batch_invariant(tokenizer, tiny_model):
 
 
 def test_evaluate_greedy_scores_right_answers(tokenizer, tiny_model, monkeypatch):
-    from s2t_hf.tasks import pair
+    from s2t_hf.tasks import solutions
 
     problems = generate_problems(4, "validation")
     fake = [p.solution for p in problems[:3]] + ["answer 0 0 0 1"]
-    monkeypatch.setattr(pair, "generate_solutions", lambda *args, **kwargs: fake)
-    assert pair.evaluate_greedy(tiny_model, tokenizer, problems) == 0.75
+    monkeypatch.setattr(solutions, "generate_solutions", lambda *args, **kwargs: fake)
+    assert solutions.evaluate_greedy(tiny_model, tokenizer, problems) == 0.75
 
 
 def test_reserved_rows_are_never_generated(tokenizer, tiny_model):
@@ -437,7 +437,7 @@ def test_pair_training_stops_on_steps_not_the_wall_clock(tmp_path, monkeypatch, 
     assert trained(tmp_path / "capped") == {"teacher": (2, "max_steps"), "student": (2, "max_steps")}
 
 
-@pytest.mark.parametrize("module", ["arithmetic", "tokenizer", "pair"])
+@pytest.mark.parametrize("module", ["arithmetic", "tokenizer", "solutions"])
 def test_docstring_examples_run(module):
     import doctest
     import importlib

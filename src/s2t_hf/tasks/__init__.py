@@ -2,7 +2,9 @@
 
 `arithmetic`: GSM-like multi-step word problems with LSD-first numbers ([`generate_problems`], [`check_answer`]), a
 word-level tokenizer ([`build_tokenizer`]) and a cached teacher/student pair of tiny Llama models trained from scratch
-([`train_pair`], [`load_pair`], [`evaluate_greedy`]).
+([`train_pair`], [`load_pair`]: `pair`; its settings [`PairTrainingConfig`]: `pair_config`; training one model:
+`pair_training`), and the model's solutions and their accuracy ([`generate_solutions`], [`evaluate_greedy`]:
+`solutions`).
 
 `import s2t_hf.tasks` stays light: the problem generator is pure Python, and the tokenizer and the pair (which need
 `tokenizers`, `torch` and `transformers`) load on first use.
@@ -26,10 +28,10 @@ _LAZY_ATTRIBUTES = {
     "problem_split": "arithmetic",
     "build_tokenizer": "tokenizer",
     "padded_vocab_size": "tokenizer",
-    "PairTrainingConfig": "pair",
-    "default_pair_dir": "pair",
-    "evaluate_greedy": "pair",
-    "generate_solutions": "pair",
+    "PairTrainingConfig": "pair_config",
+    "default_pair_dir": "pair_config",
+    "evaluate_greedy": "solutions",
+    "generate_solutions": "solutions",
     "load_pair": "pair",
     "train_pair": "pair",
 }
@@ -48,14 +50,9 @@ if TYPE_CHECKING:
         iter_problems,
         problem_split,
     )
-    from .pair import (
-        PairTrainingConfig,
-        default_pair_dir,
-        evaluate_greedy,
-        generate_solutions,
-        load_pair,
-        train_pair,
-    )
+    from .pair import load_pair, train_pair
+    from .pair_config import PairTrainingConfig, default_pair_dir
+    from .solutions import evaluate_greedy, generate_solutions
     from .tokenizer import build_tokenizer, padded_vocab_size
 
 
