@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
 from s2t_hf import S2TConfig, S2TSelector
+from s2t_hf.bin_rows import FINGERPRINT_TOLERANCE, fingerprint_distance, input_embedding_weight, parse_fingerprint
 from s2t_hf.selector import expected_bin_value, vocab_fingerprint
 
 
@@ -98,7 +99,7 @@ def test_create_chooses_rows_and_fills_config(case):
     assert selector.bin_token_ids == expected_ids
     assert selector.config.num_added_rows == added
     assert selector.config.num_bins == B and selector.config.selection == "local"
-    assert selector.config.vocab_fingerprint.startswith(f"v1-{vocab}-")
+    assert selector.config.vocab_fingerprint.startswith(f"v2-{vocab}-")
     assert selector.base_model is model and isinstance(selector.model, PeftModel)
     assert selector.model.get_output_embeddings() is not None
     assert selector.bin_values.dtype == torch.float32 and torch.allclose(selector.bin_values, torch.linspace(0, 1, B))
@@ -249,6 +250,46 @@ def test_mismatched_base_model_is_refused(tmp_path):
     # the same model in bf16 is accepted
     loaded = S2TSelector.from_pretrained(base_model_for(case, dtype=torch.bfloat16), tmp_path)
     assert loaded.model(INPUT).logits.dtype == torch.bfloat16
+
+
+def quantised_4bit(weight: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """`weight` through a 4-bit round trip in blocks along each row (16 levels between the block's minimum and
+    maximum, as GGUF's Q4 formats store them), then rounded to bf16: the error a user's GGUF copy carries."""
+    rows, width = weight.shape
+    blocks = weight.detach().float().reshape(rows, -1, min(block, width))
+    low, high = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+    scale = ((high - low) / 15).clamp_min(1e-12)
+    restored = low + ((blocks - low) / scale).round() * scale
+    return restored.reshape(rows, width).to(torch.bfloat16).float()
+
+
+def test_fingerprint_tolerates_quantisation_and_refuses_another_model(tmp_path):
+    case = CASES["llama-untied-reserved"]
+    model, selector = new_selector(case)
+    saved = selector.config.vocab_fingerprint
+    selector.save_pretrained(tmp_path)
+    original = input_embedding_weight(base_model_for(case)).detach().clone()
+    quantised = quantised_4bit(original)
+    error = (quantised - original).norm() / original.norm()
+    assert 0.03 < float(error) < 0.2  # a 4-bit copy: visibly different weights
+    # the sketch distance tells the two cases apart by a wide margin
+    near = fingerprint_distance(saved, quantised, selector.config.reserved_token_ids)
+    far = fingerprint_distance(saved, input_embedding_weight(base_model_for(case, seed=1)),
+                               selector.config.reserved_token_ids)
+    assert near < FINGERPRINT_TOLERANCE < far and far > 4 * FINGERPRINT_TOLERANCE
+    assert fingerprint_distance(saved, original, selector.config.reserved_token_ids) < 1e-3
+
+    # through the public API: the quantised copy (same shapes, other bits) loads; a model of the same shape does not
+    copy_model = base_model_for(case)
+    with torch.no_grad():
+        input_embedding_weight(copy_model).copy_(quantised)
+    assert vocab_fingerprint(copy_model) != vocab_fingerprint(base_model_for(case))  # the exact hash would refuse it
+    S2TSelector.from_pretrained(copy_model, tmp_path)
+    with pytest.raises(ValueError, match=r"relative sketch distance \d+\.\d+.*check_fingerprint=False"):
+        S2TSelector.from_pretrained(base_model_for(case, seed=1), tmp_path)
+    # a selector saved before the sketch (format v1) still checks the exact hash
+    v1 = vocab_fingerprint(base_model_for(case), exclude_token_ids=selector.config.reserved_token_ids)
+    assert v1.startswith("v1-") and parse_fingerprint(v1) == (64, 64) and fingerprint_distance(v1, quantised) is None
 
 
 def test_grown_model_refuses_other_base_and_accepts_pregrown(tmp_path):

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import re
 
+import numpy as np
 import torch
 from torch import nn
 from transformers.utils import logging
@@ -26,6 +27,8 @@ __all__ = [
     "check_explicit_ids",
     "choose_bin_rows",
     "choose_reserved_rows",
+    "FINGERPRINT_TOLERANCE",
+    "fingerprint_distance",
     "fingerprint_rows",
     "grow_embeddings",
     "input_embedding_weight",
@@ -41,6 +44,11 @@ __all__ = [
 _RESERVED_TOKEN_PATTERN = re.compile(r"^(?:<\|?|\[)(?:reserved|unused)[a-z_]*?\d+(?:\|?>|\])$", re.IGNORECASE)
 _FINGERPRINT_VERSION = "v1"
 _FINGERPRINT_ROWS = 64
+# v2: the v1 hash and a sketch of the sampled rows, compared with a tolerance (quantised copies of a model match)
+_SKETCH_VERSION = "v2"
+_SKETCH_DIRECTIONS = 4
+#: The largest relative sketch distance [`fingerprint_distance`] accepts as the same model (4-bit quantisation: ~0.1).
+FINGERPRINT_TOLERANCE = 0.25
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -76,11 +84,8 @@ def input_embedding_weight(model: nn.Module) -> torch.Tensor:
     return weight
 
 
-def fingerprint_rows(weight: torch.Tensor, num_rows: int, num_ordinary: int, exclude_token_ids=None) -> str:
-    """
-    The fingerprint of an embedding matrix (see [`vocab_fingerprint`]): `num_rows` is the number of rows recorded in
-    it, `num_ordinary` the number of rows sampled from, `exclude_token_ids` rows left out of the sample.
-    """
+def _sampled_rows(weight: torch.Tensor, num_ordinary: int, exclude_token_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The evenly spaced ordinary rows a fingerprint samples: their indices and their values (on the CPU)."""
     if weight.is_meta:
         raise ValueError("Cannot fingerprint a model on the `meta` device; load its weights first.")
     num_ordinary = max(1, min(num_ordinary, weight.shape[0]))
@@ -88,28 +93,78 @@ def fingerprint_rows(weight: torch.Tensor, num_rows: int, num_ordinary: int, exc
     if exclude_token_ids:
         keep = ~torch.isin(index, torch.tensor(sorted(set(exclude_token_ids)), dtype=torch.long))
         index = index[keep]
+    return index, weight.detach()[index.to(weight.device)].cpu()
+
+
+def _sketch(rows: torch.Tensor) -> torch.Tensor:
+    """Each sampled row projected on `_SKETCH_DIRECTIONS` fixed random directions (float64, so that the same weights
+    give the same sketch on any machine up to float16 rounding)."""
+    generator = torch.Generator().manual_seed(0)
+    directions = torch.randn(rows.shape[1], _SKETCH_DIRECTIONS, generator=generator, dtype=torch.float64)
+    return (rows.double() @ directions / rows.shape[1] ** 0.5).flatten()
+
+
+def fingerprint_rows(
+    weight: torch.Tensor, num_rows: int, num_ordinary: int, exclude_token_ids=None, *, sketch: bool = False
+) -> str:
+    """
+    The fingerprint of an embedding matrix (see [`vocab_fingerprint`]): `num_rows` is the number of rows recorded in
+    it, `num_ordinary` the number of rows sampled from, `exclude_token_ids` rows left out of the sample. With
+    `sketch=True` (format `v2`) it also holds a sketch of the sampled rows that [`fingerprint_distance`] compares.
+    """
+    num_ordinary = max(1, min(num_ordinary, weight.shape[0]))
+    index, sampled = _sampled_rows(weight, num_ordinary, exclude_token_ids)
     # Rounded to bf16 so that a bf16 copy of a float32 model has the same fingerprint.
-    rows = weight.detach()[index.to(weight.device)].to(torch.bfloat16).cpu().contiguous()
+    rows = sampled.to(torch.bfloat16).contiguous()
     digest = hashlib.sha256()
     digest.update(f"{num_rows}:{num_ordinary}:{weight.shape[1]}:".encode())
     digest.update(index.numpy().tobytes())
     digest.update(rows.view(torch.int16).numpy().tobytes())
-    return f"{_FINGERPRINT_VERSION}-{num_rows}-{num_ordinary}-{digest.hexdigest()[:16]}"
+    if not sketch:
+        return f"{_FINGERPRINT_VERSION}-{num_rows}-{num_ordinary}-{digest.hexdigest()[:16]}"
+    values = _sketch(sampled.float()).to(torch.float16).numpy().astype(">f2").tobytes().hex()
+    return f"{_SKETCH_VERSION}-{num_rows}-{num_ordinary}-{digest.hexdigest()[:16]}-{values}"
 
 
 def parse_fingerprint(fingerprint: str) -> tuple[int, int] | None:
-    """`(rows, ordinary rows)` of a fingerprint written by [`vocab_fingerprint`], or `None` for an unknown format."""
-    match = re.fullmatch(rf"{_FINGERPRINT_VERSION}-(\d+)-(\d+)-[0-9a-f]+", fingerprint or "")
+    """`(rows, ordinary rows)` of a fingerprint written by [`vocab_fingerprint`] (format `v1`, or `v2` with a
+    sketch), or `None` for an unknown format."""
+    match = re.fullmatch(rf"{_FINGERPRINT_VERSION}-(\d+)-(\d+)-[0-9a-f]+", fingerprint or "") or re.fullmatch(
+        rf"{_SKETCH_VERSION}-(\d+)-(\d+)-[0-9a-f]{{16}}-(?:[0-9a-f]{{4}})+", fingerprint or ""
+    )
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 
-def vocab_fingerprint(model, tokenizer=None, *, exclude_token_ids=None) -> str:
+def fingerprint_distance(fingerprint: str, weight: torch.Tensor, exclude_token_ids=None) -> float | None:
+    """
+    How far the embeddings `weight` lie from those a `v2` fingerprint was taken of: the relative distance
+    `||sketch(weight) - recorded|| / ||recorded||` of the sketches (0 for the same weights, in any dtype; about 0.1 for
+    4-bit quantised weights; about 1 or more for another model). `None` for a `v1` fingerprint, which holds a hash only.
+    """
+    parsed = parse_fingerprint(fingerprint)
+    if parsed is None or not fingerprint.startswith(f"{_SKETCH_VERSION}-"):
+        return None
+    _, num_ordinary = parsed
+    recorded = torch.from_numpy(np.frombuffer(bytes.fromhex(fingerprint.rsplit("-", 1)[1]), dtype=">f2").astype(
+        np.float64))
+    _, sampled = _sampled_rows(weight, num_ordinary, exclude_token_ids)
+    found = _sketch(sampled.float())
+    if found.shape != recorded.shape:
+        return float("inf")
+    return float((found - recorded).norm() / recorded.norm().clamp_min(1e-12))
+
+
+def vocab_fingerprint(model, tokenizer=None, *, exclude_token_ids=None, sketch: bool = False) -> str:
     """
     A cheap fingerprint of a model's vocabulary: its number of embedding rows and a SHA-256 of a bf16-rounded,
     evenly spaced subset of its ordinary input-embedding rows. The same model in float32 or bfloat16 gives the same
     fingerprint; a model with another vocabulary size or other embedding weights gives another one.
 
-    The result reads `v1-<rows>-<ordinary rows>-<hash>`, so a mismatch can be explained.
+    The result reads `v1-<rows>-<ordinary rows>-<hash>`, so a mismatch can be explained. With `sketch=True` it reads
+    `v2-<rows>-<ordinary rows>-<hash>-<sketch>`: the sketch (the sampled rows projected on four fixed random
+    directions, in float16) lets [`fingerprint_distance`] accept the same model with quantisation-level differences
+    (a GGUF's de-quantised weights against the original checkpoint) and still refuse another model. Selectors record
+    this form.
 
     Args:
         model (`PreTrainedModel` or `PeftModel`):
@@ -119,6 +174,8 @@ def vocab_fingerprint(model, tokenizer=None, *, exclude_token_ids=None) -> str:
             left out).
         exclude_token_ids (`list[int]`, *optional*):
             Rows to leave out, e.g. the bins when they are reserved tokens inside the tokenizer's range.
+        sketch (`bool`, *optional*, defaults to `False`):
+            Add the sketch (format `v2`).
 
     Returns:
         `str`: the fingerprint.
@@ -142,7 +199,7 @@ def vocab_fingerprint(model, tokenizer=None, *, exclude_token_ids=None) -> str:
     weight = input_embedding_weight(model)
     num_rows = int(weight.shape[0])
     num_ordinary = min(len(tokenizer), num_rows) if tokenizer is not None else num_rows
-    return fingerprint_rows(weight, num_rows, num_ordinary, exclude_token_ids)
+    return fingerprint_rows(weight, num_rows, num_ordinary, exclude_token_ids, sketch=sketch)
 
 
 # --------------------------------------------------------------------------------------------------------------------

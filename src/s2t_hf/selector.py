@@ -331,7 +331,7 @@ class S2TSelector:
         )
         # 1. the reserved rows, chosen (and fingerprinted) on the model as it is
         rows = choose_reserved_rows(model, tokenizer, num_bins, bin_token_ids, learned_trigger, trigger_token_id)
-        fingerprint = vocab_fingerprint(model, tokenizer, exclude_token_ids=rows.token_ids)
+        fingerprint = vocab_fingerprint(model, tokenizer, exclude_token_ids=rows.token_ids, sketch=True)
         # 2. the embeddings, grown when no free rows were found
         if rows.num_added_rows:
             grow_embeddings(model, rows.num_added_rows)

@@ -17,6 +17,8 @@ from transformers.utils import logging
 
 from .adapter_injection import MISSING_KEYS_WARNING, quiet_peft_warnings
 from .bin_rows import (
+    FINGERPRINT_TOLERANCE,
+    fingerprint_distance,
     fingerprint_rows,
     grow_embeddings,
     input_embedding_weight,
@@ -176,14 +178,28 @@ def _rows_to_add(model: nn.Module, config: S2TConfig, source, check_fingerprint:
                     "`check_fingerprint=False` to override."
                 )
             weight = input_embedding_weight(model)
-            found = fingerprint_rows(weight, expected_rows, num_ordinary, config.reserved_token_ids)
-            if found != config.vocab_fingerprint:
-                raise ValueError(
-                    f"The vocabulary fingerprint of `model` ({found}) differs from the one the selector at `{source}` "
-                    f"was trained on ({config.vocab_fingerprint}){trained_on}: same vocabulary size but other "
-                    "embedding weights, so probably another base model or checkpoint. Load the selector onto its own "
-                    "base model, or pass `check_fingerprint=False` to override."
-                )
+            saved = config.vocab_fingerprint
+            found = fingerprint_rows(weight, expected_rows, num_ordinary, config.reserved_token_ids,
+                                     sketch=saved.startswith("v2-"))
+            if found != saved:
+                distance = fingerprint_distance(saved, weight, config.reserved_token_ids)
+                if distance is not None and distance <= FINGERPRINT_TOLERANCE:
+                    logger.info(
+                        f"`model`'s embeddings differ slightly from those the selector at `{source}` was trained on "
+                        f"(relative sketch distance {distance:.3f} <= {FINGERPRINT_TOLERANCE}): the same model at "
+                        "another precision or quantisation. Loading."
+                    )
+                else:
+                    how_far = (
+                        f" (relative sketch distance {distance:.2f}; the same model quantised stays under "
+                        f"{FINGERPRINT_TOLERANCE})" if distance is not None else ""
+                    )
+                    raise ValueError(
+                        f"The vocabulary fingerprint of `model` differs from the one the selector at `{source}` was "
+                        f"trained on{trained_on}{how_far}: same vocabulary size but other embedding weights, so "
+                        "probably another base model or checkpoint. Load the selector onto its own base model, or "
+                        "pass `check_fingerprint=False` to override."
+                    )
     if not added or already_grown:
         return 0
     head_rows = output_head_rows(model)
