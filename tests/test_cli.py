@@ -226,6 +226,7 @@ def test_train_defaults_follow_the_recipe(model_dirs, capsys, tmp_path, monkeypa
     config = S2TConfig.from_pretrained(tmp_path / "recipe")
     assert (config.scoring, config.adapter_mode) == ("residual", "scoring")
     assert S2TSelector.from_pretrained(student, tmp_path / "recipe").preserves_cache
+    assert (tmp_path / "recipe" / "trainer_log.jsonl").is_file()  # the trainer's logs, not on the console
     assert seen["args"].learning_rate == 1e-3 and seen["args"].per_device_train_batch_size == 8
     assert seen["args"].teacher_kl_weight == 1.0 and seen["args"].lm_kl_weight == 0.0
     train, held_out = seen["split"]

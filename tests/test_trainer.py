@@ -471,3 +471,22 @@ def test_groups_of_another_vocabulary_are_refused(tmp_path):
     batch["cand_ids"][0, 0] = 500  # collected with a model of a larger vocabulary
     with pytest.raises(ValueError, match="token id 500 but the selector's model has 112 vocabulary rows"):
         trainer.compute_loss(selector.model, batch)
+
+
+@pytest.mark.parametrize("disable_tqdm", [False, True])
+def test_logs_go_to_a_file_instead_of_the_console(tmp_path, groups, capsys, disable_tqdm):
+    """`log_to_file`: every log as a JSON line in the file, none of the log dictionaries on the console."""
+    args = make_args(tmp_path, max_steps=3, logging_steps=1, disable_tqdm=disable_tqdm, eval_strategy="steps",
+                     eval_steps=3)
+    trainer = S2TTrainer(selector=make_selector(), args=args, train_dataset=groups.select(range(12)),
+                         eval_dataset=groups.select(range(12, 16)))
+    trainer.log_to_file(tmp_path / "logs" / "trainer_log.jsonl")
+    trainer.train()
+    console = capsys.readouterr()
+    assert "'loss'" not in console.out + console.err and "'eval_loss'" not in console.out + console.err
+    lines = [json.loads(line) for line in (tmp_path / "logs" / "trainer_log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if "loss" in line] == [1, 2, 3]
+    assert any("eval_agreement" in line for line in lines) and all("total_flos" not in line for line in lines)
+    assert [line["loss"] for line in lines if "loss" in line] == [
+        entry["loss"] for entry in trainer.state.log_history if "loss" in entry
+    ]

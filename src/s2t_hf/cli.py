@@ -186,6 +186,7 @@ def cmd_train(args) -> None:
     trainer = S2TTrainer(
         selector=selector, args=training_args, train_dataset=split["train"], eval_dataset=split["test"]
     )
+    trainer.log_to_file(os.path.join(args.output_dir, "trainer_log.jsonl"))  # the console: progress, then the metrics
     trainer.train()
     metrics = trainer.evaluate()
     if trajectories is not None:

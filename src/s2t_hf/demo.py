@@ -635,6 +635,7 @@ def _train_selector(config: DemoConfig, form: str, student, tokenizer, split, en
         eval_dataset=split["test"],
         callbacks=[EarlyStoppingCallback(early_stopping_patience=4)],
     )
+    trainer.log_to_file(os.path.join(output_dir, "trainer_log.jsonl"))  # the console keeps the demo's own progress
     trainer.train()
     metrics = trainer.evaluate()
     trainer.save_model(output_dir)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.utils import logging
 
 from .config import CONFIG_NAME, SCORING_KINDS
@@ -35,6 +36,7 @@ from .kv import (
 )
 from .losses import lm_kl_divergence, selection_loss, selection_metrics
 from .selection import local_candidate_logits, selector_log_probs
+from .trainer_log import LogFileCallback, ProgressWithoutLogs
 
 
 __all__ = ["S2TTrainer", "S2TTrainingArguments"]
@@ -471,6 +473,22 @@ class S2TTrainer(Trainer):
             entry = self._metrics[mode][name]
             entry[0] += total
             entry[1] += gathered.shape[0]
+
+    def log_to_file(self, path: str | os.PathLike) -> None:
+        """
+        Writes the trainer's logs (loss, learning rate, evaluation metrics) to `path`, one JSON line each, instead of
+        printing them on the console between the progress bars; the bars stay (unless `disable_tqdm`). For scripts
+        whose console shows their own progress, such as `s2t-hf demo` and `s2t-hf train`.
+
+        Args:
+            path (`str` or `os.PathLike`):
+                The file to append to (its folder is created).
+        """
+        self.remove_callback(PrinterCallback)
+        self.remove_callback(ProgressCallback)
+        if not self.args.disable_tqdm:
+            self.add_callback(ProgressWithoutLogs())
+        self.add_callback(LogFileCallback(path))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the averaged selection metrics of the current mode (training or evaluation) to `logs`."""

@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging
 
+from ..trainer_log import LogFileCallback
 from .arithmetic import ArithmeticTaskConfig, generate_problems, iter_problems
 from .pair_config import ROLES, PairTrainingConfig
 from .solutions import evaluate_greedy, problem_prompt_ids
@@ -197,6 +199,9 @@ def train_one(
             data_collator=collate_examples(tokenizer.pad_token_id),
             callbacks=[callback],
         )
+        # the trainer's log dictionaries go to a file, not between the caller's progress bars
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(LogFileCallback(output_dir / f"train_{role}_log.jsonl"))
         started = time.monotonic()
         trainer.train()
         train_seconds = time.monotonic() - started
