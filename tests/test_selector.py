@@ -627,3 +627,57 @@ def test_local_candidate_logits_name_the_scoring_form():
         local_candidate_logits(bins, values, scoring="residual")
     with pytest.raises(ValueError, match="`scoring` must be 'pure' or 'residual', got 'mixed'"):
         local_candidate_logits(bins, values, scoring="mixed")
+
+
+def test_a_save_interrupted_midway_leaves_the_previous_or_the_new_selector(tmp_path, monkeypatch, caplog):
+    """A crash while the new files are written leaves the previous selector; one while they are moved into place is
+    finished by the next load (the new selector). The other files of the folder are never touched."""
+    import shutil
+
+    from s2t_hf import atomic_files
+
+    case = CASES["qwen2-tied-spare"]
+    _, selector = new_selector(case)
+    selector.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("the tokenizer")
+    (tmp_path / "checkpoint-10").mkdir()
+    (tmp_path / "checkpoint-10" / "trainer_state.json").write_text("{}")
+    previous = logits(S2TSelector.from_pretrained(base_model_for(case), tmp_path).model)
+    perturb(selector)
+    new = logits(selector.model)
+    assert not torch.equal(previous, new)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # the process stops after the adapter, before the config and the card
+
+    monkeypatch.setattr(S2TConfig, "save_pretrained", crash)
+    with pytest.raises(KeyboardInterrupt):
+        selector.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert torch.equal(logits(S2TSelector.from_pretrained(base_model_for(case), tmp_path).model), previous)
+
+    moves = []
+    original = os.replace
+
+    def crash_after_one_move(source, target):  # the commit point passed, one file moved into place
+        if atomic_files.PENDING_DIR in str(source) and not str(target).endswith(atomic_files.PENDING_DIR):
+            moves.append(target)
+            if len(moves) == 2:
+                raise KeyboardInterrupt
+        return original(source, target)
+
+    monkeypatch.setattr(atomic_files.os, "replace", crash_after_one_move)
+    with pytest.raises(KeyboardInterrupt):
+        selector.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert (tmp_path / atomic_files.PENDING_DIR).is_dir()  # a mix on disk until the next load finishes the save
+    with caplog.at_level("WARNING", logger="s2t_hf.selector"):
+        loaded = S2TSelector.from_pretrained(base_model_for(case), tmp_path)
+    assert "Finished a save of the selector" in caplog.text
+    assert torch.equal(logits(loaded.model), new)
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["README.md", "adapter_config.json", "adapter_model.safetensors", "s2t_config.json", "tokenizer.json",
+         "checkpoint-10"]
+    )
+    assert (tmp_path / "tokenizer.json").read_text() == "the tokenizer"
+    assert (tmp_path / "checkpoint-10" / "trainer_state.json").read_text() == "{}"

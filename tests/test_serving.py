@@ -164,3 +164,31 @@ def test_a_model_loaded_from_gguf_and_dequantised_exports(tmp_path):
     with torch.no_grad(), selector.lora_disabled():
         torch.testing.assert_close(base(ids).logits, selector.model(ids).logits, rtol=1e-5, atol=1e-5)
     assert model.is_quantized  # the user's model keeps its marks: only the exported copy is unmarked
+
+
+def test_the_engine_refuses_each_bad_request_argument_by_name():
+    """`check_request_args` (the engine processor's `validate_params`): every adversarial case is refused with a
+    `ValueError` naming its argument, every valid one is accepted, and a random mix raises nothing but `ValueError`."""
+    import random
+    import re
+
+    from serving_fuzz import bad_cases, python_only_bad_cases, random_case, valid_cases
+
+    from s2t_hf.serving.manifest import check_request_args
+
+    for args, name in bad_cases(vocab=64) + python_only_bad_cases():
+        with pytest.raises(ValueError, match=re.escape(f"`{name}`")):
+            check_request_args(args)
+    for args in valid_cases(vocab=64, sentinel=60):
+        assert check_request_args(args) == {k: v for k, v in args.items() if k.startswith("s2t_")}
+    with pytest.raises(ValueError, match=r"`vllm_xargs`\) must be an object, got \[1\]"):
+        check_request_args([1])
+    with pytest.raises(ValueError, match=r"at most 1024 token ids .*got \[0, 1, 2, .*\.\.\.$"):
+        check_request_args({"s2t_keep": list(range(100_000))})  # the message stays short
+    rng = random.Random(0)
+    for _ in range(2000):
+        args, _ = random_case(rng, vocab=64, sentinel=60)
+        try:
+            check_request_args(args)
+        except ValueError:
+            pass

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
 from .adapter_injection import (
     CACHE_PRESERVING_PROJECTIONS,
@@ -26,6 +27,7 @@ from .adapter_injection import (
     selector_peft_config,
 )
 from .adapter_state import AdapterState
+from .atomic_files import PENDING_DIR, STAGING_DIR, recover_save, replace_files
 from .bin_rows import choose_reserved_rows, grow_embeddings, output_head, output_head_rows, vocab_fingerprint
 from .config import S2TConfig
 from .kv import require_decoder_only
@@ -45,6 +47,20 @@ __all__ = [
     "expected_bin_value",
     "vocab_fingerprint",
 ]
+
+logger = logging.get_logger(__name__)
+
+
+def _finish_interrupted_save(directory: str) -> None:
+    """Finishes (or drops) a `save_pretrained` into `directory` that a crash interrupted, before loading from it; a
+    folder that cannot be written is loaded as it is."""
+    if not any(os.path.isdir(os.path.join(directory, name)) for name in (PENDING_DIR, STAGING_DIR)):
+        return
+    try:
+        if recover_save(directory):
+            logger.warning(f"Finished a save of the selector into `{directory}` that was interrupted.")
+    except OSError as error:
+        logger.warning(f"Could not finish an interrupted save of the selector into `{directory}` ({error}).")
 
 
 def _settings_from_config(
@@ -372,17 +388,21 @@ class S2TSelector:
 
     def _save(self, save_directory, metrics: dict | None, repo_id: str | None) -> None:
         save_directory = os.fspath(save_directory)
-        os.makedirs(save_directory, exist_ok=True)
         adapter_name = self.model.active_adapter
         self.model.peft_config[adapter_name].base_model_name_or_path = self.config.base_model_name_or_path
-        # `save_embedding_layers=False`: never the whole head; "auto" would also look the base model up on the Hub.
-        self.model.save_pretrained(
-            save_directory, safe_serialization=True, save_embedding_layers=False, selected_adapters=[adapter_name]
-        )
-        self.config.save_pretrained(save_directory)
         card = self.model_card(repo_id or save_directory, metrics)
-        with open(os.path.join(save_directory, MODEL_CARD_NAME), "w", encoding="utf-8") as f:
-            f.write(card)
+
+        def write(folder: str) -> None:
+            # `save_embedding_layers=False`: never the whole head; "auto" would also look the base model up on the Hub.
+            self.model.save_pretrained(
+                folder, safe_serialization=True, save_embedding_layers=False, selected_adapters=[adapter_name]
+            )
+            self.config.save_pretrained(folder)
+            with open(os.path.join(folder, MODEL_CARD_NAME), "w", encoding="utf-8") as f:
+                f.write(card)
+
+        # written beside their place and moved in once complete: a crash leaves the previous selector or this one
+        replace_files(save_directory, write)
 
     def model_card(self, location: str, metrics: dict | None = None) -> str:
         """
@@ -488,6 +508,8 @@ class S2TSelector:
             ).items()
             if v is not None
         }
+        if os.path.isdir(os.fspath(path_or_repo_id)):
+            _finish_interrupted_save(os.fspath(path_or_repo_id))
         peft_model, config = load_selector_adapter(
             model, path_or_repo_id,
             is_trainable=is_trainable, check_fingerprint=check_fingerprint, hub_kwargs=hub_kwargs,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,87 @@ REQUEST_ARGS = (
     "s2t_entropy_weight",  # the learned trigger's entropy term
     "s2t_keep",  # a scoring request: the only rows kept (its processed log-probabilities are a softmax over them)
 )
+
+
+#: The triggers the engine runs (`s2t_trigger`).
+SERVED_TRIGGERS = ("entropy", "learned", "random", "always", "never")
+#: The most ids one request may keep (`s2t_keep`).
+MAX_KEEP = 1024
+# integer arguments: (smallest, largest) allowed
+_INTEGER_RANGES = {
+    "s2t_warmup": (0, 2**31 - 1),
+    "s2t_offset": (0, 2**31 - 1),
+    "s2t_signal_top_k": (1, 2**31 - 1),
+    "s2t_seed": (-(2**63), 2**63 - 1),
+}
+_FINITE_NUMBERS = ("s2t_threshold", "s2t_entropy_weight")
+
+def _shown(value: Any) -> str:
+    """A request's value in an error message, cut short."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_request_args(args: Any) -> dict[str, Any]:
+    """
+    Checks the S2T arguments of one request (`SamplingParams.extra_args`) for type and range, and returns them.
+
+    Raises `ValueError` naming the first bad argument, what it got and what is allowed: an unknown `s2t_*` name,
+    `s2t_keep` not a non-empty list of at most `MAX_KEEP` ids >= 0, `s2t_trigger` not one of `SERVED_TRIGGERS`, a
+    threshold or weight that is not a finite number, a rate outside [0, 1], a negative warm-up or offset,
+    `s2t_signal_top_k` < 1. Ids at or beyond the vocabulary cannot be checked here (vLLM gives `validate_params` no
+    vocabulary size): the processor drops them (see [`S2TVllmLogitsProcessor`]).
+
+    Args:
+        args (`dict`):
+            The request's extra arguments (other processors' arguments, without the `s2t_` prefix, are left alone).
+
+    Returns:
+        `dict`: the request's `s2t_*` arguments.
+    """
+    if args is None:
+        return {}
+    if not isinstance(args, dict):
+        raise ValueError(f"The extra arguments (`vllm_xargs`) must be an object, got {_shown(args)}.")
+    ours = {k: v for k, v in args.items() if isinstance(k, str) and k.startswith("s2t_")}
+    for name in ours:
+        if name not in REQUEST_ARGS:
+            raise ValueError(f"Unknown S2T argument `{name}`; the S2T arguments are {', '.join(REQUEST_ARGS)}.")
+    keep = ours.get("s2t_keep")
+    if keep is not None and (
+        not isinstance(keep, list) or not 1 <= len(keep) <= MAX_KEEP
+        or not all(_is_integer(i) and 0 <= i < 2**31 for i in keep)
+    ):
+        raise ValueError(
+            f"`s2t_keep` must be a non-empty list of at most {MAX_KEEP} token ids (integers >= 0), got "
+            f"{_shown(keep)}."
+        )
+    for name, (low, high) in _INTEGER_RANGES.items():
+        value = ours.get(name)
+        if value is not None and not (_is_integer(value) and low <= value <= high):
+            raise ValueError(f"`{name}` must be an integer in [{low}, {high}], got {_shown(value)}.")
+    for name in _FINITE_NUMBERS:
+        value = ours.get(name)
+        if value is not None and not (_is_number(value) and math.isfinite(value)):
+            raise ValueError(f"`{name}` must be a finite number, got {_shown(value)}.")
+    rate = ours.get("s2t_rate")
+    if rate is not None and not (_is_number(rate) and 0.0 <= rate <= 1.0):
+        raise ValueError(f"`s2t_rate` must be a number in [0, 1], got {_shown(rate)}.")
+    trigger = ours.get("s2t_trigger")
+    if trigger is not None:
+        if not isinstance(trigger, str) or trigger not in SERVED_TRIGGERS:
+            raise ValueError(f"`s2t_trigger` must be one of {SERVED_TRIGGERS}, got {_shown(trigger)}.")
+        if trigger in ("entropy", "learned") and ours.get("s2t_threshold") is None:
+            raise ValueError(f"`s2t_trigger={trigger!r}` needs `s2t_threshold` (a finite number).")
+    return ours
 
 
 @dataclass

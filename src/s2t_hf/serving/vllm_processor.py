@@ -22,6 +22,7 @@ masked; the learned trigger reads its row before the masking.
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any
 
@@ -30,10 +31,10 @@ from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from ..triggers import entropy_signal
-from .manifest import ServingManifest
+from .manifest import ServingManifest, check_request_args
 
 
-SERVED_TRIGGERS = ("entropy", "learned", "random", "always", "never")
+logger = logging.getLogger(__name__)
 
 
 class _Row:
@@ -67,33 +68,28 @@ class S2TVllmLogitsProcessor(LogitsProcessor):
     `s2t_offset` (tokens generated before this request: the client resumes a request with them in its prompt),
     `s2t_signal_top_k`, `s2t_rate` and `s2t_seed` (random), `s2t_entropy_weight` (learned); `s2t_keep` (the rows a
     scoring request keeps).
+
+    A request with an argument of the wrong type or out of range is refused at admission (`validate_params`, HTTP
+    400 naming the argument; see [`~s2t_hf.serving.manifest.check_request_args`]) and never reaches the batch. vLLM
+    checks them without the vocabulary size, so `s2t_keep` ids at or beyond the vocabulary are dropped here (logged):
+    the reply's log-probabilities hold only the ids in range, and a request left with none ends at once on the
+    sentinel token. One request's arguments never make `apply` index out of range or raise.
     """
 
     def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool):
         self.manifest = ServingManifest.from_pretrained(vllm_config.model_config.model)
         self.reserved = torch.tensor(sorted(self.manifest.reserved_token_ids), dtype=torch.long, device=device)
         self.sentinel = self.manifest.sentinel_token_id
+        #: The rows of the model's logits: `s2t_keep` ids at or beyond it are dropped.
+        self.vocab_size = int(vllm_config.model_config.get_vocab_size())
         self.rows: dict[int, _Row] = {}
         self.keep: dict[int, list[int]] = {}
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
-        args = sampling_params.extra_args or {}
-        keep = args.get("s2t_keep")
-        if keep is not None and (not isinstance(keep, list) or not keep or not all(isinstance(i, int) for i in keep)):
-            raise ValueError(f"`s2t_keep` must be a non-empty list of token ids, got {keep!r}.")
-        trigger = args.get("s2t_trigger")
-        if trigger is None:
-            return
-        if trigger not in SERVED_TRIGGERS:
-            raise ValueError(f"`s2t_trigger` must be one of {SERVED_TRIGGERS}, got {trigger!r}.")
-        if trigger in ("entropy", "learned") and args.get("s2t_threshold") is None:
-            raise ValueError(f"`s2t_trigger={trigger!r}` needs `s2t_threshold`.")
-        for name in ("s2t_threshold", "s2t_rate", "s2t_entropy_weight", "s2t_warmup", "s2t_offset",
-                     "s2t_signal_top_k", "s2t_seed"):
-            value = args.get(name)
-            if value is not None and not isinstance(value, (int, float)):
-                raise ValueError(f"`{name}` must be a number, got {value!r}.")
+        """Refuses a request whose S2T arguments are of the wrong type or out of range ([`check_request_args`]):
+        vLLM answers it with HTTP 400 and the message, and no other request sees it."""
+        check_request_args(sampling_params.extra_args)
 
     def is_argmax_invariant(self) -> bool:
         return False  # it masks rows and forces the sentinel
@@ -105,13 +101,24 @@ class S2TVllmLogitsProcessor(LogitsProcessor):
             self.rows.pop(index, None)
             self.keep.pop(index, None)
         for index, params, _, output in batch_update.added:
-            args = params.extra_args or {}
             self.rows.pop(index, None)
             self.keep.pop(index, None)
+            try:  # checked at admission already (`validate_params`); a request that got past it is only masked
+                args = check_request_args(params.extra_args)
+            except ValueError as error:
+                logger.error("S2T: a request's arguments were not checked at admission (%s); it is only masked.", error)
+                continue
             if args.get("s2t_trigger") not in (None, "never"):
                 self.rows[index] = _Row(args, output)
             if args.get("s2t_keep"):
-                self.keep[index] = [int(i) for i in args["s2t_keep"]]
+                keep = sorted(set(args["s2t_keep"]))
+                inside = [i for i in keep if i < self.vocab_size]
+                if len(inside) < len(keep):
+                    logger.warning(
+                        "S2T: `s2t_keep` ids %s are at or beyond the vocabulary (%d rows) and are dropped.",
+                        [i for i in keep if i >= self.vocab_size][:8], self.vocab_size,
+                    )
+                self.keep[index] = inside
         for a, b, direction in batch_update.moved:
             for table in (self.rows, self.keep):
                 row_a, row_b = table.pop(a, None), table.pop(b, None)
@@ -121,10 +128,16 @@ class S2TVllmLogitsProcessor(LogitsProcessor):
                     table[a] = row_b
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        vocab = logits.shape[-1]
         kept = {}
         for i, ids in self.keep.items():
-            index = torch.tensor(ids, dtype=torch.long, device=logits.device)
-            kept[i] = (index, logits[i, index].clone())
+            ids = [t for t in ids if t < vocab]  # never indexes beyond this step's logits
+            if ids:
+                index = torch.tensor(ids, dtype=torch.long, device=logits.device)
+                kept[i] = (index, logits[i, index].clone())
+            else:  # every id was beyond the vocabulary: the request ends at once on the sentinel
+                index = torch.tensor([self.sentinel], dtype=torch.long, device=logits.device)
+                kept[i] = (index, torch.zeros(1, dtype=logits.dtype, device=logits.device))
         logits = self._apply_trigger(logits)
         for i, (index, values) in kept.items():
             logits[i] = float("-inf")
