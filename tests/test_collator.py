@@ -7,19 +7,14 @@ import torch
 
 import s2t_hf
 import s2t_hf.data
-from s2t_hf.collator import SelectionGroupCollator, check_selection_columns
+from s2t_hf.collator import SelectionGroupCollator
 
 
-def test_old_import_paths_keep_working_with_a_future_warning():
+def test_the_collator_lives_in_collator_only():
     assert s2t_hf.SelectionGroupCollator is SelectionGroupCollator
-    moved = {"SelectionGroupCollator": SelectionGroupCollator, "check_selection_columns": check_selection_columns}
-    for name, new in moved.items():
-        with pytest.warns(FutureWarning, match=f"`s2t_hf.data.{name}` moved to `s2t_hf.collator.{name}`"):
-            assert getattr(s2t_hf.data, name) is new
-    with pytest.warns(FutureWarning):
-        from s2t_hf.data import SelectionGroupCollator as old  # noqa: F401
-    with pytest.raises(AttributeError, match="has no attribute 'Collator'"):
-        s2t_hf.data.Collator  # noqa: B018
+    for name in ("SelectionGroupCollator", "check_selection_columns", "Collator"):
+        with pytest.raises(AttributeError, match=f"has no attribute '{name}'"):
+            getattr(s2t_hf.data, name)
 
 
 def test_collator_pads_left_truncates_and_pads_candidates():

@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import os
-import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -50,24 +49,6 @@ logger = logging.get_logger(__name__)
 
 COLLECTION_MODES = ("teacher_forced", "on_policy")
 COLLECTION_SIGNALS = ("kl", "entropy")
-
-# names that moved to the training side (`s2t_hf.collator`); `__getattr__` below keeps them importable from here
-_MOVED_TO_COLLATOR = ("SelectionGroupCollator", "check_selection_columns")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_COLLATOR:
-        warnings.warn(
-            f"`s2t_hf.data.{name}` moved to `s2t_hf.collator.{name}`; import it from there. The old name will be "
-            "removed in a future version.",
-            FutureWarning,
-            stacklevel=2,
-        )
-        from . import collator
-
-        return getattr(collator, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 def selection_features():
     """The `datasets.Features` of a selection-group dataset."""
