@@ -39,6 +39,11 @@ greedy and Maj@8), `full` (all 1,319 test problems; for a GPU: `--size full --de
     python benchmarks/qwen_pair.py --size cpu                         # the committed run (hours on 2 cores; resumes)
     python benchmarks/qwen_pair.py --size cpu --stages report         # the tables from what has finished
     python benchmarks/qwen_pair.py --size full --device cuda --dtype bfloat16   # the full size, on a GPU
+    python benchmarks/qwen_pair.py --size full --device cuda --dtype bfloat16 \
+        --student Qwen/Qwen2.5-Coder-0.5B-Instruct --teacher Qwen/Qwen2.5-Coder-1.5B-Instruct   # the Hub checkpoints
+
+A `--size full` run writes its own records (`results/qwen_pair_full/`) and tables (`results/qwen_pair_full.*`); the
+CPU run's are never mixed in. Records of another dtype or checkpoint belong in another `--records` folder.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
+    QWEN_PAIR_HUB_IDS,
     JsonlRecords,
     boxed_or_last_number,
     chunks,
@@ -89,17 +95,17 @@ HIT_KS = (1, 2, 4, 8, 16)
 SIZES: dict[str, dict[str, Any]] = {
     # test: problems for greedy / S2T / Takeover / S2T-Local; small: for the teacher's greedy and Maj@8
     "quick": dict(test=4, small=4, hit_reference=3, hit_on_policy=3, calibration=4, new_tokens=48, batch_size=4,
-                  collect=6, cost_problems=4, cost_tokens=16),
+                  collect=6, cost_problems=4, cost_tokens=16, lm_eval_limit=2),
     "cpu": dict(test=250, small=100, hit_reference=40, hit_on_policy=40, calibration=16, new_tokens=768, batch_size=8,
-                collect=1000, cost_problems=8, cost_tokens=64),
+                collect=1000, cost_problems=8, cost_tokens=64, lm_eval_limit=20),
     "full": dict(test=1319, small=1319, hit_reference=500, hit_on_policy=500, calibration=64, new_tokens=1024,
-                 batch_size=32, collect=7273, cost_problems=32, cost_tokens=128),
+                 batch_size=32, collect=7273, cost_problems=32, cost_tokens=128, lm_eval_limit=1319),
 }
 # GSM8K train lines: collection and hit@K from the start, the selector's validation problems after them, the
 # calibration prompts from the end (never a test problem)
 VALIDATION_PROBLEMS = 100
 RATES = {"10": 0.10, "1": 0.01}
-STAGES = ("hit_reference", "calibrate", "decode", "hit_on_policy", "collect", "cost", "report")
+STAGES = ("hit_reference", "calibrate", "decode", "hit_on_policy", "collect", "train", "cost", "lm_eval", "report")
 
 
 # --------------------------------------------------------------------------------------------------------- data
@@ -159,13 +165,34 @@ class Run:
     def model(self, role: str):
         if role not in self._models:
             dtype = getattr(torch, self.args.dtype if role == "student" else self.args.teacher_dtype)
-            converted = os.path.join(self.args.cache_dir, f"{role}-dequantised")
-            tokenizer, model, seconds = load_gguf_model(qwen_pair_file(role), dtype=dtype, converted_dir=converted)
+            checkpoint = getattr(self.args, role)
+            if checkpoint:  # a transformers checkpoint (a folder, or a Hub id in the local cache)
+                from transformers import AutoModelForCausalLM, AutoTokenizer
+
+                started = time.perf_counter()
+                tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+                model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).eval().requires_grad_(False)
+                seconds = time.perf_counter() - started
+            else:  # the GGUF pair of scripts/install_qwen_pair.py
+                converted = os.path.join(self.args.cache_dir, f"{role}-dequantised")
+                tokenizer, model, seconds = load_gguf_model(qwen_pair_file(role), dtype=dtype,
+                                                            converted_dir=converted)
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
             model.to(self.args.device)
             logger.info("%s loaded in %.0f s (%s, %s)", role, seconds, dtype, self.args.device)
             self.state.setdefault("load_seconds", {})[role] = seconds
             self._models[role] = (tokenizer, model)
         return self._models[role][1]
+
+    def converted_dir(self, role: str) -> str:
+        """The folder of the de-quantised float32 copy of `role` (written on the first load), for tools that load a
+        transformers checkpoint by path (lm-eval)."""
+        if getattr(self.args, role):
+            return getattr(self.args, role)
+        folder = os.path.join(self.args.cache_dir, f"{role}-dequantised")
+        if not os.path.exists(os.path.join(folder, "converted_from.txt")):
+            self.model(role)
+        return folder
 
     @property
     def tokenizer(self):
@@ -354,8 +381,9 @@ def methods(run: Run) -> list[Method]:
         out += [Method(f"s2t_{rate}", "test", with_teacher("teacher", rate)),
                 Method(f"takeover_{rate}", "test", with_teacher("takeover", rate))]
     if run.args.selector:
-        out += [Method("s2t_local", "test", with_selector("selector")),
-                Method("lora_only", "test", with_selector("never"))]
+        tag = run.args.selector_tag or os.path.basename(os.path.normpath(run.args.selector))
+        out += [Method(f"s2t_local_{tag}", "test", with_selector("selector")),
+                Method(f"lora_only_{tag}", "test", with_selector("never"))]
     out += [Method("teacher_greedy", "small", lambda r: plain(r, "teacher")),
             Method("maj8", "small", sampled, samples=8)]
     return [m for m in out if not run.args.methods or m.name in run.args.methods]
@@ -397,29 +425,100 @@ def decode_chunk(run: Run, method: Method, store: JsonlRecords, key: str, proble
                 f", triggers {stats.get('triggers')}, flips {stats.get('flips')}" if stats else "")
 
 
-def stage_collect(run: Run) -> None:
-    """Selection groups on GSM8K train reference solutions, 1.5B teacher, top-10% KL, K = 16 (the library's shard
-    store resumes a stopped collection)."""
+def collect_groups(run: Run, split: str):
+    """Selection groups on GSM8K train reference solutions, 1.5B teacher, top-10% KL, K = 16: `split="train"` on
+    lines `0 .. collect - 1`, `split="validation"` on the next `VALIDATION_PROBLEMS` lines (the selector is chosen on
+    these, never on test problems). The library's shard store resumes a stopped collection."""
     from s2t_hf import collect_selection_data
 
-    problems = gsm8k(run.train_path, 0, run.sizes["collect"])
-    folder = os.path.join(run.args.cache_dir, f"{run.args.size}_collect_reference_kl")
-    started = time.perf_counter()
-    groups = collect_selection_data(
+    start = 0 if split == "train" else run.sizes["collect"]
+    count = run.sizes["collect"] if split == "train" else min(VALIDATION_PROBLEMS, run.sizes["collect"])
+    problems = gsm8k(run.train_path, start, start + count)
+    folder = os.path.join(run.args.cache_dir, f"{run.args.size}_collect_reference_kl_{split}")
+    return collect_selection_data(
         run.model("student"), run.teacher(), run.tokenizer, [p.messages for p in problems], mode="teacher_forced",
         responses=[p.solution for p in problems], signal="kl", fraction=0.1, top_k=16,
         max_new_tokens=run.sizes["new_tokens"], batch_size=run.sizes["batch_size"], shard_size=32, save_to=folder,
-        show_progress=run.args.progress, collection_id=f"qwen2.5-coder-0.5b/1.5b-gguf-q4km-{run.args.dtype}",
-    )
-    top1 = [c[0] for c in groups["cand_ids"]]
-    teacher_choice = [c[max(range(len(p)), key=p.__getitem__)] for c, p in zip(groups["cand_ids"],
-                                                                                 groups["teacher_probs"])]
+        show_progress=run.args.progress, collection_id=f"qwen2.5-coder-0.5b/1.5b-{run.args.dtype}-{split}",
+    ), problems
+
+
+def stage_collect(run: Run) -> None:
+    started = time.perf_counter()
+    summary = {}
+    for split in ("train", "validation"):
+        groups, problems = collect_groups(run, split)
+        top1 = [c[0] for c in groups["cand_ids"]]
+        choice = [c[max(range(len(p)), key=p.__getitem__)] for c, p in zip(groups["cand_ids"], groups["teacher_probs"])]
+        summary[split] = {"problems": len(problems), "lines": [problems[0].line, problems[-1].line],
+                          "groups": len(groups),
+                          "teacher_disagrees_with_student_top1": sum(a != b for a, b in zip(top1, choice)) / max(
+                              1, len(top1))}
     run.state["collection"] = {
-        "folder": folder, "problems": len(problems), "groups": len(groups),
-        "teacher_disagrees_with_student_top1": sum(a != b for a, b in zip(top1, teacher_choice)) / max(1, len(top1)),
-        "seconds_this_run": time.perf_counter() - started,
-        "recipe": "teacher-forced on GSM8K train reference solutions (lines 0..collect-1), top-10% KL positions per "
-                  "shard of 32 problems, K = 16, 1.5B teacher",
+        **summary, "seconds_this_run": time.perf_counter() - started,
+        "recipe": "teacher-forced on GSM8K train reference solutions, top-10% KL positions per shard of 32 problems, "
+                  "K = 16, 1.5B teacher",
+    }
+    run.save_state()
+
+
+# the two selector forms of the issue: the paper's (LoRA on every attention and MLP projection, its LoRA on while the
+# student generates) and the cache-preserving one (LoRA on the last layer's query, output and MLP projections only,
+# off while the student generates); both score in the residual form
+FORMS = {
+    "paper": dict(preserve_cache=False, adapter_mode="generate", learning_rate=5e-5, lm_kl_weight=0.1),
+    "cache": dict(preserve_cache=True, adapter_mode="scoring", learning_rate=1e-3, lm_kl_weight=0.0),
+}
+
+
+def stage_train(run: Run) -> None:
+    """A selector of `--form` on the collected groups, chosen by held-out agreement with the teacher on the
+    validation groups; Trainer checkpoints resume. Saved to `<cache>/<size>_selector_<form>` (and `--selector-out`)."""
+    import copy
+
+    from transformers import EarlyStoppingCallback
+
+    from s2t_hf import S2TConfig, S2TSelector, S2TTrainer, S2TTrainingArguments
+
+    form = FORMS[run.args.form]
+    train_groups, _ = collect_groups(run, "train")
+    validation_groups, _ = collect_groups(run, "validation")
+    threshold = run.state.get("thresholds", {}).get("10")
+    config = S2TConfig(selection="local", scoring="residual", residual_tau=0.1, top_k=8, trigger="entropy",
+                       trigger_threshold=threshold, trigger_rate=0.1, adapter_mode=form["adapter_mode"])
+    selector = S2TSelector.create(copy.deepcopy(run.model("student")), run.tokenizer, num_bins=16, use_lora=True,
+                                  lora_r=16, lora_alpha=32, preserve_cache=form["preserve_cache"], config=config)
+    output_dir = os.path.join(run.args.cache_dir, f"{run.args.size}_trainer_{run.args.form}")
+    batch = 4
+    every = max(5, len(train_groups) // batch // 4)
+    args = S2TTrainingArguments(
+        output_dir=output_dir, num_train_epochs=run.args.epochs, max_steps=run.args.max_steps,
+        per_device_train_batch_size=batch, per_device_eval_batch_size=batch, learning_rate=form["learning_rate"],
+        candidate_temperature=1.0, margin=1.0, teacher_kl_weight=1.0, lm_kl_weight=form["lm_kl_weight"],
+        lr_scheduler_type="constant", eval_strategy="steps", eval_steps=every, save_strategy="steps",
+        save_steps=every, save_total_limit=2, load_best_model_at_end=True, metric_for_best_model="eval_agreement",
+        greater_is_better=True, logging_steps=every, report_to="none", seed=run.args.seed,
+        use_cpu=run.args.device == "cpu", disable_tqdm=not run.args.progress,
+    )
+    trainer = S2TTrainer(selector=selector, args=args, train_dataset=train_groups, eval_dataset=validation_groups,
+                         callbacks=[EarlyStoppingCallback(early_stopping_patience=3)])
+    from transformers.trainer_utils import get_last_checkpoint
+
+    checkpoint = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    metrics = trainer.evaluate()
+    folder = run.args.selector_out or os.path.join(run.args.cache_dir, f"{run.args.size}_selector_{run.args.form}")
+    selector.config = dataclasses.replace(selector.config, base_model_name_or_path=QWEN_PAIR_HUB_IDS["student"])
+    selector.save_pretrained(folder, metrics={
+        "validation agreement with the 1.5B teacher (selector)": metrics.get("eval_agreement"),
+        "validation agreement with the 1.5B teacher (student top-1)": metrics.get("eval_student_agreement"),
+    })
+    run.state.setdefault("training", {})[run.args.form] = {
+        "folder": folder, "train_groups": len(train_groups), "validation_groups": len(validation_groups),
+        "steps": trainer.state.global_step, "resumed_from": checkpoint, "seconds_this_run": time.perf_counter() - started,
+        "validation_agreement": metrics.get("eval_agreement"),
+        "validation_student_top1_agreement": metrics.get("eval_student_agreement"), "form": form,
     }
     run.save_state()
 
@@ -450,6 +549,46 @@ def stage_cost(run: Run) -> None:
         "loadavg": os.getloadavg(), "date": now(),
     }
     run.save_state()
+
+
+def stage_lm_eval(run: Run) -> None:
+    """lm-eval's own GSM8K (5-shot, its prompt, filters and metrics) through `s2t-lm-eval` on the local JSONL files:
+    `--model hf` (the student), `--model s2t` with the teacher (S2T at the ~10% threshold) and, with `--selector`,
+    with the selector. The scores lm-eval reports are kept in `state.json` (`lm_eval`)."""
+    import glob
+    import shutil
+    import subprocess
+
+    student_dir, teacher_dir = run.converted_dir("student"), run.converted_dir("teacher")
+    threshold = run.state["thresholds"]["10"]
+    configs = {
+        "hf": ("hf", f"pretrained={student_dir},dtype={run.args.dtype}"),
+        "s2t_10": ("s2t", f"pretrained={student_dir},dtype={run.args.dtype},teacher={teacher_dir},"
+                          f"trigger=entropy,trigger_threshold={threshold},top_k=8"),
+    }
+    if run.args.selector:
+        configs["s2t_local"] = ("s2t", f"pretrained={student_dir},dtype={run.args.dtype},selector={run.args.selector}")
+    done = run.state.setdefault("lm_eval", {})
+    command = shutil.which("s2t-lm-eval") or os.path.join(os.path.dirname(sys.executable), "s2t-lm-eval")
+    limit = run.sizes["lm_eval_limit"]
+    for name, (model, model_args) in configs.items():
+        if name in done and done[name].get("limit") == limit:
+            continue
+        output = os.path.join(run.args.cache_dir, f"lm_eval_{run.args.size}_{name}")
+        started = time.perf_counter()
+        subprocess.run(
+            [command, "--model", model, "--model_args", model_args, "--tasks", "gsm8k_local", "--local_data",
+             f"gsm8k={run.args.gsm8k_dir}", "--device", run.args.device, "--batch_size", str(run.sizes["batch_size"]),
+             "--limit", str(limit), "--output_path", output],
+            check=True,
+        )
+        [path] = sorted(glob.glob(os.path.join(output, "**", "results_*.json"), recursive=True))[-1:]
+        with open(path) as f:
+            scores = json.load(f)["results"]
+        done[name] = {"limit": limit, "model": model, "model_args": model_args, "results": scores,
+                      "seconds": time.perf_counter() - started}
+        logger.info("lm-eval %s: %s", name, scores)
+        run.save_state()
 
 
 # --------------------------------------------------------------------------------------------------------- report
@@ -500,7 +639,7 @@ def stage_report(run: Run) -> dict[str, Any]:
         "thresholds": run.state.get("thresholds"), "calibration": run.state.get("calibration"),
         "hit_at_k": {"reference": hit_summary(run.records("hit_reference")),
                      "on_policy": hit_summary(run.records("hit_on_policy"))},
-        "collection": run.state.get("collection"), "cost": run.state.get("cost"),
+        "collection": run.state.get("collection"), "cost": run.state.get("cost"), "lm_eval": run.state.get("lm_eval"),
         "methods": {},
     }
     outcomes = {m.name: method_outcomes(run, m) for m in methods(run)}
@@ -553,15 +692,64 @@ def stage_report(run: Run) -> dict[str, Any]:
     with open(os.path.join(HERE, "results", f"{name}.txt"), "w") as f:
         f.write(table + "\n")
     print(table)
+    if run.args.plots:
+        plot(results, os.path.join(HERE, "..", "docs", "images"), name)
     return results
+
+
+def plot(results: dict[str, Any], folder: str, name: str) -> None:
+    """`<name>_methods.png` (accuracy by method with Wilson intervals, n in the labels) and `<name>_hit_at_k.png`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(folder, exist_ok=True)
+    rows = results["methods"]
+    if rows:
+        names = list(rows)
+        accuracy = [100 * rows[n]["accuracy"] for n in names]
+        errors = [[100 * (rows[n]["accuracy"] - rows[n]["wilson95"][0]) for n in names],
+                  [100 * (rows[n]["wilson95"][1] - rows[n]["accuracy"]) for n in names]]
+        fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2))
+        ax.barh(range(len(names)), accuracy, xerr=errors, color="#4c72b0", capsize=3)
+        ax.set_yticks(range(len(names)), [f"{label(n)} (n={rows[n]['problems']})" for n in names])
+        ax.invert_yaxis()
+        ax.set_xlabel("GSM8K test accuracy, % (95% Wilson interval)")
+        ax.set_title("Qwen2.5-Coder-0.5B-Instruct, 1.5B-Instruct as teacher")
+        fig.tight_layout()
+        fig.savefig(os.path.join(folder, f"{name}_methods.png"), dpi=110)
+        plt.close(fig)
+    hits = {k: v for k, v in results["hit_at_k"].items() if v}
+    if hits:
+        fig, ax = plt.subplots(figsize=(5.5, 3.5))
+        for kind, values in hits.items():
+            ax.plot(HIT_KS, [100 * values[f"hit@{k}"] for k in HIT_KS], marker="o",
+                    label=f"{kind.replace('_', '-')} ({values['steps']} steps)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(HIT_KS, [str(k) for k in HIT_KS])
+        ax.set_xlabel("K (student's top-K)")
+        ax.set_ylabel("teacher's choice in top-K, %")
+        ax.set_title("Local sufficiency at top-10% entropy steps")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(folder, f"{name}_hit_at_k.png"), dpi=110)
+        plt.close(fig)
 
 
 LABELS = {
     "greedy": "student greedy", "s2t_10": "S2T ~10% (teacher selects in top-8)", "takeover_10": "Takeover ~10%",
-    "s2t_1": "S2T ~1%", "takeover_1": "Takeover ~1%", "s2t_local": "S2T-Local (selector)",
-    "lora_only": "selector LoRA on, no selection", "teacher_greedy": "teacher (1.5B) greedy",
+    "s2t_1": "S2T ~1%", "takeover_1": "Takeover ~1%", "teacher_greedy": "teacher (1.5B) greedy",
     "maj8": "student Maj@8 (T=0.7)",
 }
+
+
+def label(name: str) -> str:
+    for prefix, text in (("s2t_local_", "S2T-Local"), ("lora_only_", "LoRA on, no selection")):
+        if name.startswith(prefix):
+            return f"{text} ({name[len(prefix):]})"
+    return LABELS.get(name, name)
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -577,7 +765,7 @@ def format_table(results: dict[str, Any]) -> str:
         p = f"{vs['mcnemar']['p_value']:.3f}" if vs else ""
         trig = f"{100 * row['trigger_rate']:.1f}%" if "trigger_rate" in row else ""
         lines.append(
-            f"{LABELS.get(name, name):38} {row['problems']:>4} {100 * row['accuracy']:5.1f}% "
+            f"{label(name):38} {row['problems']:>4} {100 * row['accuracy']:5.1f}% "
             f"[{100 * row['wilson95'][0]:4.1f}, {100 * row['wilson95'][1]:4.1f}] {diff:>24} {p:>9} "
             f"{100 * row['cut_share']:4.1f}% {trig:>6} {row.get('flips', ''):>6}"
         )
@@ -586,7 +774,7 @@ def format_table(results: dict[str, Any]) -> str:
                      f"[{100 * cmp['bootstrap_ci95'][0]:+.1f}, {100 * cmp['bootstrap_ci95'][1]:+.1f}] on "
                      f"{cmp['problems']} problems")
     for name, row in (results.get("against_maj8") or {}).items():
-        lines.append(f"on the Maj@8 problems: {LABELS.get(name, name)} {100 * row['accuracy']:.1f}% vs Maj@8 "
+        lines.append(f"on the Maj@8 problems: {label(name)} {100 * row['accuracy']:.1f}% vs Maj@8 "
                      f"{100 * row['maj8_accuracy']:.1f}% (n {row['problems']})")
     lines.append("")
     for kind, hits in results["hit_at_k"].items():
@@ -594,10 +782,14 @@ def format_table(results: dict[str, Any]) -> str:
             lines.append(f"hit@K ({kind}, top-10% entropy steps, {hits['steps']} of {hits['positions']} positions, "
                          f"{hits['problems']} problems): " + "  ".join(f"@{k} {100 * hits[f'hit@{k}']:.1f}%"
                                                                          for k in HIT_KS))
+    for name, entry in (results.get("lm_eval") or {}).items():
+        scores = next(iter(entry["results"].values()), {})
+        lines.append(f"lm-eval gsm8k (5-shot, --limit {entry['limit']}), {name}: " + ", ".join(
+            f"{k.split(',')[1]} {v:.3f}" for k, v in scores.items() if k.startswith("exact_match,")))
     cost = results.get("cost")
     if cost:
         lines.append("time per token, ratio to student greedy / to teacher greedy: " + ", ".join(
-            f"{LABELS.get(n, n)} {cost['ratio_to_student_greedy'][n]:.2f} / {cost['ratio_to_teacher_greedy'][n]:.2f}"
+            f"{label(n)} {cost['ratio_to_student_greedy'][n]:.2f} / {cost['ratio_to_teacher_greedy'][n]:.2f}"
             for n in cost["seconds_per_token"]))
     return "\n".join(lines)
 
@@ -613,14 +805,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--methods", default="", help="comma-separated method names (default: all)")
     parser.add_argument("--test", type=int, help="override the number of test problems of the size")
     parser.add_argument("--selector", help="an S2T-Local selector folder: adds S2T-Local and the LoRA-only control")
+    parser.add_argument("--selector-tag", help="names the selector's methods (default: the folder's name)")
+    parser.add_argument("--student", help="a transformers checkpoint of the student (folder or cached Hub id, e.g. "
+                                          "Qwen/Qwen2.5-Coder-0.5B-Instruct) instead of the installed GGUF")
+    parser.add_argument("--teacher", help="likewise for the teacher (e.g. Qwen/Qwen2.5-Coder-1.5B-Instruct)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", help="the student's dtype")
     parser.add_argument("--teacher-dtype", default=None, help="the teacher's dtype (default: --dtype)")
     parser.add_argument("--gsm8k-dir", default=os.path.join(HERE, "..", "..", "shared", "data", "gsm8k"))
     parser.add_argument("--records", help="folder of the per-problem records (default: results/qwen_pair_<size>)")
     parser.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "s2t_hf", "qwen_pair"))
+    parser.add_argument("--form", choices=sorted(FORMS), default="cache", help="the selector form `train` trains")
+    parser.add_argument("--epochs", type=float, default=3.0)
+    parser.add_argument("--max-steps", type=int, default=-1)
+    parser.add_argument("--selector-out", help="where `train` saves the selector (default: in --cache-dir)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress", action="store_true", help="progress bars")
+    parser.add_argument("--plots", action="store_true", help="the report also draws docs/images/<name>_*.png")
     args = parser.parse_args(argv)
     args.teacher_dtype = args.teacher_dtype or args.dtype
     args.methods = [m for m in args.methods.split(",") if m]
@@ -637,8 +838,8 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     run = Run(args)
     stages = {"hit_reference": stage_hit_reference, "calibrate": stage_calibrate, "decode": stage_decode,
-              "hit_on_policy": stage_hit_on_policy, "collect": stage_collect, "cost": stage_cost,
-              "report": stage_report}
+              "hit_on_policy": stage_hit_on_policy, "collect": stage_collect, "train": stage_train, "cost": stage_cost,
+              "lm_eval": stage_lm_eval, "report": stage_report}
     for name in STAGES:
         if name in args.stages:
             started = time.perf_counter()
