@@ -283,3 +283,53 @@ def test_a_teacher_of_another_tokenizer_is_loaded_with_its_own(workspace, tmp_pa
     assert len(model.generate_until(requests)) == len(QUESTIONS)
     stats = model.s2t_stats
     assert stats["triggers"] > 0 and stats["teacher_calls"] > 0 and stats["flips"] > 0
+
+
+@pytest.mark.parametrize("adapter_mode", ["scoring", "generate"])
+def test_log_likelihood_with_a_selector_scores_the_base_student(workspace, tmp_path, adapter_mode):
+    """With a trained selector (LoRA and bin rows added to the vocabulary), log-likelihood requests give what `hf`
+    gives on the base student, before and after a generation; the processor's hook is on the model only while it
+    generates, and `close` leaves nothing behind."""
+    from conftest import randomize_trainable
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+    from transformers import AutoTokenizer
+
+    from s2t_hf import S2TSelector
+
+    student = workspace / "student"
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    selector = S2TSelector.create(AutoModelForCausalLM.from_pretrained(student), tokenizer, num_bins=4, lora_r=4)
+    assert selector.config.num_added_rows > 0  # the tokenizer fills the vocabulary: rows are added for the bins
+    randomize_trainable(selector, seed=3).save_pretrained(tmp_path / "selector")
+
+    requests = [Instance("loglikelihood", {}, (q, " 5 ."), i) for i, q in enumerate(QUESTIONS)]
+    options = dict(device="cpu", dtype="float32", batch_size=4)
+    plain = [value for value, _ in get_model("hf")(pretrained=str(student), **options).loglikelihood(requests)]
+    with get_model("s2t")(pretrained=str(student), selector=str(tmp_path / "selector"), trigger="always",
+                          warmup_tokens=0, adapter_mode=adapter_mode, **options) as model:
+        assert not model.s2t.state_hook.attached
+        before = [value for value, _ in model.loglikelihood(requests)]
+        generated = [Instance("generate_until", {}, (q, {"until": ["<eos>"], "max_gen_toks": 6, "do_sample": False}), i)
+                     for i, q in enumerate(QUESTIONS)]
+        model.generate_until(generated)
+        assert model.s2t_stats["triggers"] > 0 and not model.s2t.state_hook.attached
+        after = [value for value, _ in model.loglikelihood(requests)]
+    assert before == pytest.approx(plain, abs=1e-4) and after == pytest.approx(plain, abs=1e-4)
+    assert not model.s2t.state_hook.attached
+
+
+def test_trust_remote_code_given_as_text_is_read_as_a_boolean(workspace, tmp_path, monkeypatch):
+    from lm_eval.api.registry import get_model
+
+    from conftest import custom_code_checkpoint
+
+    custom = custom_code_checkpoint(tmp_path / "custom")
+    monkeypatch.setattr("builtins.input", lambda *args: "y")
+    with pytest.raises(ValueError, match="(?s)contains custom code.*trust_remote_code"):  # "False" is not true
+        get_model("s2t")(pretrained=str(workspace / "student"), teacher=str(custom), trigger="never", device="cpu",
+                         trust_remote_code="False")
+    assert not (custom / "RAN").exists()
+    with pytest.raises(ValueError, match="`trust_remote_code` must be true or false, got 'maybe'"):
+        get_model("s2t")(pretrained=str(workspace / "student"), trigger="never", device="cpu",
+                         trust_remote_code="maybe")

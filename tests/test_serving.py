@@ -192,3 +192,146 @@ def test_the_engine_refuses_each_bad_request_argument_by_name():
             check_request_args(args)
         except ValueError:
             pass
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    tokenizer = build_tokenizer()
+    selector = trained_like(student(tokenizer), tokenizer)
+    return export_for_vllm(tmp_path_factory.mktemp("export"), selector=selector, tokenizer=tokenizer), tokenizer
+
+
+def served_client(url, exported, **kwargs):
+    export, tokenizer = exported
+    config = S2TConfig.from_dict({**export.config.to_dict(), "trigger": "always", "warmup_tokens": 0})
+    return ServedS2T(url, config, export.manifest, tokenizer, check_server=False, **kwargs)
+
+
+def test_a_teacher_that_keeps_one_cache_is_refused_and_base_url_is_normalised(exported):
+    from s2t_hf.teachers import LocalTeacher
+
+    export, tokenizer = exported
+    config = S2TConfig.from_dict({**export.config.to_dict(), "trigger": "always", "selection": "teacher"})
+    with pytest.raises(ValueError, match=r"`teacher` \(LocalTeacher\) keeps one state .*RemoteTeacher\(base_url"):
+        ServedS2T("http://127.0.0.1:9", config, export.manifest, tokenizer, teacher=LocalTeacher(student(tokenizer)))
+    with pytest.raises(TypeError, match="`teacher` must be a `RemoteTeacher`, got LlamaForCausalLM"):
+        ServedS2T("http://127.0.0.1:9", config, export.manifest, tokenizer, teacher=student(tokenizer))
+    for url in ("http://127.0.0.1:9/", "http://127.0.0.1:9/v1", "http://127.0.0.1:9/v1/"):
+        assert served_client(url, exported).client.base_url == "http://127.0.0.1:9"
+
+
+WRONG_REPLIES = [
+    [1],
+    {"choices": []},
+    {"choices": ["x"]},
+    {"choices": [{"index": 3, "token_ids": [5]}]},
+    {"choices": [{"index": 0, "token_ids": "5"}]},
+    {"choices": [{"index": 0, "token_ids": [5, -1]}]},
+    {"choices": [{"index": 0, "token_ids": [5, "a"]}]},
+]
+
+
+@pytest.mark.parametrize("reply", WRONG_REPLIES, ids=range(len(WRONG_REPLIES)))
+def test_a_served_student_refuses_replies_of_the_wrong_shape(exported, reply):
+    from scripted_server import ScriptedServer
+
+    def answer(method, path, body):
+        return (200, {"data": [{"id": "student"}]}) if method == "GET" else (200, reply)
+
+    with ScriptedServer(answer) as server:
+        with pytest.raises(ServedS2TError):
+            served_client(server.url, exported, max_retries=0).generate([[5, 6]], max_new_tokens=2)
+    for models in ([1], {"data": [{"name": "x"}]}, {"data": None}):
+        with ScriptedServer(lambda method, path, body, models=models: (200, models)) as server:
+            with pytest.raises(ServedS2TError, match="without a list of models"):
+                served_client(server.url, exported, max_retries=0).generate([[5, 6]], max_new_tokens=2)
+
+
+def test_a_hung_server_fails_fast_sync_and_asyncio(exported):
+    """Against a server that never answers a completion, the first timeout is raised at once: the prompts not started
+    send nothing (sync and asyncio), instead of every group of `max_concurrency` prompts timing out in turn."""
+    import asyncio
+    import time
+
+    from scripted_server import ScriptedServer
+
+    def answer(method, path, body):
+        if method == "GET":
+            return 200, {"data": [{"id": "student"}]}
+        server.release.wait()  # hangs until the test ends
+        return 500, {}
+
+    prompts = [[5, 6, 7]] * 40
+    with ScriptedServer(answer) as server:
+        s2t = served_client(server.url, exported, max_retries=0, timeout=1.0, max_concurrency=4)
+        start = time.monotonic()
+        with pytest.raises(ServedS2TError, match=r"did not answer `POST /v1/completions` after 1 tries \(TimeoutError"):
+            s2t.generate(prompts, max_new_tokens=4)
+        elapsed = time.monotonic() - start
+        assert elapsed < 3.0, elapsed  # one timeout, not 10 groups of 4 in turn (10 s)
+        time.sleep(1.5)  # the requests in flight time out too
+        assert server.posts("/v1/completions") == 4  # the first group only; nothing sent after the error
+
+        start = time.monotonic()
+        with pytest.raises(ServedS2TError, match="did not answer"):
+            asyncio.run(s2t.agenerate(prompts, max_new_tokens=4))
+        assert time.monotonic() - start < 3.0
+        time.sleep(1.5)
+        assert server.posts("/v1/completions") == 8
+
+
+def completion(tokens, top=None, stop_reason=None):
+    """A `/v1/completions` answer of one choice: its token ids, and the top log-probabilities of its first step."""
+    choice = {"index": 0, "token_ids": tokens, "finish_reason": "stop" if stop_reason is not None else "length",
+              "stop_reason": stop_reason}
+    if top is not None:
+        choice["logprobs"] = {"top_logprobs": [{f"token_id:{i}": v for i, v in top.items()}]}
+    return {"choices": [choice]}
+
+
+def test_a_reserved_row_in_a_reply_is_refused(exported):
+    """A server that does not mask the reserved rows (here: it generates a bin) is refused by the client."""
+    from scripted_server import ScriptedServer
+
+    export, _ = exported
+    bin_row = export.config.bin_token_ids[0]
+
+    def answer(method, path, body):
+        return (200, {"data": [{"id": "student"}]}) if method == "GET" else (200, completion([5, bin_row, 6]))
+
+    with ScriptedServer(answer) as server:
+        s2t = served_client(server.url, exported, max_retries=0)
+        with pytest.raises(ServedS2TError, match=rf"generated reserved rows \[{bin_row}\]: it does not mask them"):
+            s2t.generate([[5, 6]], max_new_tokens=3)
+
+
+@pytest.mark.parametrize("fault", ["raw_logprobs", "no_adapter"])
+def test_the_probe_refuses_raw_log_probabilities_and_a_missing_adapter(exported, fault):
+    """`ServedS2T`'s probe: a server that stops on the sentinel but returns raw log-probabilities (not a softmax over
+    the rows a request keeps), or one without the selector's adapter, is refused before the first prompt."""
+    import math
+
+    from scripted_server import ScriptedServer
+
+    export, tokenizer = exported
+    sentinel = export.manifest.sentinel_token_id
+    models = [{"id": "student"}] + ([] if fault == "no_adapter" else [{"id": export.manifest.adapter_name,
+                                                                         "parent": "student"}])
+
+    def answer(method, path, body):
+        if method == "GET":
+            return 200, {"data": models}
+        keep = (body.get("vllm_xargs") or {}).get("s2t_keep")
+        if keep is None:  # the first probe: it must stop at once on the sentinel
+            return 200, completion([sentinel], stop_reason=sentinel)
+        # the second probe keeps two rows: processed log-probabilities sum to 1 over them, raw ones do not
+        value = -3.0 if fault == "raw_logprobs" else math.log(0.5)
+        return 200, completion([keep[0]], top={i: value for i in keep})
+
+    with ScriptedServer(answer) as server:
+        config = S2TConfig.from_dict({**export.config.to_dict(), "trigger": "always"})
+        s2t = ServedS2T(server.url, config, export.manifest, tokenizer, max_retries=0)
+        message = "does not return processed log-probabilities" if fault == "raw_logprobs" else (
+            f"does not serve the selector's adapter '{export.manifest.adapter_name}'")
+        with pytest.raises(ServedS2TError, match=message):
+            s2t.generate([[5, 6]], max_new_tokens=2)

@@ -337,3 +337,131 @@ def test_a_served_teachers_identity_is_what_the_server_lists():
         "kind": "served", "model": "plain", "root": "/models/step-1000", "max_model_len": 64, "teacher": "RemoteTeacher",
     }
     assert identities[1] == identities[0] and identities[2]["root"] == "/models/step-2000"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The transport: size cap, jitter, Retry-After, a counter shared by threads, credentials never shown
+
+
+def test_transport_refuses_an_oversized_answer_and_honours_retry_after():
+    import time
+
+    from scripted_server import ScriptedServer
+
+    from s2t_hf.teachers.transport import JSONClient, ServerError
+
+    with ScriptedServer(lambda method, path, body: (200, {"data": "x" * 5000})) as server:
+        client = JSONClient(server.url, max_retries=0, max_response_bytes=1000)
+        with pytest.raises(ServerError, match=r"answered `GET /v1/models` with more than 1000 bytes; raise "):
+            client.request("GET", "/v1/models")
+        assert JSONClient(server.url).request("GET", "/v1/models") == {"data": "x" * 5000}
+    with pytest.raises(ValueError, match="`max_response_bytes` must be a positive integer, got 0"):
+        JSONClient("http://127.0.0.1:9", max_response_bytes=0)
+
+    answers = iter([(503, {"detail": "busy"}, {"Retry-After": "1"}), (200, {"ok": True})])
+    with ScriptedServer(lambda method, path, body: next(answers)) as server:
+        client = JSONClient(server.url, max_retries=1, backoff=0.01)
+        start = time.monotonic()
+        assert client.request("GET", "/v1/models") == {"ok": True}
+        assert time.monotonic() - start >= 1.0  # the server's wait, not the 0.01 s backoff
+    assert client.requests == 2
+
+
+def test_transport_retries_with_jitter_and_counts_from_many_threads():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from scripted_server import ScriptedServer
+
+    from s2t_hf.teachers.transport import JSONClient
+
+    client = JSONClient("http://127.0.0.1:9", backoff=1.0)
+    delays = [client.retry_delay(2) for _ in range(200)]
+    assert all(1.0 <= d < 3.0 for d in delays) and len(set(delays)) > 150  # spread, so threads do not retry at once
+    assert client.retry_delay(1, retry_after=7.0) == 7.0 and client.retry_delay(1, retry_after=0.0) >= 0.5
+    with ScriptedServer(lambda method, path, body: (200, {})) as server:
+        client = JSONClient(server.url, max_concurrency=16)
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda _: client.request("GET", "/v1/models"), range(800)))
+        assert client.requests == 800 == len(server.requests)
+
+
+def test_credentials_in_base_url_are_sent_and_never_shown():
+    from scripted_server import ScriptedServer
+
+    from s2t_hf.teachers.transport import JSONClient, ServerError, redact_url, server_root
+
+    with ScriptedServer(lambda method, path, body: (200, {"data": [{"id": "m"}]})) as server:
+        url = server.url.replace("http://", "http://alice:s3cret@") + "/v1/"
+        teacher = RemoteTeacher(url, check=False, max_retries=0)
+        assert teacher.base_url == server.url.replace("http://", "http://alice:***@")
+        assert "s3cret" not in repr(teacher) and teacher.model == "m"
+        assert server.requests[0][1] == "/v1/models"  # `/v1/` dropped from the address
+        assert server.requests[0][3]["Authorization"] == "Basic YWxpY2U6czNjcmV0"
+    with pytest.raises(ServerError) as error:
+        JSONClient("http://alice:s3cret@127.0.0.1:9", max_retries=0, timeout=0.5).request("GET", "/v1/models")
+    assert "s3cret" not in str(error.value) and "alice:***@127.0.0.1:9" in str(error.value)
+    with pytest.raises(ValueError) as error:
+        JSONClient("ftp://alice:s3cret@host")
+    assert "s3cret" not in str(error.value)
+    assert redact_url("http://host:1") == "http://host:1" and server_root("http://h/v1") == "http://h"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Replies of the wrong shape: the documented error, never a raw AttributeError or TypeError
+
+WRONG_SHAPES = [
+    [1, 2],
+    {"choices": None},
+    {"choices": [1]},
+    {"choices": [{"index": 0, "logprobs": [1]}]},
+    {"choices": [{"index": 0, "logprobs": {"tokens": [5], "token_logprobs": ["x"], "top_logprobs": [{}]}}]},
+    {"choices": [{"index": 0, "logprobs": {"tokens": ["token_id:-3"], "token_logprobs": [-0.1], "top_logprobs": [{}]}}]},
+    {"choices": [{"index": 0, "logprobs": {"tokens": [None], "token_logprobs": [0.0], "top_logprobs": None}}]},
+    {"choices": [{"index": -1, "prompt_logprobs": [None, {"token_id:5": {"logprob": -1.0}}] * 4}]},
+    {"choices": [{"index": 0, "prompt_logprobs": [None, {"token_id:5": -1.0}] * 4}]},
+    "a string",
+]
+
+
+@pytest.mark.parametrize("reply", WRONG_SHAPES, ids=range(len(WRONG_SHAPES)))
+def test_a_remote_teacher_refuses_replies_of_the_wrong_shape(reply):
+    from scripted_server import ScriptedServer
+
+    def answer(method, path, body):
+        return (200, {"data": [{"id": "m", "max_model_len": 64}]}) if method == "GET" else (200, reply)
+
+    with ScriptedServer(answer) as server:
+        teacher = RemoteTeacher(server.url, check=False, max_retries=0)
+        teacher.prepare(tiny_model("llama", seed=0))
+        ids = torch.tensor([[5, 6, 7]])
+        one = dict(rows=torch.tensor([0]), candidate_ids=torch.tensor([[8, 9]]), valid=torch.ones(1, 2, dtype=torch.bool))
+        with pytest.raises(RemoteTeacherError):
+            teacher.select(ids, torch.ones_like(ids), **one)
+        with pytest.raises(RemoteTeacherError):
+            teacher.takeover(ids, torch.ones_like(ids), torch.tensor([0]))
+        with pytest.raises(RemoteTeacherError):
+            teacher.score_trajectories([[5, 6, 7, 8]], torch.tensor([[0, 2]]), torch.tensor([[8, 9]]))
+    for models in ([1, 2], {"data": {"id": "m"}}, {"data": [{"name": "m"}]}):
+        with ScriptedServer(lambda method, path, body, models=models: (200, models)) as server:
+            with pytest.raises(RemoteTeacherError, match="/v1/models|lists no model"):
+                RemoteTeacher(server.url, check=False, max_retries=0)
+
+
+def test_a_server_in_a_processed_log_probability_mode_is_refused():
+    """A server that honours `allowed_token_ids` but returns the log-probabilities after it (vLLM's
+    `--logprobs-mode processed_logprobs`): the teacher's top-1 over its vocabulary cannot be read."""
+    from scripted_server import ScriptedServer
+
+    def answer(method, path, body):
+        if method == "GET":
+            return 200, {"data": [{"id": "m"}]}
+        if path != "/v1/completions":
+            return 404, {"detail": "Not Found"}
+        token = (body.get("allowed_token_ids") or [2])[0]  # processed: only the allowed token is left
+        logprobs = {"tokens": [f"token_id:{token}"], "token_logprobs": [0.0], "top_logprobs": [{f"token_id:{token}": 0.0}]}
+        return 200, {"choices": [{"index": 0, "text": "x", "logprobs": logprobs}]}
+
+    with ScriptedServer(answer) as server:
+        with pytest.warns(UserWarning, match="got no `tokenizer`"):
+            with pytest.raises(RemoteTeacherError, match="processed log-probability mode.*raw_logprobs"):
+                RemoteTeacher(server.url, max_retries=0)

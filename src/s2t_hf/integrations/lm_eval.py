@@ -59,8 +59,14 @@ _CONFIG_FIELDS = {f.name for f in dataclasses.fields(S2TConfig)}
 class S2TLM(HFLM):
     """
     lm-eval's Hugging Face causal LM (`hf`) whose `generate` calls decode with an [`S2TLogitsProcessor`]: S2T with a
-    teacher (local or served by vLLM), Takeover, or S2T-Local with a trained selector. Log-likelihood requests are
-    unchanged (the processor only acts in generation).
+    teacher (local or served by vLLM), Takeover, or S2T-Local with a trained selector.
+
+    Log-likelihood requests (`loglikelihood`, `loglikelihood_rolling`) score the **base student**, as lm-eval's `hf`
+    model does on the same checkpoint: the processor is open (its hook on the model, the selector's rows merged) only
+    during `generate` calls, and with a selector every scoring forward runs with its adapter disabled (no LoRA, no
+    trained rows) and without the rows added for the bins, if any. S2T changes generation only.
+
+    Call [`~S2TLM.close`] when done (or use the model as a context manager) to stop a served teacher's threads.
 
     Args:
         pretrained (`str` or `PreTrainedModel`):
@@ -102,6 +108,8 @@ class S2TLM(HFLM):
                 "Give either `selector` (S2T-Local) or `teacher` (S2T / takeover), not both; or set `selection` to "
                 "`teacher` or `takeover` to use the teacher with the selector's saved settings."
             )
+        if "trust_remote_code" in kwargs:  # "False" from Python must not turn custom code on
+            kwargs["trust_remote_code"] = _as_bool(kwargs["trust_remote_code"], "trust_remote_code")
         super().__init__(pretrained=pretrained, **kwargs)
         self.calibration_size = int(calibration_size)
         dtype = teacher_dtype or kwargs.get("dtype", "auto")
@@ -115,6 +123,7 @@ class S2TLM(HFLM):
             processor = S2TLogitsProcessor(self.model, teacher=self._teacher_object, tokenizer=self.tokenizer,
                                            **s2t_kwargs)
         self.s2t = processor
+        processor.remove_hooks()  # opened around each `generate` call only (`_model_generate`)
         config = processor.config
         without_threshold = config.trigger_has_threshold and config.trigger_threshold is None
         self._needs_calibration = without_threshold and config.trigger_rate is not None
@@ -153,10 +162,11 @@ class S2TLM(HFLM):
             gen_kwargs = dict(requests[0].args[1]) if len(requests[0].args) > 1 else {}
             max_new_tokens = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
             batch_size = self.batch_size if isinstance(self.batch_size, int) else 8
-            threshold = self.s2t.calibrate(
-                prompts, tokenizer=self.tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
+            with self.s2t:
+                threshold = self.s2t.calibrate(
+                    prompts, tokenizer=self.tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                )
             logger.info(f"Calibrated the S2T trigger on {len(prompts)} prompts: threshold {threshold:.4f}.")
             self._needs_calibration = False
         return super().generate_until(requests, disable_tqdm=disable_tqdm)
@@ -172,12 +182,49 @@ class S2TLM(HFLM):
             generation_kwargs["attention_mask"] = (mask.cumsum(-1) > 0).long()
         processors = list(generation_kwargs.pop("logits_processor", None) or [])
         generation_kwargs["logits_processor"] = [*processors, self.s2t]
-        return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        with self.s2t:  # its hook and the selector's merged rows, for this call only
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
+    def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: Any = None):
+        """The scoring forward of log-likelihood requests: the base student (the selector's adapter disabled, the rows
+        added for its bins left out)."""
+        selector = self.s2t.selector
+        if selector is None:
+            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+        with selector.adapter_disabled():
+            logits = super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+        added = selector.config.num_added_rows or 0
+        return logits[..., : logits.shape[-1] - added] if added else logits
+
+    def close(self) -> None:
+        """Closes the processor (its hook off the model) and the teacher (a served teacher's request threads)."""
+        self.s2t.remove_hooks()
+        close = getattr(self._teacher_object, "close", None)
+        if callable(close):
+            close()
+
+    def __enter__(self) -> S2TLM:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     @property
     def s2t_stats(self) -> dict[str, Any]:
         """The processor's statistics of the last generate call."""
         return self.s2t.stats
+
+
+def _as_bool(value: Any, name: str) -> bool:
+    """A boolean model argument given as a bool or as text (`true`/`false`, `1`/`0`, `yes`/`no`)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", "none", ""):
+        return False
+    raise ValueError(f"`{name}` must be true or false, got {value!r}.")
 
 
 # lm-eval's own task files that `local_task` can point at local JSONL files: task -> (YAML under `lm_eval/tasks`, the

@@ -21,9 +21,10 @@ import asyncio
 import functools
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Generator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +35,8 @@ from ..config import S2TConfig
 from ..prompts import prompt_token_ids
 from ..selection import local_candidate_logits, top_k_candidates
 from ..stats import with_rates
-from ..teachers.transport import JSONClient, ServerError
+from ..teachers import Teacher
+from ..teachers.transport import JSONClient, ServerError, server_root
 from .manifest import VLLM_PROCESSOR, ServingManifest
 
 
@@ -85,6 +87,19 @@ class ServedCompletion:
     teacher_hits: int = 0
 
 
+def _check_shareable(teacher: Any) -> None:
+    """Refuses a teacher that cannot answer for many prompts at once (one cache for every prompt)."""
+    if not isinstance(teacher, Teacher):
+        raise TypeError(f"`teacher` must be a `RemoteTeacher`, got {type(teacher).__name__}.")
+    if not teacher.shareable_across_prompts:
+        raise ValueError(
+            f"`teacher` ({type(teacher).__name__}) keeps one state (its cache) for one generation, but a served "
+            "student selects for many prompts at once, from several threads, and would mix their contexts. Serve the "
+            "teacher with vLLM and pass a `RemoteTeacher(base_url, tokenizer=tokenizer)`, or decode with a local "
+            "teacher in transformers (`S2TLogitsProcessor(student, teacher=...)`)."
+        )
+
+
 class ServedS2T:
     """
     S2T decoding with the student served by vLLM: the trigger runs in the engine, the selection in this client.
@@ -96,8 +111,9 @@ class ServedS2T:
             and for S2T-Local the selector's `bin_token_ids`, `bin_values`, `scoring`, `residual_tau`, `adapter_mode`.
         manifest (`ServingManifest`): the served checkpoint's reserved rows and sentinel (`s2t_serving.json`).
         tokenizer (`PreTrainedTokenizerBase`): the student's tokenizer (prompts as text, stop strings, end tokens).
-        teacher (`RemoteTeacher` or `LocalTeacher`, *optional*): for `selection="teacher"`; it must share the
-            student's tokenizer.
+        teacher (`RemoteTeacher`, *optional*): for `selection="teacher"`; it must share the student's tokenizer. A
+            teacher that keeps per-generation state (a `LocalTeacher`: one cache) is refused, since the client selects
+            for many prompts at once (`Teacher.shareable_across_prompts`).
         model (`str`, *optional*): the served base model's name; found on the server when not given.
         api_key, timeout, max_retries, backoff: as for [`RemoteTeacher`].
         max_concurrency (`int`, *optional*, defaults to 32): prompts decoded at once (and requests in flight for one
@@ -149,7 +165,8 @@ class ServedS2T:
                 raise ValueError("`selection='local'` needs the selector's config (`bin_token_ids`): use `from_export`.")
         elif config.selection == "teacher":
             if teacher is None:
-                raise ValueError("`selection='teacher'` needs `teacher=` (a `RemoteTeacher` or a `LocalTeacher`).")
+                raise ValueError("`selection='teacher'` needs `teacher=` (a `RemoteTeacher`).")
+            _check_shareable(teacher)
         else:
             raise ValueError(f"A served student supports `selection='local'` or `'teacher'`, got {config.selection!r}.")
         self.config = config
@@ -157,7 +174,7 @@ class ServedS2T:
         self.tokenizer = tokenizer
         self.teacher = teacher
         self.client = JSONClient(
-            base_url, api_key=api_key, timeout=timeout, max_retries=max_retries, backoff=backoff,
+            server_root(base_url), api_key=api_key, timeout=timeout, max_retries=max_retries, backoff=backoff,
             max_concurrency=max_concurrency, server_name="vLLM server", error_class=ServedS2TError,
         )
         self.max_concurrency = max_concurrency
@@ -223,7 +240,12 @@ class ServedS2T:
     def _served_models(self) -> tuple[str, list[str]]:
         """The served base model's name and every served name (adapters included)."""
         answer = self.client.request("GET", "/v1/models")
-        models = answer.get("data", [])
+        models = answer.get("data") if isinstance(answer, dict) else None
+        if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in models):
+            raise ServedS2TError(
+                f"The server at {self.client.base_url} answered `/v1/models` without a list of models with an `id`: "
+                f"{str(answer)[:300]}."
+            )
         names = [m["id"] for m in models]
         base = [m["id"] for m in models if not m.get("parent")]
         if not base:
@@ -300,8 +322,12 @@ class ServedS2T:
         return body
 
     def _choice(self, answer: dict) -> dict:
+        """The answer's one choice (a request sends one prompt: its `index` is 0)."""
         try:
-            return answer["choices"][0]
+            choice = answer["choices"][0]
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                raise TypeError(f"a choice must be an object of index 0, got {str(choice)[:100]}")
+            return choice
         except (KeyError, IndexError, TypeError) as error:
             raise ServedS2TError(
                 f"The server at {self.client.base_url} answered without a completion: {str(answer)[:300]}."
@@ -316,15 +342,24 @@ class ServedS2T:
                 f"The server at {self.client.base_url} does not return `token_ids` (`return_token_ids`, vLLM 0.10 and "
                 "later)."
             )
-        return [int(t) for t in tokens], choice
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                   for t in tokens):
+            raise ServedS2TError(
+                f"The server at {self.client.base_url} answered `token_ids` that are not a list of token ids: "
+                f"{str(tokens)[:300]}."
+            )
+        return list(tokens), choice
 
     def _top(self, answer: dict) -> dict[int, float]:
         """The log-probabilities of a one-token request's step."""
         choice = self._choice(answer)
         try:
             row = (choice["logprobs"]["top_logprobs"] or [{}])[0]
-            return {_token_id(k): float(v) for k, v in row.items()}
-        except (KeyError, IndexError, TypeError, ValueError) as error:
+            top = {_token_id(k): float(v) for k, v in row.items()}
+            if any(i < 0 for i in top):
+                raise ValueError(f"negative token ids {sorted(i for i in top if i < 0)[:5]}")
+            return top
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
             raise ServedS2TError(
                 f"The server at {self.client.base_url} answered without log-probabilities "
                 f"({type(error).__name__}: {error}; answer {str(answer)[:300]})."
@@ -370,7 +405,7 @@ class ServedS2T:
                 )
             if not at_trigger:
                 generated.extend(tokens)
-                result.finish_reason = choice.get("finish_reason") or "length"
+                result.finish_reason = str(choice.get("finish_reason") or "length")
                 break
             generated.extend(tokens[:-1])
             stopped_at = time.perf_counter()
@@ -498,14 +533,23 @@ class ServedS2T:
             self.totals["teacher_hits"] += c.teacher_hits
             self.totals["teacher_calls" if self.config.selection == "teacher" else "local_calls"] += c.triggers
 
-    def _run_sync(self, session: Generator) -> ServedCompletion:
+    def _run_sync(self, session: Generator, cancelled: threading.Event | None = None) -> ServedCompletion | None:
+        """Runs one prompt's requests in this thread; returns `None`, sending nothing more, once `cancelled` is set
+        (another prompt failed)."""
         try:
             calls = next(session)
             while True:
+                if cancelled is not None and cancelled.is_set():
+                    session.close()
+                    return None
                 results = [calls[0]()] if len(calls) == 1 else self.client.map(lambda call: call(), calls)
                 calls = session.send(results)
         except StopIteration as done:
             return done.value
+        except BaseException:
+            if cancelled is not None:
+                cancelled.set()  # at once, before this worker takes the next prompt
+            raise
 
     def generate(
         self,
@@ -519,7 +563,8 @@ class ServedS2T:
     ) -> list[ServedCompletion]:
         """
         Decodes every prompt with S2T, up to `max_concurrency` at once, and returns one [`ServedCompletion`] each, in
-        order.
+        order. The first error (a [`ServedS2TError`] once a request has failed all its tries) is raised at once: the
+        prompts not yet started are dropped and the running ones send no further request.
 
         Args:
             prompts (`list[str]` or `list[list[int]]`): texts (encoded with the tokenizer, as given: apply a chat
@@ -533,8 +578,18 @@ class ServedS2T:
         """
         sessions = self._sessions(prompts, max_new_tokens, temperature, top_p, seed, stop)
         self._check()
-        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(sessions))) as pool:
-            completions = list(pool.map(self._run_sync, sessions))
+        cancelled = threading.Event()
+        pool = ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(sessions)), thread_name_prefix="s2t-prompt")
+        try:
+            futures = [pool.submit(self._run_sync, session, cancelled) for session in sessions]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = [f for f in done if f.exception() is not None]
+            if failed:  # fail fast: the prompts not started are dropped, the running ones stop before their next request
+                raise failed[0].exception()
+            completions = [f.result() for f in futures]
+        finally:
+            cancelled.set()
+            pool.shutdown(wait=False, cancel_futures=True)
         self._count(completions)
         return completions
 
@@ -549,14 +604,23 @@ class ServedS2T:
         stop: Sequence[str] = (),
     ) -> list[ServedCompletion]:
         """The asyncio form of [`~ServedS2T.generate`]: every prompt is a task of the running event loop (the HTTP
-        requests run on worker threads, at most `max_concurrency` at once)."""
+        requests run on worker threads, at most `max_concurrency` at once). The first error cancels the other tasks
+        and is raised."""
         sessions = self._sessions(prompts, max_new_tokens, temperature, top_p, seed, stop)
         await asyncio.to_thread(self._check)
         limit = asyncio.Semaphore(self.max_concurrency)
+        failed = False
 
         async def call(function: Callable[[], Any]) -> Any:
+            nonlocal failed
             async with limit:
-                return await asyncio.to_thread(function)
+                if failed:  # another prompt failed: send nothing more
+                    raise asyncio.CancelledError
+                try:
+                    return await asyncio.to_thread(function)
+                except Exception:
+                    failed = True
+                    raise
 
         async def run(session: Generator) -> ServedCompletion:
             try:
@@ -567,6 +631,20 @@ class ServedS2T:
             except StopIteration as done:
                 return done.value
 
-        completions = await asyncio.gather(*(run(session) for session in sessions))
-        self._count(list(completions))
-        return list(completions)
+        tasks = [asyncio.ensure_future(run(session)) for session in sessions]
+        try:
+            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        except BaseException:  # the caller cancelled: so are the prompts
+            for task in tasks:
+                task.cancel()
+            raise
+        if pending:  # fail fast: a prompt failed, the others are cancelled (requests in flight end on their own)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        errors = [task.exception() for task in done if not task.cancelled() and task.exception() is not None]
+        if errors:
+            raise errors[0]
+        completions = [task.result() for task in tasks]
+        self._count(completions)
+        return completions

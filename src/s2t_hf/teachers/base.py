@@ -120,6 +120,9 @@ class Teacher(abc.ABC):
     full_distribution: bool = False
     #: Whether the teacher can read a prompt of its own (`teacher_prompts`) before the student's continuation.
     reads_teacher_prompts: bool = False
+    #: Whether one instance may answer for many prompts at once, from several threads: it keeps no state between
+    #: calls that depends on the prompt (a served teacher). [`~s2t_hf.serving.ServedS2T`] needs it.
+    shareable_across_prompts: bool = False
 
     def __init__(self) -> None:
         self.calls = 0

@@ -22,7 +22,7 @@ from .base import Teacher, TeacherChoice
 from .cross_tokenizer import CrossTokenizerScorer, ScoringPlan, generation_end_ids, uses_text_scoring
 from .teacher_prompts import check_teacher_prompts
 from .token_text import end_token_ids
-from .transport import JSONClient, ServerError
+from .transport import JSONClient, ServerError, server_root
 
 
 __all__ = ["RemoteTeacher", "RemoteTeacherError"]
@@ -40,15 +40,6 @@ _MAX_LOGPROB_TOKEN_IDS = 128
 def _token_id(key: str) -> int:
     """A token id from vLLM's `return_tokens_as_token_ids` form (`token_id:123`) or a plain integer string."""
     return int(key[len(_TOKEN_PREFIX) :]) if key.startswith(_TOKEN_PREFIX) else int(key)
-
-
-def _server_root(base_url: Any) -> Any:
-    """An http(s) `base_url` without its trailing `/` and `/v1` (the form OpenAI clients take); anything else as is,
-    for the client's check."""
-    if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-        return base_url
-    url = base_url.rstrip("/")
-    return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
 def _check_served_tokenizer(client: JSONClient, model: str, tokenizer: Any) -> None:
@@ -76,6 +67,11 @@ def _check_served_tokenizer(client: JSONClient, model: str, tokenizer: Any) -> N
             stacklevel=3,
         )
         return
+    if not isinstance(answer, dict) or not isinstance(answer.get("tokens", []), list):
+        raise RemoteTeacherError(
+            f"The teacher server at {client.base_url} answered `/tokenize` without a list of `tokens`: "
+            f"{str(answer)[:300]}."
+        )
     if list(answer.get("tokens", [])) != expected:
         raise ValueError(
             f"The teacher server's tokenizer does not match `tokenizer`: {probe!r} encodes to "
@@ -90,7 +86,7 @@ def _check_served_tokenizer(client: JSONClient, model: str, tokenizer: Any) -> N
     for token_id in probes:
         answer = client.request("POST", "/detokenize", {"model": model, "tokens": [token_id]})
         local = tokenizer.decode([token_id])
-        if answer.get("prompt") != local:
+        if not isinstance(answer, dict) or answer.get("prompt") != local:
             raise ValueError(
                 f"The teacher server's tokenizer does not match `tokenizer`: token id {token_id} decodes to "
                 f"{answer.get('prompt')!r} on the server and to {local!r} here (vocabularies of different size or "
@@ -188,6 +184,8 @@ class RemoteTeacher(Teacher):
     """
 
     full_distribution = False
+    # each request carries its whole context; only the text path (another tokenizer) keeps per-prompt state
+    shareable_across_prompts = True
 
     def __init__(
         self,
@@ -209,7 +207,7 @@ class RemoteTeacher(Teacher):
             raise ValueError(f"`candidate_scoring` must be 'auto', 'tokens' or 'text', got {candidate_scoring!r}.")
         #: The JSON-over-HTTP client that carries the requests (connections, retries, timeouts, threads).
         self.client = JSONClient(
-            _server_root(base_url),
+            server_root(base_url),
             api_key=api_key,
             timeout=timeout,
             max_retries=max_retries,
@@ -291,7 +289,13 @@ class RemoteTeacher(Teacher):
 
     def _discover_model(self) -> None:
         answer = self.client.request("GET", "/v1/models")
-        served = [entry for entry in answer.get("data", []) if isinstance(entry, dict)]
+        data = answer.get("data", []) if isinstance(answer, dict) else None
+        if not isinstance(data, list):
+            raise RemoteTeacherError(
+                f"The teacher server at {self.base_url} answered `/v1/models` without a list of models (`data`): "
+                f"{str(answer)[:300]}."
+            )
+        served = [entry for entry in data if isinstance(entry, dict) and isinstance(entry.get("id"), str)]
         names = [entry.get("id") for entry in served]
         if self.model is None:
             if not names:
@@ -303,7 +307,8 @@ class RemoteTeacher(Teacher):
                 "Pass one of these (or leave `model` unset to take the first)."
             )
         entry = served[names.index(self.model)]
-        self.max_model_len = entry.get("max_model_len")
+        max_model_len = entry.get("max_model_len")
+        self.max_model_len = max_model_len if isinstance(max_model_len, int) and max_model_len > 0 else None
         #: What the server loaded for `model` (vLLM lists the path or repository as `root`), part of a collection's
         #: identity.
         self.model_root = entry.get("root")
@@ -333,9 +338,11 @@ class RemoteTeacher(Teacher):
             choice = next(c for c in answer["choices"] if c.get("index", 0) == index)
             logprobs = choice["logprobs"]
             token = _token_id(logprobs["tokens"][0])
+            if token < 0:
+                raise ValueError(f"negative token id {token}")
             top = {_token_id(k): float(v) for k, v in (logprobs.get("top_logprobs") or [{}])[0].items()}
             return {"token": token, "log_prob": float(logprobs["token_logprobs"][0]), "top": top}
-        except (KeyError, IndexError, TypeError, ValueError, StopIteration) as error:
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, StopIteration) as error:
             raise RemoteTeacherError(
                 f"The teacher server at {self.base_url} answered without the token and log-probabilities S2T needs "
                 f"({type(error).__name__}: {error}; answer {str(answer)[:300]}). It must support token-id prompts, "
@@ -660,24 +667,25 @@ class RemoteTeacher(Teacher):
         answer = self._complete(prompts, logprobs=0, prompt_logprobs=self.top_logprobs)
         self.calls += 1
         by_row = {}
+        tops, top1, contexts = [], [], []
         try:
             for choice in answer["choices"]:
-                by_row[order[choice["index"]]] = choice["prompt_logprobs"]
+                index = choice["index"]
+                if not isinstance(index, int) or not 0 <= index < len(order):
+                    raise IndexError(f"choice index {index!r} outside the {len(order)} prompts sent")
+                by_row[order[index]] = choice["prompt_logprobs"]
             for b, t in positions_list:
-                by_row[b][t].items()
-        except (KeyError, IndexError, TypeError, AttributeError) as error:
+                entry = by_row[b][t]
+                table = {_token_id(k): float(v["logprob"]) for k, v in entry.items()}
+                ranked = [_token_id(k) for k, v in entry.items() if v.get("rank") == 1]
+                tops.append(table)
+                top1.append(ranked[0] if ranked else max(table, key=table.get))
+                contexts.append(list(trajectories[b][:t]))
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
             raise RemoteTeacherError(
                 f"The teacher server at {self.base_url} answered without `prompt_logprobs` "
                 f"({type(error).__name__}: {error}). Teacher-forced collection needs vLLM's `prompt_logprobs` "
                 "extension of `/v1/completions`."
             ) from error
-        tops, top1, contexts = [], [], []
-        for b, t in positions_list:
-            entry = by_row[b][t]
-            table = {_token_id(k): float(v["logprob"]) for k, v in entry.items()}
-            ranked = [_token_id(k) for k, v in entry.items() if v.get("rank") == 1]
-            tops.append(table)
-            top1.append(ranked[0] if ranked else max(table, key=table.get))
-            contexts.append(list(trajectories[b][:t]))
         log_probs = self._fill_log_probs(contexts, candidate_ids, tops)
         return log_probs, torch.tensor(top1, dtype=torch.long, device=candidate_ids.device)

@@ -6,8 +6,11 @@ It knows nothing of what it carries: [`~s2t_hf.teachers.RemoteTeacher`] speaks t
 
 from __future__ import annotations
 
+import base64
+import email.utils
 import http.client
 import json
+import random
 import threading
 import time
 import urllib.parse
@@ -16,10 +19,65 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 
-__all__ = ["JSONClient", "ServerError"]
+__all__ = ["DEFAULT_MAX_RESPONSE_BYTES", "JSONClient", "ServerError", "redact_url", "server_root"]
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+#: The largest answer a client reads (bytes): a teacher-forced request with `prompt_logprobs` over a few long
+#: trajectories is a few MiB.
+DEFAULT_MAX_RESPONSE_BYTES = 256 * 2**20
+# the longest wait a server's `Retry-After` may ask for (seconds)
+_MAX_RETRY_AFTER = 60.0
+
+
+def redact_url(url: Any) -> Any:
+    """`url` without the password of its `user:password@` part (`user:***@`), for messages; anything else as is."""
+    if not isinstance(url, str):
+        return url
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.password is None and parsed.username is None:
+        return url
+    host = parsed.netloc.rsplit("@", 1)[1]
+    user = f"{parsed.username}:***" if parsed.password is not None else "***"
+    return urllib.parse.urlunsplit(parsed._replace(netloc=f"{user}@{host}"))
+
+
+def server_root(base_url: Any) -> Any:
+    """
+    An http(s) `base_url` without its trailing `/` and `/v1` (the form OpenAI clients take), so that request paths
+    such as `/v1/completions` can be appended; anything else as is, for the client's check.
+
+    Examples:
+
+    ```python
+    >>> from s2t_hf.teachers.transport import server_root
+    >>> server_root("http://127.0.0.1:8000/v1/"), server_root("https://host/api/")
+    ('http://127.0.0.1:8000', 'https://host/api')
+
+    ```
+    """
+    if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+        return base_url
+    url = base_url.rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds a `Retry-After` header asks to wait (a number of seconds or an HTTP date), or `None`."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            moment = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if moment is None:
+            return None
+        seconds = moment.timestamp() - time.time()
+    return min(max(seconds, 0.0), _MAX_RETRY_AFTER) if seconds == seconds else None
 
 
 class ServerError(RuntimeError):
@@ -43,8 +101,12 @@ class JSONClient:
     JSON requests to one server over HTTP(S), from any number of threads.
 
     Each thread keeps its own connection alive between requests. A request that fails (no connection, timeout, HTTP
-    5xx/429) is retried `max_retries` times with exponential backoff; a kept-alive connection the server closed while
-    idle is replaced at once, without counting as a try. Other HTTP errors (4xx) are raised at once.
+    5xx/429) is retried `max_retries` times with exponential backoff and jitter (each wait drawn in [0.5, 1.5) times
+    the backoff, so that many threads do not retry in lockstep), or after the server's `Retry-After` when it is
+    longer (at most 60 s); a kept-alive connection the server closed while idle is replaced at once, without counting
+    as a try. Other HTTP errors (4xx) are raised at once. An answer longer than `max_response_bytes` is refused.
+    A `user:password@` in `base_url` is sent as HTTP basic authentication (unless `api_key` is set) and never shown
+    in messages.
 
     Args:
         base_url (`str`):
@@ -65,6 +127,8 @@ class JSONClient:
             The error raised when the server cannot be reached or answers with an error.
         rejection_hint (`Callable[[str], str]`, *optional*):
             Given the text of a 4xx answer, a sentence appended to the error message (empty for none).
+        max_response_bytes (`int`, *optional*, defaults to `DEFAULT_MAX_RESPONSE_BYTES` (256 MiB)):
+            The longest answer read; a longer one raises `error_class`.
 
     Examples:
 
@@ -93,11 +157,14 @@ class JSONClient:
         server_name: str = "server",
         error_class: type[ServerError] = ServerError,
         rejection_hint: Callable[[str], str] | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ):
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             raise ValueError(
-                f"`base_url` must be an http(s) address such as 'http://127.0.0.1:8000', got {base_url!r}."
+                f"`base_url` must be an http(s) address such as 'http://127.0.0.1:8000', got {redact_url(base_url)!r}."
             )
+        if not isinstance(max_response_bytes, int) or max_response_bytes < 1:
+            raise ValueError(f"`max_response_bytes` must be a positive integer, got {max_response_bytes!r}.")
         if not isinstance(max_concurrency, int) or max_concurrency < 1:
             raise ValueError(f"`max_concurrency` must be a positive integer, got {max_concurrency!r}.")
         if not isinstance(max_retries, int) or max_retries < 0:
@@ -105,10 +172,16 @@ class JSONClient:
         if timeout <= 0 or backoff < 0:
             raise ValueError(f"`timeout` must be positive and `backoff` non-negative, got {timeout} and {backoff}.")
         parsed = urllib.parse.urlsplit(base_url)
-        self.base_url = base_url
+        #: The server's address as messages show it (without a password).
+        self.base_url = redact_url(base_url)
         self._scheme, self._host, self._port = parsed.scheme, parsed.hostname, parsed.port
         self._prefix = parsed.path
+        self._basic_auth = None
+        if parsed.username is not None:
+            credentials = f"{urllib.parse.unquote(parsed.username)}:{urllib.parse.unquote(parsed.password or '')}"
+            self._basic_auth = "Basic " + base64.b64encode(credentials.encode()).decode()
         self.api_key = api_key
+        self.max_response_bytes = max_response_bytes
         self.timeout = float(timeout)
         self.max_retries = max_retries
         self.backoff = float(backoff)
@@ -118,6 +191,8 @@ class JSONClient:
         self.rejection_hint = rejection_hint
         #: Answers received (any HTTP status), retries included.
         self.requests = 0
+        self._count_lock = threading.Lock()
+        self._jitter = random.Random()
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="s2t-teacher")
 
@@ -141,6 +216,25 @@ class JSONClient:
     def _error(self, message: str, status: int | None = None) -> ServerError:
         return self.error_class(f"The {self.server_name} at {message}", status=status)
 
+    def retry_delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds to wait before try `attempt` (1 for the first retry): the exponential backoff times a random
+        factor in [0.5, 1.5), or the server's `Retry-After` when that is longer."""
+        delay = self.backoff * 2 ** (attempt - 1) * (0.5 + self._jitter.random())
+        return max(delay, retry_after) if retry_after is not None else delay
+
+    def _read(self, response: http.client.HTTPResponse, method: str, path: str) -> bytes:
+        """The answer's body, refused beyond `max_response_bytes`."""
+        length = response.getheader("Content-Length")
+        too_long = length is not None and length.isdigit() and int(length) > self.max_response_bytes
+        data = b"" if too_long else response.read(self.max_response_bytes + 1)
+        if too_long or len(data) > self.max_response_bytes:
+            self._drop_connection()  # the rest of the answer is not read
+            raise self._error(
+                f"{self.base_url} answered `{method} {path}` with more than {self.max_response_bytes} bytes; "
+                "raise `max_response_bytes` if the answer is expected to be that long."
+            )
+        return data
+
     def request(self, method: str, path: str, body: dict | None = None) -> Any:
         """
         One request with retries.
@@ -163,28 +257,36 @@ class JSONClient:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
+        elif self._basic_auth:
+            headers["Authorization"] = self._basic_auth
         payload = json.dumps(body).encode() if body is not None else None
         cause = None
         attempt = 0
+        retry_after = None
+        waited = 0
         while attempt <= self.max_retries:
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+            if attempt > waited:  # once per counted try, not again after a replaced idle connection
+                time.sleep(self.retry_delay(attempt, retry_after))
+                waited = attempt
             reused = getattr(self._local, "connection", None) is not None
             try:
                 connection = self._connection()
                 connection.request(method, self._prefix + path, body=payload, headers=headers)
                 response = connection.getresponse()
-                data = response.read()
+                data = self._read(response, method, path)
             except (OSError, http.client.HTTPException) as error:  # refused, reset, timeout, closed
                 self._drop_connection()
                 cause = f"{type(error).__name__}: {error}"
+                retry_after = None
                 if not (reused and isinstance(error, (ConnectionError, http.client.RemoteDisconnected))):
                     attempt += 1
                 # a kept-alive connection the server closed while idle: try again at once on a new one
                 continue
-            self.requests += 1
+            with self._count_lock:
+                self.requests += 1
             if response.status == 429 or response.status >= 500:
                 cause = f"HTTP {response.status}: {data[:300].decode(errors='replace')}"
+                retry_after = _retry_after(response.getheader("Retry-After"))
                 attempt += 1
                 continue
             if response.status >= 400:
