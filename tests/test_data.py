@@ -542,3 +542,28 @@ def test_given_responses_are_checked(pair):
         collect_selection_data(student, teacher, prompts=prompts, responses=[[5], [10_000]], **common)
     with pytest.raises(ValueError, match="need `tokenizer`"):
         collect_selection_data(student, teacher, prompts=prompts, responses=["a", "b"], **common)
+
+
+def test_shards_and_metadata_are_flushed_to_disk_before_they_count(tmp_path, monkeypatch):
+    """`ShardStore.save` flushes every file of a shard (`fsync`) before renaming it into place, and the folder after;
+    `collection.json` is flushed before it replaces the previous one."""
+    from s2t_hf import atomic_files
+    from s2t_hf.shard_store import ShardStore
+
+    synced = []
+    original = os.fsync
+
+    def recording_fsync(descriptor):
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        return original(descriptor)
+
+    monkeypatch.setattr(atomic_files.os, "fsync", recording_fsync)
+    monkeypatch.setattr("s2t_hf.shard_store.os.fsync", recording_fsync)
+    store = ShardStore(str(tmp_path / "groups"), "f" * 32, resume=True)
+    assert any(path.endswith("collection.json.tmp") for path in synced)
+    synced.clear()
+    store.save(0, datasets.Dataset.from_dict({"x": [1, 2, 3]}))
+    temporary = str(tmp_path / "groups" / "shards" / "shard-00000.tmp")
+    assert any(path.startswith(temporary + "/data-") for path in synced)  # the arrow file, under its temporary name
+    assert temporary + "/state.json" in synced and str(tmp_path / "groups" / "shards") in synced
+    assert store.has(0) and store.load(0)["x"] == [1, 2, 3]
