@@ -293,7 +293,8 @@ def test_identity_is_stable_across_processes_and_object_addresses(pair):
                                 env={**os.environ, "PYTHONHASHSEED": "random"})
         answers.add(result.stdout.strip().splitlines()[-1])
     assert len(answers) == 1 and len(answers.pop()) == 32
-    assert stable_repr({"f": stable_repr, "x": object()}) == {"f": "s2t_hf.shard_store.stable_repr", "x": "<object object>"}
+    expected = {"f": "s2t_hf.shard_store.stable_repr", "x": "<object object>"}
+    assert stable_repr({"f": stable_repr, "x": object()}) == expected
     assert stable_repr(float("nan")) == "nan" and stable_repr(torch.tensor([1, 2])) == {
         "tensor": "torch.int64", "shape": [2], "values": [1, 2]}
 

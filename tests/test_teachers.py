@@ -334,7 +334,8 @@ def test_a_served_teachers_identity_is_what_the_server_lists():
         finally:
             server.close()
     assert identities[0] == {
-        "kind": "served", "model": "plain", "root": "/models/step-1000", "max_model_len": 64, "teacher": "RemoteTeacher",
+        "kind": "served", "model": "plain", "root": "/models/step-1000", "max_model_len": 64,
+        "teacher": "RemoteTeacher",
     }
     assert identities[1] == identities[0] and identities[2]["root"] == "/models/step-2000"
 
@@ -415,7 +416,8 @@ WRONG_SHAPES = [
     {"choices": [1]},
     {"choices": [{"index": 0, "logprobs": [1]}]},
     {"choices": [{"index": 0, "logprobs": {"tokens": [5], "token_logprobs": ["x"], "top_logprobs": [{}]}}]},
-    {"choices": [{"index": 0, "logprobs": {"tokens": ["token_id:-3"], "token_logprobs": [-0.1], "top_logprobs": [{}]}}]},
+    {"choices": [{"index": 0, "logprobs": {"tokens": ["token_id:-3"], "token_logprobs": [-0.1],
+                                           "top_logprobs": [{}]}}]},
     {"choices": [{"index": 0, "logprobs": {"tokens": [None], "token_logprobs": [0.0], "top_logprobs": None}}]},
     {"choices": [{"index": -1, "prompt_logprobs": [None, {"token_id:5": {"logprob": -1.0}}] * 4}]},
     {"choices": [{"index": 0, "prompt_logprobs": [None, {"token_id:5": -1.0}] * 4}]},
@@ -434,7 +436,8 @@ def test_a_remote_teacher_refuses_replies_of_the_wrong_shape(reply):
         teacher = RemoteTeacher(server.url, check=False, max_retries=0)
         teacher.prepare(tiny_model("llama", seed=0))
         ids = torch.tensor([[5, 6, 7]])
-        one = dict(rows=torch.tensor([0]), candidate_ids=torch.tensor([[8, 9]]), valid=torch.ones(1, 2, dtype=torch.bool))
+        valid = torch.ones(1, 2, dtype=torch.bool)
+        one = dict(rows=torch.tensor([0]), candidate_ids=torch.tensor([[8, 9]]), valid=valid)
         with pytest.raises(RemoteTeacherError):
             teacher.select(ids, torch.ones_like(ids), **one)
         with pytest.raises(RemoteTeacherError):
@@ -458,7 +461,8 @@ def test_a_server_in_a_processed_log_probability_mode_is_refused():
         if path != "/v1/completions":
             return 404, {"detail": "Not Found"}
         token = (body.get("allowed_token_ids") or [2])[0]  # processed: only the allowed token is left
-        logprobs = {"tokens": [f"token_id:{token}"], "token_logprobs": [0.0], "top_logprobs": [{f"token_id:{token}": 0.0}]}
+        key = f"token_id:{token}"
+        logprobs = {"tokens": [key], "token_logprobs": [0.0], "top_logprobs": [{key: 0.0}]}
         return 200, {"choices": [{"index": 0, "text": "x", "logprobs": logprobs}]}
 
     with ScriptedServer(answer) as server:

@@ -241,7 +241,8 @@ class ServedS2T:
         """The served base model's name and every served name (adapters included)."""
         answer = self.client.request("GET", "/v1/models")
         models = answer.get("data") if isinstance(answer, dict) else None
-        if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in models):
+        named = isinstance(models, list) and all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in models)
+        if not named:
             raise ServedS2TError(
                 f"The server at {self.client.base_url} answered `/v1/models` without a list of models with an `id`: "
                 f"{str(answer)[:300]}."
@@ -584,7 +585,8 @@ class ServedS2T:
             futures = [pool.submit(self._run_sync, session, cancelled) for session in sessions]
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             failed = [f for f in done if f.exception() is not None]
-            if failed:  # fail fast: the prompts not started are dropped, the running ones stop before their next request
+            # fail fast: the prompts not started are dropped, the running ones stop before their next request
+            if failed:
                 raise failed[0].exception()
             completions = [f.result() for f in futures]
         finally:
