@@ -1,5 +1,5 @@
-"""Select to Think on a real same-family pair: Qwen2.5-Coder-0.5B-Instruct (the student) with Qwen2.5-Coder-1.5B-Instruct
-(the teacher) on GSM8K, through the library's public API only.
+"""Select to Think on a real same-family pair: Qwen2.5-Coder-0.5B-Instruct (the student) with its sibling
+Qwen2.5-Coder-1.5B-Instruct (the teacher) on GSM8K, through the library's public API only.
 
 Both models are the GGUF Q4_K_M files `scripts/install_qwen_pair.py` installs (de-quantised by transformers). They
 share one tokenizer, so this is the same-tokenizer path. One prompt for every method: the question through the chat
@@ -449,7 +449,8 @@ def stage_collect(run: Run) -> None:
     for split in ("train", "validation"):
         groups, problems = collect_groups(run, split)
         top1 = [c[0] for c in groups["cand_ids"]]
-        choice = [c[max(range(len(p)), key=p.__getitem__)] for c, p in zip(groups["cand_ids"], groups["teacher_probs"])]
+        choice = [c[max(range(len(p)), key=p.__getitem__)]
+                  for c, p in zip(groups["cand_ids"], groups["teacher_probs"])]
         summary[split] = {"problems": len(problems), "lines": [problems[0].line, problems[-1].line],
                           "groups": len(groups),
                           "teacher_disagrees_with_student_top1": sum(a != b for a, b in zip(top1, choice)) / max(
@@ -516,7 +517,8 @@ def stage_train(run: Run) -> None:
     })
     run.state.setdefault("training", {})[run.args.form] = {
         "folder": folder, "train_groups": len(train_groups), "validation_groups": len(validation_groups),
-        "steps": trainer.state.global_step, "resumed_from": checkpoint, "seconds_this_run": time.perf_counter() - started,
+        "steps": trainer.state.global_step, "resumed_from": checkpoint,
+        "seconds_this_run": time.perf_counter() - started,
         "validation_agreement": metrics.get("eval_agreement"),
         "validation_student_top1_agreement": metrics.get("eval_student_agreement"), "form": form,
     }

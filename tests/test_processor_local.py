@@ -308,7 +308,8 @@ def test_asking_for_the_cache_where_it_cannot_serve_fails_at_construction():
 @pytest.mark.parametrize("mode", ["generate", "scoring"])
 def test_bin_rows_are_merged_while_the_processor_is_open(mode):
     """PEFT rebuilds the whole output matrix at every forward of an active trainable-token layer; the processor merges
-    the bin rows instead, which leaves every logit as it was and is undone when it closes."""
+    the bin rows instead, which leaves every logit as it was and is undone when it closes. Under
+    `adapter_mode="generate"` it merges the LoRA as well (on for every token, it then costs nothing extra)."""
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
     model = tiny_model("llama", seed=0)
@@ -321,19 +322,28 @@ def test_bin_rows_are_merged_while_the_processor_is_open(mode):
         adapted = model(input_ids, attention_mask=attention_mask).logits
         with selector.adapter_disabled():
             plain = model(input_ids, attention_mask=attention_mask).logits
+    lora_layers = selector.adapter_state.lora_layers
+    assert lora_layers
+    lora_weights = [layer.base_layer.weight.clone() for layer in lora_layers]
     processor = S2TLogitsProcessor(model, selector=selector, selection="local", trigger="never", adapter_mode=mode)
     with processor:
         assert all(layer.merged for layer in token_layers)
+        # the LoRA, on for every token under "generate", is merged into the weights too; under "scoring" it is off
+        assert all(layer.merged for layer in lora_layers) == (mode == "generate")
         with torch.no_grad():
             logits = model(input_ids, attention_mask=attention_mask).logits
         if mode == "generate":
-            assert torch.equal(logits, adapted)
+            torch.testing.assert_close(logits, adapted, rtol=1e-4, atol=1e-4)  # merged weights: float rounding
+            assert not torch.equal(logits, plain)
         else:  # LoRA off while generating: the ordinary rows are the base model's, the bin rows the trained ones
             rows = [i for i in range(logits.shape[-1]) if i not in BINS]
             assert torch.equal(logits[..., rows], plain[..., rows])
             assert not torch.allclose(logits[..., BINS], plain[..., BINS])
-    assert not any(layer.merged for layer in token_layers)
+    assert not any(layer.merged for layer in token_layers) and not any(layer.merged for layer in lora_layers)
     for layer, rows in zip(token_layers, base_rows):
         assert torch.equal(layer.base_layer.weight[BINS], rows)
+    for layer, weight in zip(lora_layers, lora_weights):  # unmerged: the base weights back, up to float rounding
+        torch.testing.assert_close(layer.base_layer.weight, weight, rtol=0, atol=1e-6)
     with torch.no_grad():
-        assert torch.equal(model(input_ids, attention_mask=attention_mask).logits, adapted)
+        torch.testing.assert_close(model(input_ids, attention_mask=attention_mask).logits, adapted, rtol=1e-4,
+                                   atol=1e-4)

@@ -14,7 +14,12 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
 from s2t_hf import S2TConfig, S2TSelector
-from s2t_hf.bin_rows import FINGERPRINT_TOLERANCE, fingerprint_distance, input_embedding_weight, parse_fingerprint
+from s2t_hf.bin_rows import (
+    FINGERPRINT_TOLERANCE,
+    fingerprint_distance,
+    input_embedding_weight,
+    parse_fingerprint,
+)
 from s2t_hf.selector import expected_bin_value, vocab_fingerprint
 
 

@@ -110,6 +110,28 @@ class AdapterState:
         for layer in self.lora_layers:
             layer.enable_adapters(enabled)
 
+    @property
+    def lora_merged(self) -> bool:
+        """Whether the LoRA layers are merged into their base weights (see [`~AdapterState.merge_lora`])."""
+        return any(layer.merged for layer in self.lora_layers)
+
+    def merge_lora(self, merged: bool) -> None:
+        """
+        Merges every active LoRA layer into its base weight, or unmerges it, with PEFT's public `merge()` /
+        `unmerge()`. Merged, a LoRA that is on for every token costs nothing at decoding time (unmerged, each of its
+        layers runs two extra matrix products per forward); unmerging restores the base weights up to float rounding.
+        Only for a LoRA that stays on: PEFT unmerges a merged layer on the fly when it is switched off.
+
+        Args:
+            merged (`bool`):
+                `True` to merge, `False` to unmerge.
+        """
+        for layer in self.lora_layers:
+            if merged and not layer.merged and not layer.disable_adapters:
+                layer.merge()
+            elif not merged and layer.merged:
+                layer.unmerge()
+
     @contextlib.contextmanager
     def lora(self, enabled: bool) -> Iterator[None]:
         """

@@ -360,6 +360,10 @@ class S2TLogitsProcessor(LogitsProcessor):
             return
         if self.config.adapter_mode == "scoring":
             self.adapter_state.set_lora(False)
+        else:
+            # under `adapter_mode="generate"` the LoRA is on for every token, generated or scored: merged into the
+            # weights while the processor is open, it costs what the base model costs
+            self.adapter_state.merge_lora(True)
         # PEFT's trainable-token layers rebuild the whole output matrix at every forward while they are active;
         # merged, they cost nothing. Only the reserved rows change, and those are never generated (masked) nor fed,
         # so the student's own distribution is untouched: they stay merged while the processor is open.
@@ -368,12 +372,13 @@ class S2TLogitsProcessor(LogitsProcessor):
     def remove_hooks(self) -> None:
         """
         Removes the forward pre-hook from the model, re-enables a selector adapter disabled for scoring and unmerges
-        the selector's bin rows (merged while the processor is open).
+        the selector's bin rows and, under `adapter_mode="generate"`, its LoRA (merged while the processor is open).
         """
         self.state_hook.remove()
         if self.adapter_state is not None:
             if self.config.adapter_mode == "scoring":
                 self.adapter_state.set_lora(True)
+            self.adapter_state.merge_lora(False)
             self.adapter_state.merge_rows(False)
 
     def __enter__(self) -> S2TLogitsProcessor:
