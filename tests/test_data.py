@@ -568,3 +568,13 @@ def test_shards_and_metadata_are_flushed_to_disk_before_they_count(tmp_path, mon
     assert any(path.startswith(temporary + "/data-") for path in synced)  # the arrow file, under its temporary name
     assert temporary + "/state.json" in synced and str(tmp_path / "groups" / "shards") in synced
     assert store.has(0) and store.load(0)["x"] == [1, 2, 3]
+
+
+def test_the_identity_samples_large_tensors_within_bounds():
+    """A float32 `linspace` over a 151936 x 896 embedding (Qwen2.5-0.5B) rounded its last index past the end."""
+    from s2t_hf.shard_store import sample_index
+
+    for numel in (136_134_656, 2**24 + 3, 4097, 5000):
+        index = sample_index(numel)
+        assert int(index[0]) == 0 and int(index[-1]) == numel - 1 and int(index.max()) < numel
+        assert bool((index[1:] > index[:-1]).all())

@@ -125,6 +125,13 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def sample_index(numel: int, samples: int | None = None) -> torch.Tensor:
+    """`samples` evenly spaced indices into `numel` elements, first and last included, in integer arithmetic (a
+    float32 `linspace` rounds past the end for tensors of more than 2**24 elements)."""
+    samples = samples or _SAMPLES_PER_TENSOR
+    return torch.arange(samples, dtype=torch.long) * (numel - 1) // (samples - 1)
+
+
 def _weights_digest(model: torch.nn.Module) -> str:
     """A SHA-256 of every parameter tensor's name, dtype, shape and an evenly spaced sample of its values."""
     digest = hashlib.sha256()
@@ -137,8 +144,7 @@ def _weights_digest(model: torch.nn.Module) -> str:
             continue
         flat = tensor.reshape(-1)
         if flat.numel() > _SAMPLES_PER_TENSOR:
-            index = torch.linspace(0, flat.numel() - 1, steps=_SAMPLES_PER_TENSOR, device=flat.device).round().long()
-            flat = flat[index]
+            flat = flat[sample_index(flat.numel()).to(flat.device)]
         digest.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
     if skipped:
         logger.warning(
