@@ -53,7 +53,6 @@ import datetime  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-import math  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
@@ -62,6 +61,10 @@ from collections import Counter  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
+
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import last_number, same_number, wilson  # noqa: E402
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -168,33 +171,6 @@ def gsm8k_problems(path: str, count: int, offset: int = 0) -> list[Problem]:
             solution = re.sub(r"<<[^>]*>>", "", reasoning).strip() + f"\nThe final answer is {final}."
             problems.append(Problem(item["question"], final, solution))
     return problems
-
-
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def last_number(text: str) -> str | None:
-    numbers = NUMBER.findall(text)
-    return numbers[-1].replace(",", "").rstrip(".") if numbers else None
-
-
-def same_number(a: str | None, b: str) -> bool:
-    if a is None:
-        return False
-    try:
-        return math.isclose(float(a), float(b), abs_tol=1e-9)
-    except ValueError:
-        return False
-
-
-def wilson(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion."""
-    if total == 0:
-        return (0.0, 1.0)
-    p = correct / total
-    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def hit_at_k(candidates: list[list[int]], preferred: list[int | None]) -> dict[str, Any]:

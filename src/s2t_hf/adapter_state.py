@@ -126,11 +126,7 @@ class AdapterState:
             merged (`bool`):
                 `True` to merge, `False` to unmerge.
         """
-        for layer in self.lora_layers:
-            if merged and not layer.merged and not layer.disable_adapters:
-                layer.merge()
-            elif not merged and layer.merged:
-                layer.unmerge()
+        _merge(self.lora_layers, merged)
 
     @contextlib.contextmanager
     def lora(self, enabled: bool) -> Iterator[None]:
@@ -175,11 +171,7 @@ class AdapterState:
             merged (`bool`):
                 `True` to merge, `False` to unmerge.
         """
-        for layer in self._row_layers:
-            if merged and not layer.merged and not layer.disable_adapters:
-                layer.merge()
-            elif not merged and layer.merged:
-                layer.unmerge()
+        _merge(self._row_layers, merged)
 
     def write_row(self, row: int, weights: torch.Tensor) -> None:
         """
@@ -211,3 +203,13 @@ class AdapterState:
                     written = True
         if not written:
             raise ValueError(f"The selector's adapter trains no row {row}; was it created with `learned_trigger=True`?")
+
+
+def _merge(layers: list[nn.Module], merged: bool) -> None:
+    """PEFT's public `merge()` / `unmerge()` on `layers`: merging leaves out layers whose adapter is disabled or
+    already merged; unmerging touches only merged layers."""
+    for layer in layers:
+        if merged and not layer.merged and not layer.disable_adapters:
+            layer.merge()
+        elif not merged and layer.merged:
+            layer.unmerge()
