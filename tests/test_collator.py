@@ -73,3 +73,23 @@ def test_collator_arguments_are_checked():
         SelectionGroupCollator(max_context_length=0)
     with pytest.raises(ValueError, match="`pad_to_multiple_of` must be a positive integer or None, got 0"):
         SelectionGroupCollator(pad_to_multiple_of=0)
+
+
+def test_shared_contexts_put_each_group_in_the_row_of_a_context_it_prefixes():
+    """Prefixes share the longest context's row (equal contexts too); a context that is not a prefix gets its own row;
+    contexts cut by `max_context_length` share only where they still are prefixes; groups keep the features' order."""
+    features = [
+        {"context_ids": [5, 6], "cand_ids": [1, 2], "teacher_probs": [0.5, 0.5]},
+        {"context_ids": [5, 6, 7, 8], "cand_ids": [3, 4], "teacher_probs": [0.5, 0.5]},
+        {"context_ids": [5, 9], "cand_ids": [3, 4], "teacher_probs": [0.5, 0.5]},
+        {"context_ids": [5, 6], "cand_ids": [2, 4], "teacher_probs": [0.5, 0.5]},
+    ]
+    batch = SelectionGroupCollator(share_contexts=True)(features)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [0, 0, 5, 9]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
+    assert batch["group_rows"].tolist() == [0, 0, 1, 0]
+    assert batch["context_lengths"].tolist() == [2, 4, 2, 2]
+    assert batch["cand_ids"].tolist() == [[1, 2], [3, 4], [3, 4], [2, 4]]
+    cut = SelectionGroupCollator(share_contexts=True, max_context_length=2)(features)
+    assert cut["input_ids"].tolist() == [[5, 6], [7, 8], [5, 9]] and cut["group_rows"].tolist() == [0, 1, 2, 0]
+    assert "group_rows" not in SelectionGroupCollator()(features)

@@ -91,12 +91,12 @@ def trainable_state(selector: S2TSelector) -> dict[str, torch.Tensor]:
 # The loss: packed encoding == K copies
 
 
-def packed_and_copies(trainer: S2TTrainer, batch: dict[str, torch.Tensor]) -> list[tuple]:
-    """`(loss, candidate logits, gradients)` of `batch`, packed then as K copies of every context."""
+def packed_and_copies(trainer: S2TTrainer, batch: dict[str, torch.Tensor], copies: bool = True) -> list[tuple]:
+    """`(loss, candidate logits, gradients)` of `batch`, packed then (with `copies`) as K copies of every context."""
     model, pack = trainer.model, trainer._pack
     results = []
     try:
-        for trainer._pack in (True, False):
+        for trainer._pack in (True, False) if copies else (True,):
             model.zero_grad()
             loss, outputs = trainer.compute_loss(model, batch, return_outputs=True)
             loss.backward()
@@ -122,6 +122,73 @@ def test_packed_matches_k_copies(tmp_path, arch, scoring):
         assert grads_p[name].abs().sum() > 0, name
         scale = grads_n[name].abs().max().item()
         torch.testing.assert_close(grads_p[name], grads_n[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+def prompt_features(seed: int = 0) -> list[dict[str, list]]:
+    """Groups as collection writes them: two prompts with three and two steps each (each context a prefix of the
+    next), and one group of a third prompt, in a mixed order; K and K - 2 candidates."""
+    generator = torch.Generator().manual_seed(seed)
+    features = []
+    for prompt, ends in ((0, (5, 9, 14)), (1, (4, 11)), (2, (7,))):
+        reply = torch.randint(3, 96, (max(ends),), generator=generator).tolist()
+        for i, end in enumerate(ends):
+            k = K - 2 * (i % 2)
+            features.append(
+                {
+                    "context_ids": reply[:end],
+                    "cand_ids": torch.randperm(93, generator=generator)[:k].add(3).tolist(),
+                    "teacher_probs": torch.rand(k, generator=generator).tolist(),
+                    "prompt_index": prompt,
+                }
+            )
+    order = [3, 0, 5, 1, 4, 2]
+    return [features[i] for i in order]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "starcoder2"])
+@pytest.mark.parametrize("lm_kl_weight", [0.0, 0.1])
+def test_shared_contexts_match_one_row_per_group_and_k_copies(tmp_path, arch, lm_kl_weight):
+    """Groups whose contexts are prefixes of one row: the same loss, candidate logits and gradients as one row per
+    group (packed) and as K copies of every context (the reference); sliding windows (gemma2, starcoder2: window 6,
+    contexts up to 14) and the LM-KL term included."""
+    selector = make_selector(arch)
+    perturb(selector)
+    trainer = S2TTrainer(selector=selector, args=make_args(tmp_path, lm_kl_weight=lm_kl_weight))
+    features = prompt_features()
+    shared = SelectionGroupCollator(share_contexts=True)(features)
+    assert shared["input_ids"].shape[0] == 3 and shared["group_rows"].tolist() == [1, 0, 2, 0, 1, 0]
+    ((loss_s, logits_s, grads_s),) = packed_and_copies(trainer, shared, copies=False)
+    (loss_p, logits_p, grads_p), (loss_c, logits_c, grads_c) = packed_and_copies(
+        trainer, SelectionGroupCollator()(features)
+    )
+    assert loss_s.item() > 0 and torch.isfinite(logits_s).sum() == 4 * K + 2 * (K - 2)
+    for other_loss, other_logits, other_grads in ((loss_p, logits_p, grads_p), (loss_c, logits_c, grads_c)):
+        torch.testing.assert_close(loss_s, other_loss, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits_s, other_logits, rtol=1e-5, atol=1e-5)
+        for name in grads_s:
+            scale = other_grads[name].abs().max().item()
+            torch.testing.assert_close(grads_s[name], other_grads[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+def test_group_by_prompt_batches_prompt_by_prompt_and_trains(tmp_path, groups):
+    """`group_by_prompt=True`: every group once per epoch, a prompt's groups together, the same order when resumed
+    (seed and epoch), and training runs with shared contexts; without `prompt_index` it is refused by name."""
+    args = make_args(tmp_path, group_by_prompt=True, max_steps=3, per_device_train_batch_size=8, lm_kl_weight=0.0)
+    trainer = S2TTrainer(selector=make_selector(), args=args, train_dataset=groups)
+    sampler = trainer._get_train_sampler()
+    order = list(sampler)
+    assert sorted(order) == list(range(len(groups)))
+    prompts = [groups["prompt_index"][i] for i in order]
+    assert sum(a != b for a, b in zip(prompts, prompts[1:])) == len(set(prompts)) - 1  # one run per prompt
+    assert list(trainer._get_train_sampler()) == order
+    sampler.set_epoch(1)
+    assert list(sampler) != order
+    assert trainer.train().global_step == 3
+    trainer._pack = False
+    with pytest.raises(ValueError, match="share_contexts=False"):
+        trainer.compute_loss(trainer.model, SelectionGroupCollator(share_contexts=True)(prompt_features()))
+    with pytest.raises(ValueError, match="prompt_index"):
+        S2TTrainer(selector=make_selector(), args=args, train_dataset=groups.remove_columns("prompt_index"))
 
 
 def test_candidate_logits_match_the_processor_recompute_path(tmp_path):

@@ -57,6 +57,7 @@ def candidate_attention_mask(
     dtype: torch.dtype,
     causal_prefix: bool = False,
     sliding_window: int | None = None,
+    prefix_ends: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
     Additive 4-D mask for K candidates placed after a prefix: each candidate sees the prefix's real tokens and itself.
@@ -75,6 +76,10 @@ def candidate_attention_mask(
         sliding_window (`int`, *optional*):
             The window of a sliding-window layer: a query at sequence index `q` sees index `k` only if `q - k` is
             smaller. The candidates sit at index `prefix_length`, where each would be if it followed the prefix alone.
+        prefix_ends (`torch.Tensor` of shape `(batch, num_candidates)`, *optional*):
+            Each candidate sees only the prefix columns before its end (defaults to `prefix_length` for all): the
+            candidates of several groups whose contexts are prefixes of one row, each placed (for the sliding window)
+            at the index of its end.
 
     Returns:
         `torch.Tensor` of shape `(batch, 1, queries, prefix_length + K)`, 0 where attention is allowed.
@@ -84,9 +89,12 @@ def candidate_attention_mask(
     real = prefix_mask.bool()
     eye = torch.eye(num_candidates, dtype=torch.bool, device=device)
     columns = torch.arange(length, device=device)
-    seen = real[:, None, :].expand(batch, num_candidates, length)
+    if prefix_ends is None:
+        prefix_ends = torch.full((batch, num_candidates), length, dtype=torch.long, device=device)
+    ends = prefix_ends[:, :, None]
+    seen = real[:, None, :] & (columns[None, None] < ends)
     if sliding_window is not None:
-        seen = seen & (length - columns < sliding_window)[None, None]
+        seen = seen & (ends - columns[None, None] < sliding_window)
     candidate_rows = torch.cat([seen, eye[None].expand(batch, -1, -1)], dim=-1)
     if causal_prefix:
         causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
@@ -195,17 +203,24 @@ def _empty_cache(model: torch.nn.Module) -> Any:
 
 
 def packed_candidate_masks(
-    model: torch.nn.Module, prefix_mask: torch.Tensor, num_candidates: int, dtype: torch.dtype
+    model: torch.nn.Module,
+    prefix_mask: torch.Tensor,
+    num_candidates: int,
+    dtype: torch.dtype,
+    prefix_ends: torch.Tensor | None = None,
 ) -> torch.Tensor | dict[str, torch.Tensor]:
     """
-    [`candidate_attention_mask`] with `causal_prefix=True` for each kind of layer of `model` (full, or sliding with
-    its window): one tensor when every layer is alike, else a dict from layer type to mask (as [`scoring_masks`]).
+    [`candidate_attention_mask`] with `causal_prefix=True` (and `prefix_ends`) for each kind of layer of `model` (full,
+    or sliding with its window): one tensor when every layer is alike, else a dict from layer type to mask (as
+    [`scoring_masks`]).
     Check [`architecture_scoring_support`] first: a model whose layers mix kinds needs `layer_types` in its config.
     """
     cache = _empty_cache(model)
     windows = [_window(layer) for layer in cache.layers] if cache is not None and cache.layers else [None]
     masks = {
-        window: candidate_attention_mask(prefix_mask, num_candidates, dtype, causal_prefix=True, sliding_window=window)
+        window: candidate_attention_mask(
+            prefix_mask, num_candidates, dtype, causal_prefix=True, sliding_window=window, prefix_ends=prefix_ends
+        )
         for window in dict.fromkeys(windows)
     }
     if len(masks) == 1:

@@ -23,6 +23,7 @@ import torch
 __all__ = [
     "SelectionLossOutput",
     "lm_kl_divergence",
+    "lm_kl_per_position",
     "selection_loss",
     "selection_metrics",
     "spearman_correlation",
@@ -209,6 +210,39 @@ def _masked_log_softmax(logits: torch.Tensor, keep: torch.Tensor | None) -> torc
     return torch.log_softmax(logits, dim=-1)
 
 
+def lm_kl_per_position(
+    base_logits: torch.Tensor,
+    adapted_logits: torch.Tensor,
+    *,
+    ignore_token_ids: Sequence[int] | torch.Tensor | None = None,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """
+    KL(base || adapted) of the next-token distributions at every position: [`lm_kl_divergence`] before its average
+    over the context, for callers that average over their own spans (groups whose contexts share one row).
+
+    Args:
+        base_logits, adapted_logits, ignore_token_ids, chunk_size: as for [`lm_kl_divergence`].
+
+    Returns:
+        `torch.Tensor` of shape `(batch, length)`, float32.
+    """
+    if base_logits.shape != adapted_logits.shape or adapted_logits.dim() != 3:
+        raise ValueError(
+            f"`base_logits` and `adapted_logits` must both have shape (batch, length, vocab); got "
+            f"{tuple(base_logits.shape)} and {tuple(adapted_logits.shape)}."
+        )
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be a positive integer (positions processed at once), got {chunk_size!r}.")
+    vocab = adapted_logits.shape[-1]
+    keep = None
+    if ignore_token_ids is not None and len(ignore_token_ids) > 0:
+        ids = torch.as_tensor(ignore_token_ids, dtype=torch.long, device=adapted_logits.device)
+        keep = torch.ones(vocab, dtype=torch.bool, device=adapted_logits.device)
+        keep[ids] = False
+    return _LMKLDivergence.apply(adapted_logits, base_logits.detach(), keep, chunk_size)
+
+
 def lm_kl_divergence(
     base_logits: torch.Tensor,
     adapted_logits: torch.Tensor,
@@ -250,20 +284,9 @@ def lm_kl_divergence(
 
     ```
     """
-    if base_logits.shape != adapted_logits.shape or adapted_logits.dim() != 3:
-        raise ValueError(
-            f"`base_logits` and `adapted_logits` must both have shape (batch, length, vocab); got "
-            f"{tuple(base_logits.shape)} and {tuple(adapted_logits.shape)}."
-        )
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"`chunk_size` must be a positive integer (positions processed at once), got {chunk_size!r}.")
-    vocab = adapted_logits.shape[-1]
-    keep = None
-    if ignore_token_ids is not None and len(ignore_token_ids) > 0:
-        ids = torch.as_tensor(ignore_token_ids, dtype=torch.long, device=adapted_logits.device)
-        keep = torch.ones(vocab, dtype=torch.bool, device=adapted_logits.device)
-        keep[ids] = False
-    per_position = _LMKLDivergence.apply(adapted_logits, base_logits.detach(), keep, chunk_size)
+    per_position = lm_kl_per_position(
+        base_logits, adapted_logits, ignore_token_ids=ignore_token_ids, chunk_size=chunk_size
+    )
     if attention_mask is None:
         return per_position.mean(-1)
     weights = attention_mask.to(device=per_position.device, dtype=torch.float32)

@@ -26,7 +26,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.utils import logging
 
 from .config import CONFIG_NAME, SCORING_KINDS
-from .collator import SelectionGroupCollator, check_selection_columns
+from .collator import PromptGroupedSampler, SelectionGroupCollator, check_selection_columns
 from .kv import (
     architecture_scoring_support,
     output_rows,
@@ -34,7 +34,7 @@ from .kv import (
     positions_from_attention_mask,
     unmark_dequantized_gguf,
 )
-from .losses import lm_kl_divergence, selection_loss, selection_metrics
+from .losses import lm_kl_divergence, lm_kl_per_position, selection_loss, selection_metrics
 from .selection import local_candidate_logits, selector_log_probs
 from .trainer_log import LogFileCallback, ProgressWithoutLogs
 
@@ -78,6 +78,12 @@ class S2TTrainingArguments(TrainingArguments):
             attention or state-space layers); otherwise the trainer falls back to copies. Sliding windows are kept.
         max_context_length (`int`, *optional*):
             Keep only the last `max_context_length` tokens of each context (the paper truncates to 512).
+        group_by_prompt (`bool`, *optional*, defaults to `False`):
+            Batch the groups prompt by prompt (prompts shuffled, needs the `prompt_index` column of
+            [`collect_selection_data`]), so the groups of one prompt share one encoding of their context under packing:
+            several times faster when prompts have several groups each (about 5x for 10% of a GSM8K solution's
+            steps). The loss is unchanged; batches are less mixed. Contexts cut by `max_context_length` no longer
+            share.
     """
 
     candidate_temperature: float = field(
@@ -100,6 +106,10 @@ class S2TTrainingArguments(TrainingArguments):
     )
     max_context_length: int | None = field(
         default=None, metadata={"help": "Keep only the last tokens of each context (e.g. 512)."}
+    )
+    group_by_prompt: bool = field(
+        default=False,
+        metadata={"help": "Batch the groups prompt by prompt so each prompt's context is encoded once (faster)."},
     )
     # changed defaults
     per_device_train_batch_size: int = field(
@@ -152,7 +162,7 @@ def _check_dataset(dataset: Any, name: str) -> None:
 class _ForwardOutput:
     candidate_logits: torch.Tensor  # (batch, K, vocab) at the candidate positions
     last_context_logits: torch.Tensor  # (batch, vocab) at the last context position
-    context_logits: torch.Tensor | None  # (batch, length, vocab) when the LM-KL term needs them
+    context_logits: torch.Tensor | None  # (rows, length, vocab) when the LM-KL term needs them
 
 
 class S2TTrainer(Trainer):
@@ -267,17 +277,24 @@ class S2TTrainer(Trainer):
         if overrides:
             selector.config = dataclasses.replace(selector.config, **overrides)
         self.selector = selector
+        can_pack, reason = architecture_scoring_support(selector.base_model)
+        self._pack = args.packing and can_pack
+        if args.packing and not self._pack:
+            logger.warning(f"Packing is off: {reason}. Encoding K copies of every context instead (slower).")
+        if args.group_by_prompt:
+            for name, dataset in (("train_dataset", train_dataset),):
+                if dataset is not None and "prompt_index" not in getattr(dataset, "column_names", []):
+                    raise ValueError(
+                        f"`group_by_prompt=True` needs a `prompt_index` column in `{name}` (as `collect_selection_data` "
+                        "writes); add one or set `group_by_prompt=False`."
+                    )
         if data_collator is None:
             pad = getattr(processing_class, "pad_token_id", None)
             if pad is None:
                 pad = getattr(selector.base_model.config, "pad_token_id", None)
             data_collator = SelectionGroupCollator(
-                pad_token_id=int(pad or 0), max_context_length=args.max_context_length
+                pad_token_id=int(pad or 0), max_context_length=args.max_context_length, share_contexts=self._pack
             )
-        can_pack, reason = architecture_scoring_support(selector.base_model)
-        self._pack = args.packing and can_pack
-        if args.packing and not self._pack:
-            logger.warning(f"Packing is off: {reason}. Encoding K copies of every context instead (slower).")
         self._metrics: dict[str, dict[str, list[float]]] = {
             "train": defaultdict(lambda: [0.0, 0]),
             "eval": defaultdict(lambda: [0.0, 0]),
@@ -296,6 +313,13 @@ class S2TTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
+        """With `group_by_prompt`, a [`PromptGroupedSampler`] over the `prompt_index` column; else the Trainer's."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.group_by_prompt and dataset is not None:
+            return PromptGroupedSampler(dataset["prompt_index"], seed=self.args.seed)
+        return super()._get_train_sampler(train_dataset)
 
     # -----------------------------------------------------------------------------------------------------------------
     # Loss
@@ -319,21 +343,11 @@ class S2TTrainer(Trainer):
                 "`SelectionGroupCollator`, the default collator."
             )
         if self._pack:
-            dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
-            mask = packed_candidate_masks(self.selector.base_model, attention_mask, num_candidates, dtype)
-            context_positions = positions_from_attention_mask(attention_mask)
-            candidate_positions = attention_mask.sum(-1, keepdim=True).expand(batch, num_candidates)
-            logits = model(
-                input_ids=torch.cat([input_ids, cand_ids], dim=1),
-                attention_mask=mask,
-                position_ids=torch.cat([context_positions, candidate_positions], dim=1),
-                use_cache=False,
-                logits_to_keep=0 if need_context_logits else num_candidates + 1,
-            ).logits
-            return _ForwardOutput(
-                candidate_logits=logits[:, -num_candidates:],
-                last_context_logits=logits[:, -num_candidates - 1],
-                context_logits=logits[:, :length] if need_context_logits else None,
+            return self._packed_forward(model, inputs, need_context_logits)
+        if inputs.get("group_rows") is not None:
+            raise ValueError(
+                "The batch shares contexts between groups (`SelectionGroupCollator(share_contexts=True)`), which needs "
+                "packing; this trainer encodes K copies instead. Use a collator with `share_contexts=False`."
             )
         # Reference path: K copies of every context, each followed by one candidate, ordinary 2-D mask.
         ids = torch.cat(
@@ -359,6 +373,78 @@ class S2TTrainer(Trainer):
             last_context_logits=logits[:, 0, -2],
             context_logits=logits[:, 0, :length] if need_context_logits else None,
         )
+
+    def _packed_forward(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], need_context_logits: bool
+    ) -> _ForwardOutput:
+        """
+        One forward per context row: the row's context, then for each group of the row (one, or several whose contexts
+        are prefixes of the row's, see `SelectionGroupCollator(share_contexts=True)`) a slot of K + 1 tokens under a
+        4-D mask: the group's last context token again (its logits are those of the context position, read at the end
+        of the sequence so `logits_to_keep` stays an integer) and its K candidates, each seeing the group's context
+        and itself, at the position after the group's context.
+        """
+        input_ids, attention_mask, cand_ids = inputs["input_ids"], inputs["attention_mask"], inputs["cand_ids"]
+        rows, length = input_ids.shape
+        groups, num_candidates = cand_ids.shape
+        real_lengths = attention_mask.sum(-1)
+        group_rows = inputs.get("group_rows")
+        if group_rows is None:
+            group_rows = torch.arange(groups, device=cand_ids.device)
+            context_lengths = real_lengths
+        else:
+            context_lengths = inputs["context_lengths"]
+        # slot of each group within its row, in order of appearance
+        same_row = group_rows[None, :] == group_rows[:, None]
+        slots = (same_row & torch.ones_like(same_row).tril(-1)).sum(-1)
+        num_slots = int(slots.max()) + 1
+        width = num_candidates + 1
+        # the column after each group's context in its (left-padded) row
+        ends = length - real_lengths[group_rows] + context_lengths
+        last_tokens = input_ids[group_rows, ends - 1]
+        slot_ids = torch.full((rows, num_slots, width), int(input_ids[0, 0]), dtype=torch.long, device=input_ids.device)
+        slot_ids[group_rows, slots] = torch.cat([last_tokens[:, None], cand_ids], dim=1)
+        # empty slots see only themselves (end 0) and are never read
+        slot_ends = torch.zeros((rows, num_slots, width), dtype=torch.long, device=input_ids.device)
+        slot_ends[group_rows, slots] = torch.cat(
+            [(ends - 1)[:, None], ends[:, None].expand(groups, num_candidates)], dim=1
+        )
+        slot_positions = torch.zeros_like(slot_ends)
+        slot_positions[group_rows, slots] = torch.cat(
+            [(context_lengths - 1)[:, None], context_lengths[:, None].expand(groups, num_candidates)], dim=1
+        )
+        dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
+        queries = num_slots * width
+        mask = packed_candidate_masks(
+            self.selector.base_model, attention_mask, queries, dtype, prefix_ends=slot_ends.view(rows, queries)
+        )
+        logits = model(
+            input_ids=torch.cat([input_ids, slot_ids.view(rows, queries)], dim=1),
+            attention_mask=mask,
+            position_ids=torch.cat([positions_from_attention_mask(attention_mask), slot_positions.view(rows, queries)], 1),
+            use_cache=False,
+            logits_to_keep=0 if need_context_logits else queries,
+        ).logits
+        slot_logits = logits[:, -queries:].view(rows, num_slots, width, -1)[group_rows, slots]
+        return _ForwardOutput(
+            candidate_logits=slot_logits[:, 1:],
+            last_context_logits=slot_logits[:, 0],
+            context_logits=logits[:, :length] if need_context_logits else None,
+        )
+
+    @staticmethod
+    def _group_lm_kl(base_logits, context_logits, inputs: dict[str, torch.Tensor], reserved) -> torch.Tensor:
+        """The LM-KL term of each group: per position on the context rows, averaged over each group's context."""
+        attention_mask = inputs["attention_mask"]
+        if inputs.get("group_rows") is None:
+            return lm_kl_divergence(base_logits, context_logits, attention_mask, ignore_token_ids=reserved)
+        per_position = lm_kl_per_position(base_logits, context_logits, ignore_token_ids=reserved)
+        group_rows, length = inputs["group_rows"], attention_mask.shape[1]
+        ends = length - attention_mask.sum(-1)[group_rows] + inputs["context_lengths"]
+        columns = torch.arange(length, device=ends.device)
+        weights = attention_mask[group_rows].bool() & (columns[None] < ends[:, None])
+        weights = weights.to(per_position.dtype)
+        return (per_position[group_rows] * weights).sum(-1) / weights.sum(-1).clamp_min(1.0)
 
     def _base_logits(self, inputs: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
         """Logits of the base model (adapter disabled, no grad) on the contexts; the last `keep` positions (0: all)."""
@@ -432,9 +518,7 @@ class S2TTrainer(Trainer):
         per_group = terms.loss
         lm_kl = None
         if use_lm_kl:
-            lm_kl = lm_kl_divergence(
-                base_logits, forward.context_logits, inputs["attention_mask"], ignore_token_ids=reserved
-            )
+            lm_kl = self._group_lm_kl(base_logits, forward.context_logits, inputs, reserved)
             per_group = per_group + args.lm_kl_weight * lm_kl
 
         if num_items_in_batch is not None:
