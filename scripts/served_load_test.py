@@ -6,7 +6,7 @@ fixed time: most are S2T decodings through `ServedS2T` (one prompt each, the ran
 completion requests with bad S2T arguments (`tests/serving_fuzz.py`). It reports p50/p95/p99 latency, throughput,
 errors, and the server's resident memory (every process of its group) at the start and at the end, as JSON and text.
 
-Goal (issue 26): zero failed valid requests, every bad request refused with a 4xx, no server restart, RSS growth at
+Goal: zero failed valid requests, every bad request refused with a 4xx, no server restart, RSS growth at
 most 5%. The memory is sampled every 10 s: the growth is reported from the start and from the end of the first third
 (vLLM's CPU KV cache is allocated at start but its pages become resident as the load first fills it, which is not a
 leak); the exit status checks the latter.

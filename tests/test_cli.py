@@ -229,12 +229,15 @@ def test_train_defaults_follow_the_recipe(model_dirs, capsys, tmp_path, monkeypa
     assert (tmp_path / "recipe" / "trainer_log.jsonl").is_file()  # the trainer's logs, not on the console
     assert seen["args"].learning_rate == 1e-3 and seen["args"].per_device_train_batch_size == 8
     assert seen["args"].teacher_kl_weight == 1.0 and seen["args"].lm_kl_weight == 0.0
+    assert not seen["args"].group_by_prompt
     train, held_out = seen["split"]
     assert len(held_out) > 0 and not set(train["prompt_index"]) & set(held_out["prompt_index"])
     assert len(set(held_out["prompt_index"])) == 2  # 10% of the 20 prompts
 
     student = AutoModelForCausalLM.from_pretrained(model_dirs / "student")
-    run(capsys, *common, "--output-dir", tmp_path / "paper", "--scoring", "pure", "--no-preserve-cache")
+    run(capsys, *common, "--output-dir", tmp_path / "paper", "--scoring", "pure", "--no-preserve-cache",
+        "--group-by-prompt")
+    assert seen["args"].group_by_prompt
     config = S2TConfig.from_pretrained(tmp_path / "paper")
     assert (config.scoring, config.adapter_mode) == ("pure", "generate")
     assert not S2TSelector.from_pretrained(student, tmp_path / "paper").preserves_cache
@@ -273,3 +276,21 @@ def test_collect_with_a_teacher_of_another_tokenizer(model_dirs, capsys, tmp_pat
     got = load_from_disk(str(tmp_path / "groups"))
     assert got["cand_ids"] == expected["cand_ids"]
     assert torch.allclose(torch.tensor(got["teacher_probs"]), torch.tensor(expected["teacher_probs"]), atol=1e-6)
+
+
+def test_collect_names_its_collection_and_resumes_or_starts_over(model_dirs, capsys, tmp_path):
+    """`--collection-id` is part of what must match to resume: another id is refused naming it, `--resume no`
+    starts over under the new id, and `--resume yes` (the default) with the same id goes on (the same groups)."""
+    from s2t_hf.tasks import generate_problems
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(p.text for p in generate_problems(6, "train", seed=2)))
+    common = ["collect", "--model", model_dirs / "student", "--teacher", model_dirs / "teacher", "--prompts", prompts,
+              "--top-k", 4, "--max-new-tokens", 6, "--fraction", 0.5, "--output-dir", tmp_path / "data"]
+    first = run(capsys, *common, "--collection-id", "run-1")
+    with pytest.raises(ValueError, match="collection_id"):
+        run(capsys, *common, "--collection-id", "run-2")
+    again = run(capsys, *common, "--collection-id", "run-2", "--resume", "no")
+    assert again == first
+    assert json.loads((tmp_path / "data" / "collection.json").read_text())["identity"]["collection_id"] == "run-2"
+    assert run(capsys, *common, "--collection-id", "run-2") == first

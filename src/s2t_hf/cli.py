@@ -109,7 +109,8 @@ def cmd_collect(args) -> None:
         student, teacher, tokenizer, prompts, mode=args.mode, top_k=args.top_k, fraction=args.fraction,
         signal=args.signal, trigger_rate=args.fraction if args.mode == "on_policy" else None,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, save_to=args.output_dir,
-        return_trajectories=args.trajectories,
+        return_trajectories=args.trajectories, collection_id=args.collection_id,
+        resume={"yes": True, "no": False, "upgrade": "upgrade"}[args.resume],
     )
     dataset, trajectories = collected if args.trajectories else (collected, None)
     summary = {"groups": len(dataset), "saved": args.output_dir}
@@ -181,7 +182,7 @@ def cmd_train(args) -> None:
         output_dir=args.output_dir, num_train_epochs=args.epochs, learning_rate=learning_rate,
         per_device_train_batch_size=args.batch_size, eval_strategy="epoch", save_strategy="epoch",
         load_best_model_at_end=True, metric_for_best_model="eval_agreement", report_to="none",
-        teacher_kl_weight=args.teacher_kl_weight, lm_kl_weight=lm_kl_weight,
+        teacher_kl_weight=args.teacher_kl_weight, lm_kl_weight=lm_kl_weight, group_by_prompt=args.group_by_prompt,
     )
     trainer = S2TTrainer(
         selector=selector, args=training_args, train_dataset=split["train"], eval_dataset=split["test"]
@@ -338,6 +339,16 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_argument("--batch-size", type=int, default=8)
     collect.add_argument("--output-dir", required=True)
     collect.add_argument(
+        "--resume", choices=["yes", "no", "upgrade"], default="yes",
+        help="`yes` (default): go on with a stopped collection in OUTPUT_DIR if it was started with the same models, "
+        "prompts and settings; `no`: start over; `upgrade`: go on with a collection recorded under the previous "
+        "identity version when it still matches under it",
+    )
+    collect.add_argument(
+        "--collection-id",
+        help="a name of your own for the collection, part of what must match to resume (e.g. a run or data version)",
+    )
+    collect.add_argument(
         "--trajectories", action="store_true",
         help="also keep every position of the student's trajectories (in OUTPUT_DIR/trajectories), to fit a learned "
         "trigger with `s2t-hf train --learned-trigger`",
@@ -373,6 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: 1e-3 with --preserve-cache (LoRA on one layer), 5e-5 without (the paper's, LoRA everywhere)",
     )
     train.add_argument("--batch-size", type=int, default=8, help="selection groups per step")
+    train.add_argument(
+        "--group-by-prompt", action="store_true",
+        help="batch the groups prompt by prompt so a prompt's groups share one encoding of their context (the same "
+        "loss, several times faster; batches are less mixed)",
+    )
     train.add_argument(
         "--teacher-kl-weight", type=float, default=1.0,
         help="weight of KL(teacher || selector) over the candidates (1.0 beat the paper's 0.1 on the demo)",

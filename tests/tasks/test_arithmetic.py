@@ -396,7 +396,7 @@ def test_train_pair_caches_and_loads(tmp_path, parallel):
 
 
 def test_pair_training_stops_on_steps_not_the_wall_clock(tmp_path, monkeypatch, caplog):
-    """A machine so slow that an hour passes between two clock reads trains the same pair (issue 20, item 5); the
+    """A machine so slow that an hour passes between two clock reads trains the same pair; the
     opt-in `max_minutes` stops early, warns, and its truncated pair is never loaded as the full run."""
     import itertools
     import logging
