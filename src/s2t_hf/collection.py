@@ -150,15 +150,22 @@ class SelectionCollector:
         return kwargs
 
     def _batches(
-        self, chunk: list[IndexedPrompt]
+        self, chunk: list[IndexedPrompt], by_length: bool = False
     ) -> Iterator[tuple[list[int], list[list[int]], torch.Tensor, torch.Tensor]]:
-        """The chunk in batches of `batch_size`: indices, prompts, left-padded `input_ids` and `attention_mask`."""
+        """The chunk in batches of `batch_size`: indices, prompts, left-padded `input_ids` and `attention_mask`; with
+        `by_length`, in order of length (prompt and given response), so that a batch pads little."""
+        if by_length:
+            chunk = sorted(chunk, key=self._length)
         for start in range(0, len(chunk), self.batch_size):
             batch = chunk[start : start + self.batch_size]
             indices = [i for i, _ in batch]
             prompts = [p for _, p in batch]
             padded = left_pad(prompts, self.pad_id, model_device(self.student))
             yield indices, prompts, padded["input_ids"], padded["attention_mask"]
+
+    def _length(self, item: IndexedPrompt) -> int:
+        index, prompt = item
+        return len(prompt) + (len(self.responses[index]) if self.responses is not None else 0)
 
     @torch.no_grad()
     def teacher_forced_shard(
@@ -182,7 +189,8 @@ class SelectionCollector:
         positions_seen = 0
         found: list[_Candidate] = []
         trajectories: list[dict[str, Any]] = []
-        for indices, prompts, input_ids, attention_mask in self._batches(chunk):
+        # by length: the groups do not depend on the order (a shard's are chosen, then sorted by prompt and step)
+        for indices, prompts, input_ids, attention_mask in self._batches(chunk, by_length=True):
             if self.responses is None:
                 output = self.student.generate(
                     input_ids=input_ids, attention_mask=attention_mask, **self.generate_kwargs()
@@ -197,6 +205,7 @@ class SelectionCollector:
             groups, rows = self._batch_groups(indices, prompts, scored)
             found += groups
             trajectories += rows
+        trajectories.sort(key=lambda row: row["prompt_index"])
         return self._top_fraction(found, positions_seen), trajectories
 
     def response_block(self, indices: list[int], device: torch.device) -> torch.Tensor:
