@@ -6,7 +6,8 @@ The server is vLLM, or another server of the OpenAI-compatible `/v1/completions`
 vLLM's sampling extensions. The S2T choice is one constrained greedy token (`allowed_token_ids=<candidates>`,
 `temperature=0`, `max_tokens=1`); Takeover is one plain greedy token; teacher-forced collection reads
 `prompt_logprobs`. A served teacher with another tokenizer than the student's scores the candidates as text
-([`~s2t_hf.teachers.cross_tokenizer.CrossTokenizerScorer`]), reading log-probabilities of given token ids. See
+([`~s2t_hf.teachers.remote_text_scoring.RemoteTextScoring`], with
+[`~s2t_hf.teachers.cross_tokenizer.CrossTokenizerScorer`]), reading log-probabilities of given token ids. See
 `docs/serving.md`.
 """
 
@@ -19,7 +20,8 @@ from typing import Any
 import torch
 
 from .base import Teacher, TeacherChoice
-from .cross_tokenizer import CrossTokenizerScorer, ScoringPlan, generation_end_ids, uses_text_scoring
+from .cross_tokenizer import CrossTokenizerScorer, generation_end_ids, uses_text_scoring
+from .remote_text_scoring import RemoteTextScoring, serves_logprob_token_ids
 from .teacher_prompts import check_teacher_prompts
 from .token_text import end_token_ids
 from .transport import JSONClient, ServerError, server_root
@@ -33,8 +35,6 @@ class RemoteTeacherError(ServerError):
 
 
 _TOKEN_PREFIX = "token_id:"
-# the most ids vLLM reads in one `logprob_token_ids` request (its `MAX_LOGPROB_TOKEN_IDS`)
-_MAX_LOGPROB_TOKEN_IDS = 128
 
 
 def _token_id(key: str) -> int:
@@ -124,7 +124,8 @@ class RemoteTeacher(Teacher):
 
     **A teacher with another tokenizer.** When `tokenizer` (the served model's) is not the student's tokenizer given to
     the processor (checked on the vocabularies in [`~RemoteTeacher.prepare`]), the teacher scores the student's
-    candidates as text under its own tokenizer, as [`~s2t_hf.teachers.LocalTeacher`] does: the client plans each row
+    candidates as text under its own tokenizer, as [`~s2t_hf.teachers.LocalTeacher`] does
+    ([`~s2t_hf.teachers.remote_text_scoring.RemoteTextScoring`], built in `prepare`): the client plans each row
     ([`~s2t_hf.teachers.cross_tokenizer.CrossTokenizerScorer.plan`]: the teacher's tokens of the shared trunk, and per
     candidate the branch it teacher-forces) and asks the server, per distinct prefix `trunk + branch[:j]`, for the
     log-probabilities of the token ids it needs next (the branch's next token; after a whole branch, the tokens of the
@@ -228,6 +229,8 @@ class RemoteTeacher(Teacher):
         #: How the text path reads log-probabilities of given ids: `"logprob_token_ids"` (one request per prefix) or
         #: `"allowed_token_ids"` (one per id); found out by the first `prepare` that needs it.
         self.id_log_probs: str | None = None
+        # the text path that `select`, `takeover`, `candidate_log_probs` and `score_trajectories` hand over to
+        self._text_scoring: RemoteTextScoring | None = None
         self.blocked_ids = torch.zeros(0, dtype=torch.long)
         self.max_model_len: int | None = None
         self.model_root: str | None = None
@@ -332,6 +335,11 @@ class RemoteTeacher(Teacher):
                 "probabilities cannot be read. Serve it with vLLM's default `--logprobs-mode raw_logprobs`."
             )
 
+    def _complete_one(self, prompt: list[int], **params: Any) -> dict[str, Any]:
+        """One `/v1/completions` request for one token-id prompt; returns its generated token, that token's
+        log-probability and the top log-probabilities (the text path's `complete`)."""
+        return self._parse_one(self._complete(prompt, **params))
+
     def _parse_one(self, answer: dict, index: int = 0) -> dict[str, Any]:
         """The generated token, its log-probability and the top log-probabilities of one choice."""
         try:
@@ -354,6 +362,7 @@ class RemoteTeacher(Teacher):
     def prepare(self, student: torch.nn.Module, tokenizer: Any = None, blocked_ids: Sequence[int] = ()) -> None:
         super().prepare(student, tokenizer, blocked_ids)
         self.text_scorer = None
+        self._text_scoring = None
         self.reads_teacher_prompts = False
         if uses_text_scoring(self.candidate_scoring, tokenizer, self.tokenizer):
             self._prepare_text_scoring(student, tokenizer)
@@ -380,21 +389,16 @@ class RemoteTeacher(Teacher):
         )
         self.reads_teacher_prompts = True
         if self.id_log_probs is None:
-            self.id_log_probs = "logprob_token_ids" if self._serves_logprob_token_ids() else "allowed_token_ids"
-
-    def _serves_logprob_token_ids(self) -> bool:
-        """Whether the server answers vLLM's `logprob_token_ids` (two probe requests)."""
-        prompt = list(self.tokenizer("12 + 7 =")["input_ids"]) or [0]
-        greedy = self._parse_one(self._complete(prompt, logprobs=1))["token"]
-        probe = [i for i in (len(self.tokenizer) - 1, len(self.tokenizer) // 2, 1) if i != greedy][:2]
-        try:
-            answer = self._parse_one(self._complete(prompt, logprobs=len(probe), logprob_token_ids=probe))
-        except RemoteTeacherError as error:
-            if error.status is None or error.status >= 500:
-                raise
-            return False  # a server that rejects the field
-        # a server that ignores the field answers its top-2, which holds the greedy token: never both probe ids
-        return all(i in answer["top"] for i in probe)
+            served = serves_logprob_token_ids(self._complete_one, self.tokenizer)
+            self.id_log_probs = "logprob_token_ids" if served else "allowed_token_ids"
+        self._text_scoring = RemoteTextScoring(
+            self.text_scorer,
+            self._complete_one,
+            self.client,
+            id_log_probs=self.id_log_probs,
+            teacher=self,
+            max_model_len=self.max_model_len,
+        )
 
     def reset(self) -> None:
         super().reset()
@@ -406,130 +410,6 @@ class RemoteTeacher(Teacher):
         super().begin(prompt_lengths, teacher_prompts)
         if self.text_scorer is not None:
             self.text_scorer.set_prompts(teacher_prompts)
-
-    # ------------------------------------------------------------------ text scoring (another tokenizer)
-
-    def _check_length(self, prompt: Sequence[int]) -> None:
-        if self.max_model_len is not None and len(prompt) >= self.max_model_len:
-            raise RemoteTeacherError(
-                f"A context of {len(prompt)} teacher tokens does not fit the teacher server's `max_model_len` of "
-                f"{self.max_model_len}. Restart the server with a larger `--max-model-len`."
-            )
-
-    def _log_probs_of_ids(self, queries: dict[tuple[int, ...], set[int]]) -> dict[tuple[int, ...], dict[int, float]]:
-        """The teacher's log-probabilities of the given ids after each prompt (concurrent requests)."""
-        jobs = []
-        for prompt, ids in queries.items():
-            self._check_length(prompt)
-            ids = sorted(ids)
-            width = _MAX_LOGPROB_TOKEN_IDS if self.id_log_probs == "logprob_token_ids" else 1
-            jobs += [(prompt, ids[start : start + width]) for start in range(0, len(ids), width)]
-
-        def one(job: tuple[tuple[int, ...], list[int]]) -> dict[int, float]:
-            prompt, ids = job
-            if self.id_log_probs == "allowed_token_ids":
-                answer = self._complete(list(prompt), logprobs=0, allowed_token_ids=ids)
-                return {ids[0]: self._parse_one(answer)["log_prob"]}
-            top = self._parse_one(self._complete(list(prompt), logprobs=len(ids), logprob_token_ids=ids))["top"]
-            if any(i not in top for i in ids):
-                raise RemoteTeacherError(
-                    f"The teacher server at {self.base_url} answered `logprob_token_ids` without some of the ids asked "
-                    f"for ({[i for i in ids if i not in top][:5]})."
-                )
-            return {i: top[i] for i in ids}
-
-        values: dict[tuple[int, ...], dict[int, float]] = {}
-        for (prompt, _), answer in zip(jobs, self.client.map(one, jobs)):
-            values.setdefault(prompt, {}).update(answer)
-        self.tokens += sum(len(prompt) for prompt, _ in jobs)
-        return values
-
-    def _finish_plans(self, plans: list[ScoringPlan | None]) -> list:
-        """The candidates' scores of each planned row (`None`: unscored), from one round of requests."""
-        queries: dict[tuple[int, ...], set[int]] = {}
-        for plan in plans:
-            if plan is None:
-                continue
-            forced = plan.forced()
-            for branch in forced:
-                for j, token in enumerate(branch):
-                    queries.setdefault(tuple(plan.trunk + branch[:j]), set()).add(token)
-            for i, ids in self.text_scorer.after_reads(plan).items():
-                queries.setdefault(tuple(plan.trunk + (forced[i] if i is not None else [])), set()).update(ids)
-        values = self._log_probs_of_ids(queries)
-        scores = []
-        for plan in plans:
-            if plan is None:
-                scores.append(None)
-                continue
-            forced = plan.forced()
-            token_log_probs = [
-                [values[tuple(plan.trunk + branch[:j])][token] for j, token in enumerate(branch)] for branch in forced
-            ]
-
-            def log_probs_after(i: int | None, ids: list[int], plan=plan, forced=forced) -> torch.Tensor:
-                after = values[tuple(plan.trunk + (forced[i] if i is not None else []))]
-                return torch.tensor([after[t] for t in ids], dtype=torch.float32)
-
-            scores.append(self.text_scorer.finish(plan, token_log_probs, log_probs_after))
-        return scores
-
-    def _text_scores(self, keyed_rows: list, candidate_ids: torch.Tensor, valid: torch.Tensor):
-        """
-        Text scoring of rows given as `(key, prompt_ids, continuation_ids)`: `(log_probs (n, K), unscored (n,))`, the
-        log-probabilities `-inf` at candidates that cannot be scored and `nan` in unscored rows.
-        """
-        plans = [
-            self.text_scorer.plan(key, prompt, continuation, candidates, ok)
-            for (key, prompt, continuation), candidates, ok in zip(keyed_rows, candidate_ids.tolist(), valid.tolist())
-        ]
-        scores = self._finish_plans(plans)
-        self.calls += 1
-        width = candidate_ids.shape[1]
-        device = candidate_ids.device
-        log_probs = torch.tensor(
-            [s.log_probs if s is not None else [float("nan")] * width for s in scores], dtype=torch.float32
-        ).reshape(candidate_ids.shape)
-        unscored = torch.tensor([s is None for s in scores], dtype=torch.bool)
-        return log_probs.to(device), unscored.to(device)
-
-    def _keyed_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor) -> list:
-        return [(row, *self.row_tokens(input_ids, attention_mask, row)) for row in rows.tolist()]
-
-    def _text_select(self, input_ids, attention_mask, rows, candidate_ids, valid) -> TeacherChoice:
-        scores, unscored = self._text_scores(self._keyed_rows(input_ids, attention_mask, rows), candidate_ids, valid)
-        positions = scores.masked_fill(~valid | scores.isnan(), float("-inf")).argmax(-1).masked_fill(unscored, 0)
-        return TeacherChoice(
-            token_ids=candidate_ids.gather(-1, positions[:, None])[:, 0],
-            positions=positions,
-            candidate_log_probs=scores,
-            unscored=unscored,
-        )
-
-    def _text_takeover(self, input_ids, attention_mask, rows, candidate_ids, allowed, with_log_probs) -> TeacherChoice:
-        keyed = self._keyed_rows(input_ids, attention_mask, rows)
-        contexts = [self.text_scorer.context_token_ids(*row) for row in keyed]
-        asked = [n for n, tokens in enumerate(contexts) if tokens is not None]
-        for n in asked:
-            self._check_length(contexts[n])
-
-        def one(n: int) -> int:
-            return self._parse_one(self._complete(contexts[n], logprobs=0))["token"]
-
-        tokens = [-1] * len(keyed)
-        for n, best in zip(asked, self.client.map(one, asked)):
-            _, prompt, continuation = keyed[n]
-            token = self.text_scorer.student_token(
-                best, [*prompt, *continuation], allowed=allowed[n] if allowed is not None else None
-            )
-            tokens[n] = -1 if token is None else token
-        self.calls += 1
-        self.tokens += sum(len(contexts[n]) for n in asked)
-        token_ids = torch.tensor(tokens, dtype=torch.long, device=input_ids.device)
-        log_probs = None
-        if with_log_probs and candidate_ids is not None:
-            log_probs, _ = self._text_scores(keyed, candidate_ids, torch.ones_like(candidate_ids, dtype=torch.bool))
-        return TeacherChoice(token_ids=token_ids, candidate_log_probs=log_probs, unscored=token_ids < 0)
 
     # ------------------------------------------------------------------ the interface (token ids)
 
@@ -564,8 +444,8 @@ class RemoteTeacher(Teacher):
         return torch.tensor(values, dtype=torch.float32, device=candidate_ids.device)
 
     def select(self, input_ids, attention_mask, rows, candidate_ids, valid, *, with_log_probs=False) -> TeacherChoice:
-        if self.text_scorer is not None:
-            return self._text_select(input_ids, attention_mask, rows, candidate_ids, valid)
+        if self._text_scoring is not None:
+            return self._text_scoring.select(input_ids, attention_mask, rows, candidate_ids, valid)
         contexts = self._contexts(input_ids, attention_mask, rows)
         allowed = [[c for c, ok in zip(ids, oks) if ok] for ids, oks in zip(candidate_ids.tolist(), valid.tolist())]
         count = self.top_logprobs if with_log_probs else 1
@@ -593,8 +473,10 @@ class RemoteTeacher(Teacher):
     def takeover(
         self, input_ids, attention_mask, rows, candidate_ids=None, *, allowed=None, with_log_probs=False
     ) -> TeacherChoice:
-        if self.text_scorer is not None:
-            return self._text_takeover(input_ids, attention_mask, rows, candidate_ids, allowed, with_log_probs)
+        if self._text_scoring is not None:
+            return self._text_scoring.takeover(
+                input_ids, attention_mask, rows, candidate_ids, allowed=allowed, with_log_probs=with_log_probs
+            )
         contexts = self._contexts(input_ids, attention_mask, rows)
         params: dict[str, Any] = {"logprobs": self.top_logprobs if with_log_probs else 0}
         if self.blocked_ids.numel():
@@ -635,22 +517,15 @@ class RemoteTeacher(Teacher):
         return 0 <= token < allowed_row.shape[0] and bool(allowed_row[token])
 
     def candidate_log_probs(self, input_ids, attention_mask, rows, candidate_ids) -> torch.Tensor:
-        if self.text_scorer is not None:
-            valid = torch.ones_like(candidate_ids, dtype=torch.bool)
-            return self._text_scores(self._keyed_rows(input_ids, attention_mask, rows), candidate_ids, valid)[0]
+        if self._text_scoring is not None:
+            return self._text_scoring.candidate_log_probs(input_ids, attention_mask, rows, candidate_ids)
         contexts = self._contexts(input_ids, attention_mask, rows)
         self.calls += 1
         return self._fill_log_probs(contexts, candidate_ids, [{} for _ in contexts])
 
     def score_trajectories(self, trajectories, positions, candidate_ids):
-        if self.text_scorer is not None:
-            prompt_lengths = self.prompt_lengths or [0] * len(trajectories)
-            keyed = [
-                (b, list(trajectories[b][: prompt_lengths[b]]), list(trajectories[b][prompt_lengths[b] : t]))
-                for b, t in positions.tolist()
-            ]
-            log_probs, _ = self._text_scores(keyed, candidate_ids, torch.ones_like(candidate_ids, dtype=torch.bool))
-            return log_probs, torch.full_like(candidate_ids[:, 0], -1)  # no top-1 over another vocabulary
+        if self._text_scoring is not None:
+            return self._text_scoring.score_trajectories(trajectories, positions, candidate_ids)
         positions_list = positions.tolist()
         needed: dict[int, int] = {}
         for b, t in positions_list:
