@@ -94,16 +94,22 @@ PROMPT_SUFFIX = " Please reason step by step, and put your final answer within \
 HIT_KS = (1, 2, 4, 8, 16)
 SIZES: dict[str, dict[str, Any]] = {
     # test: problems for greedy / S2T / Takeover / S2T-Local; small: for the teacher's greedy and Maj@8
-    "quick": dict(test=4, small=4, hit_reference=3, hit_on_policy=3, calibration=4, new_tokens=48, batch_size=4,
+    "quick": dict(test=4, small=4, hit_reference=3, hit_on_policy=3, calibration=4, new_tokens=48, reference_tokens=48,
+                  batch_size=4,
                   collect=6, cost_problems=4, cost_tokens=16, lm_eval_limit=2),
-    "cpu": dict(test=250, small=100, hit_reference=40, hit_on_policy=40, calibration=16, new_tokens=768, batch_size=8,
+    "cpu": dict(test=250, small=100, hit_reference=40, hit_on_policy=40, calibration=16, new_tokens=1024,
+                reference_tokens=768, batch_size=8,
                 collect=1000, cost_problems=8, cost_tokens=64, lm_eval_limit=20),
     "full": dict(test=1319, small=1319, hit_reference=500, hit_on_policy=500, calibration=64, new_tokens=1024,
+                 reference_tokens=1024,
                  batch_size=32, collect=7273, cost_problems=32, cost_tokens=128, lm_eval_limit=1319),
 }
 # GSM8K train lines: collection and hit@K from the start, the selector's validation problems after them, the
 # calibration prompts from the end (never a test problem)
 VALIDATION_PROBLEMS = 100
+# the cpu size's decode limit before it was raised: records written then carry no `new_tokens`, and a reply of theirs
+# that was not cut is complete under any higher limit
+FIRST_CPU_LIMIT = 768
 RATES = {"10": 0.10, "1": 0.01}
 STAGES = ("hit_reference", "calibrate", "decode", "hit_on_policy", "collect", "train", "cost", "lm_eval", "report")
 
@@ -265,7 +271,7 @@ def hit_records(run: Run, name: str, problems: list[Problem], responses: Callabl
         groups = collect_selection_data(
             run.model("student"), run.teacher(), run.tokenizer, [p.messages for p in chunk], mode="teacher_forced",
             responses=responses(chunk), signal="entropy", fraction=1.0, top_k=max(HIT_KS),
-            max_new_tokens=run.sizes["new_tokens"], batch_size=run.sizes["batch_size"], show_progress=False,
+            max_new_tokens=run.sizes["reference_tokens"], batch_size=run.sizes["batch_size"], show_progress=False,
         )
         per_problem: dict[int, list] = {i: [] for i in range(len(chunk))}
         for row in groups:
@@ -407,8 +413,16 @@ def stage_decode(run: Run) -> None:
 
 
 def decode_chunk(run: Run, method: Method, store: JsonlRecords, key: str, problems: list[Problem], seed: int) -> None:
-    if key in store:
-        return
+    """Decodes a chunk unless its record is there. A record decoded under a lower token limit (records without
+    `new_tokens` are from the cpu size's first limit, 768) is decoded again, whole, when one of its replies was cut;
+    the new record replaces it."""
+    done = store.records.get(key)
+    if done is not None:
+        limit = done.get("new_tokens", FIRST_CPU_LIMIT)
+        if limit >= run.sizes["new_tokens"] or not any(r["cut"] for r in done["replies"]):
+            return
+        logger.info("%s %s: decoding again with %d new tokens (%d cut at %d)", method.name, key,
+                    run.sizes["new_tokens"], sum(r["cut"] for r in done["replies"]), limit)
     torch.manual_seed(seed)
     with method.open(run) as (model, s2t, kwargs):
         started = time.perf_counter()
@@ -417,7 +431,8 @@ def decode_chunk(run: Run, method: Method, store: JsonlRecords, key: str, proble
         stats = {}
         if s2t is not None:
             stats = {k: v for k, v in s2t.total_stats.items() if isinstance(v, (int, float))}
-    record = {"replies": run.reply_record(problems, replies, method.samples), "seconds": seconds, "stats": stats}
+    record = {"replies": run.reply_record(problems, replies, method.samples), "seconds": seconds, "stats": stats,
+              "new_tokens": run.sizes["new_tokens"]}
     store.add(key, record)
     correct = sum(r["correct"] for r in record["replies"])
     logger.info("%s %s: %d/%d correct, %d tokens, %.0f s%s", method.name, key, correct, len(replies),
@@ -438,7 +453,7 @@ def collect_groups(run: Run, split: str):
     return collect_selection_data(
         run.model("student"), run.teacher(), run.tokenizer, [p.messages for p in problems], mode="teacher_forced",
         responses=[p.solution for p in problems], signal="kl", fraction=0.1, top_k=16,
-        max_new_tokens=run.sizes["new_tokens"], batch_size=run.sizes["batch_size"], shard_size=32, save_to=folder,
+        max_new_tokens=run.sizes["reference_tokens"], batch_size=run.sizes["batch_size"], shard_size=32, save_to=folder,
         show_progress=run.args.progress, collection_id=f"qwen2.5-coder-0.5b/1.5b-{run.args.dtype}-{split}",
     ), problems
 

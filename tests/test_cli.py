@@ -68,8 +68,15 @@ def test_calibrate_formats_chat_prompts_with_the_template(model_dirs, capsys, tm
         expected = s2t.calibrate(ids, target_rate=0.3, tokenizer=tokenizer, max_new_tokens=6)
     assert out["threshold"] == pytest.approx(expected, abs=1e-6)
     assert S2TConfig.from_pretrained(tmp_path / "config").trigger_threshold == pytest.approx(expected, abs=1e-6)
-    with pytest.raises(SystemExit):  # the teacher is required (argparse's usage error)
-        main(["calibrate", "--model", str(model_dirs / "student"), "--prompts", "p.txt", "--output-dir", "x"])
+    # the entropy trigger needs no teacher: the same threshold without one; the KL trigger refuses to go without
+    alone = run(
+        capsys, "calibrate", "--model", model_dirs / "student", "--prompts", tmp_path / "prompts.json", "--rate", 0.3,
+        "--max-new-tokens", 6, "--output-dir", tmp_path / "alone",
+    )  # fmt: skip
+    assert alone["threshold"] == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(SystemExit, match="`--trigger kl` needs `--teacher`"):
+        main(["calibrate", "--model", str(model_dirs / "student"), "--prompts", str(tmp_path / "prompts.json"),
+              "--trigger", "kl", "--output-dir", "x"])
 
 
 def test_evaluate_greedy_and_s2t_local(model_dirs, capsys, monkeypatch):
@@ -154,10 +161,9 @@ def test_refused_before_any_work(checkpoint, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("tom has 5 apples .\n")
     out = str(tmp_path / "out")
-    with pytest.raises(SystemExit) as refused:  # argparse: "the following arguments are required: --teacher"
+    with pytest.raises(SystemExit, match="`--trigger kl` needs `--teacher`"):
         cli.main(["calibrate", "--model", str(checkpoint), "--prompts", str(prompts), "--trigger", "kl",
                   "--output-dir", out])
-    assert refused.value.code == 2
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     with pytest.raises(SystemExit, match="`.*empty.txt` holds no prompts"):

@@ -66,12 +66,14 @@ def cmd_demo(args) -> None:
 def cmd_calibrate(args) -> None:
     from .processor import S2TLogitsProcessor
     from .prompts import prompt_token_ids
+    from .teachers.base import UnusedTeacher
 
     if args.trigger == "kl" and not args.teacher:
         raise SystemExit("error: `--trigger kl` needs `--teacher` (the KL signal compares the student with it).")
     prompts = _read_prompts(args.prompts)
     student, tokenizer = _load_model(args.model), _load_tokenizer(args.tokenizer or args.model)
-    teacher = _load_model(args.teacher)
+    # calibration decodes without triggers: the entropy trigger never consults a teacher
+    teacher = _load_model(args.teacher) if args.teacher else UnusedTeacher()
     # formatted as `collect` formats them: the chat template applied when the tokenizer has one
     prompts = prompt_token_ids(prompts, tokenizer, name="--prompts")
     with S2TLogitsProcessor(
@@ -306,7 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     calibrate = sub.add_parser("calibrate", help="calibrate a trigger threshold to a target rate")
     calibrate.add_argument("--model", required=True)
-    calibrate.add_argument("--teacher", required=True)
+    calibrate.add_argument(
+        "--teacher", help="needed for `--trigger kl` only: the entropy signal is the student's own, and calibration "
+        "decodes without triggers, so no teacher is consulted",
+    )
     calibrate.add_argument("--tokenizer")
     calibrate.add_argument("--prompts", required=True, help="text file (one prompt per line) or JSON list")
     calibrate.add_argument("--trigger", choices=["entropy", "kl"], default="entropy")

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 
-__all__ = ["Teacher", "TeacherChoice", "vocabulary_difference"]
+__all__ = ["Teacher", "TeacherChoice", "UnusedTeacher", "vocabulary_difference"]
 
 
 def vocabulary_difference(student_tokenizer: Any, teacher_tokenizer: Any) -> str | None:
@@ -261,3 +261,15 @@ class Teacher(abc.ABC):
             `(candidate_log_probs, top1)`: the teacher's absolute log-probabilities of the candidates, shape `(n, K)`
             (float32), and its argmax over the vocabulary, shape `(n,)`.
         """
+
+
+class UnusedTeacher(Teacher):
+    """Stands in for the teacher where none may be consulted, e.g. `s2t-hf calibrate` of the entropy trigger
+    (calibration decodes without triggers): any call raises."""
+
+    def _consulted(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(
+            "A teacher was consulted where none was given (UnusedTeacher); give a real teacher (`--teacher`)."
+        )
+
+    select = takeover = candidate_log_probs = score_trajectories = _consulted
