@@ -107,6 +107,8 @@ SIZES: dict[str, dict[str, Any]] = {
 # GSM8K train lines: collection and hit@K from the start, the selector's validation problems after them, the
 # calibration prompts from the end (never a test problem)
 VALIDATION_PROBLEMS = 100
+# training checks the selector on the groups of the first CHECK_PROBLEMS validation problems every CHECK_STEPS steps
+CHECK_PROBLEMS, CHECK_STEPS = 30, 40
 # the cpu size's decode limit before it was raised: records written then carry no `new_tokens`, and a reply of theirs
 # that was not cut is complete under any higher limit
 FIRST_CPU_LIMIT = 768
@@ -489,8 +491,10 @@ FORMS = {
 
 
 def stage_train(run: Run) -> None:
-    """A selector of `--form` on the collected groups, chosen by held-out agreement with the teacher on the
-    validation groups; Trainer checkpoints resume. Saved to `<cache>/<size>_selector_<form>` (and `--selector-out`)."""
+    """A selector of `--form` on the collected groups, chosen by held-out agreement with the teacher on the groups
+    of the first `CHECK_PROBLEMS` validation problems (checked and checkpointed every `CHECK_STEPS` steps, so a
+    stopped run loses little), then measured on every validation group; Trainer checkpoints resume. Saved to
+    `<cache>/<size>_selector_<form>` (and `--selector-out`)."""
     import copy
 
     from transformers import EarlyStoppingCallback
@@ -506,10 +510,10 @@ def stage_train(run: Run) -> None:
     selector = S2TSelector.create(copy.deepcopy(run.model("student")), run.tokenizer, num_bins=16, use_lora=True,
                                   lora_r=16, lora_alpha=32, preserve_cache=form["preserve_cache"], config=config)
     output_dir = os.path.join(run.args.cache_dir, f"{run.args.size}_trainer_{run.args.form}")
-    # 16 groups a step, prompt by prompt: a prompt's groups share one encoding of their context (group_by_prompt);
-    # evaluated twice an epoch
+    # 16 groups a step, prompt by prompt: a prompt's groups share one encoding of their context (group_by_prompt)
     batch = 16
-    every = max(5, len(train_groups) // batch // 2)
+    every = CHECK_STEPS if run.args.size != "quick" else 2
+    check_groups = validation_groups.filter(lambda g: g["prompt_index"] < CHECK_PROBLEMS)
     args = S2TTrainingArguments(
         output_dir=output_dir, num_train_epochs=run.args.epochs, max_steps=run.args.max_steps, group_by_prompt=True,
         per_device_train_batch_size=batch, per_device_eval_batch_size=batch, learning_rate=form["learning_rate"],
@@ -519,14 +523,14 @@ def stage_train(run: Run) -> None:
         greater_is_better=True, logging_steps=every, report_to="none", seed=run.args.seed,
         use_cpu=run.args.device == "cpu", disable_tqdm=not run.args.progress,
     )
-    trainer = S2TTrainer(selector=selector, args=args, train_dataset=train_groups, eval_dataset=validation_groups,
-                         callbacks=[EarlyStoppingCallback(early_stopping_patience=3)])
+    trainer = S2TTrainer(selector=selector, args=args, train_dataset=train_groups, eval_dataset=check_groups,
+                         callbacks=[EarlyStoppingCallback(early_stopping_patience=4)])
     from transformers.trainer_utils import get_last_checkpoint
 
     checkpoint = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
-    metrics = trainer.evaluate()
+    metrics = trainer.evaluate(validation_groups)
     folder = run.args.selector_out or os.path.join(run.args.cache_dir, f"{run.args.size}_selector_{run.args.form}")
     selector.config = dataclasses.replace(selector.config, base_model_name_or_path=QWEN_PAIR_HUB_IDS["student"])
     selector.save_pretrained(folder, metrics={
