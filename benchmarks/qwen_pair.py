@@ -96,7 +96,7 @@ SIZES: dict[str, dict[str, Any]] = {
     # test: problems for greedy / S2T / Takeover / S2T-Local; small: for the teacher's greedy and Maj@8
     "quick": dict(test=4, small=4, hit_reference=3, hit_on_policy=3, calibration=4, new_tokens=48, reference_tokens=48,
                   batch_size=4,
-                  collect=6, cost_problems=4, cost_tokens=16, lm_eval_limit=2),
+                  collect=6, cost_problems=4, cost_tokens=16, lm_eval_limit=2, lm_eval_tokens=24),
     "cpu": dict(test=250, small=100, hit_reference=40, hit_on_policy=40, calibration=16, new_tokens=1024,
                 reference_tokens=768, batch_size=8,
                 collect=1000, cost_problems=8, cost_tokens=64, lm_eval_limit=20),
@@ -549,27 +549,37 @@ def stage_train(run: Run) -> None:
 
 def stage_cost(run: Run) -> None:
     """Seconds per generated token of each method, runs alternated in one process, on the same problems with a fixed
-    reply length (`min_new_tokens`), as ratios to the student's and the teacher's greedy."""
+    reply length (`min_new_tokens`), as ratios to the student's and the teacher's greedy: per token of the whole call
+    (prefill included) and per decoded token after the prefill (a call of one token timed beside each, subtracted)."""
     problems = run.test[: run.sizes["cost_problems"]]
     tokens = run.sizes["cost_tokens"]
     timed = [m for m in methods(run) if m.samples == 1]
     seconds: dict[str, list[float]] = {m.name: [] for m in timed}
+    decode: dict[str, list[float]] = {m.name: [] for m in timed}
     triggers: dict[str, Any] = {}
     for repeat in range(3):
         for method in timed:
             with method.open(run) as (model, s2t, kwargs):
                 started = time.perf_counter()
+                run.generate(model, problems, s2t=s2t, new_tokens=1, **kwargs)
+                prefill = time.perf_counter() - started
+                started = time.perf_counter()
                 run.generate(model, problems, s2t=s2t, new_tokens=tokens, min_new_tokens=tokens, **kwargs)
+                whole = time.perf_counter() - started
                 if repeat > 0:  # the first round warms up
-                    seconds[method.name].append((time.perf_counter() - started) / (tokens * len(problems)))
+                    seconds[method.name].append(whole / (tokens * len(problems)))
+                    decode[method.name].append((whole - prefill) / ((tokens - 1) * len(problems)))
                 if s2t is not None:
                     triggers[method.name] = s2t.total_stats.get("trigger_rate")
     best = {name: min(values) for name, values in seconds.items()}
+    best_decode = {name: min(values) for name, values in decode.items()}
     run.state["cost"] = {
         "problems": len(problems), "tokens_per_reply": tokens, "batch": len(problems),
-        "seconds_per_token": best, "trigger_rate": triggers,
+        "seconds_per_token": best, "decode_seconds_per_token": best_decode, "trigger_rate": triggers,
         "ratio_to_student_greedy": {n: s / best["greedy"] for n, s in best.items()},
         "ratio_to_teacher_greedy": {n: s / best["teacher_greedy"] for n, s in best.items()},
+        "decode_ratio_to_student_greedy": {n: s / best_decode["greedy"] for n, s in best_decode.items()},
+        "decode_ratio_to_teacher_greedy": {n: s / best_decode["teacher_greedy"] for n, s in best_decode.items()},
         "loadavg": os.getloadavg(), "date": now(),
     }
     run.save_state()
@@ -595,6 +605,8 @@ def stage_lm_eval(run: Run) -> None:
     done = run.state.setdefault("lm_eval", {})
     command = shutil.which("s2t-lm-eval") or os.path.join(os.path.dirname(sys.executable), "s2t-lm-eval")
     limit = run.sizes["lm_eval_limit"]
+    # lm-eval's own reply limit for GSM8K (256 tokens) unless the size cuts it (the smoke run)
+    tokens = ["--gen_kwargs", f"max_gen_toks={run.sizes['lm_eval_tokens']}"] if "lm_eval_tokens" in run.sizes else []
     for name, (model, model_args) in configs.items():
         if name in done and done[name].get("limit") == limit:
             continue
@@ -603,7 +615,7 @@ def stage_lm_eval(run: Run) -> None:
         subprocess.run(
             [command, "--model", model, "--model_args", model_args, "--tasks", "gsm8k_local", "--local_data",
              f"gsm8k={run.args.gsm8k_dir}", "--device", run.args.device, "--batch_size", str(run.sizes["batch_size"]),
-             "--limit", str(limit), "--output_path", output],
+             "--limit", str(limit), "--output_path", output, *tokens],
             check=True,
         )
         [path] = sorted(glob.glob(os.path.join(output, "**", "results_*.json"), recursive=True))[-1:]
@@ -812,9 +824,14 @@ def format_table(results: dict[str, Any]) -> str:
             f"{k.split(',')[1]} {v:.3f}" for k, v in scores.items() if k.startswith("exact_match,")))
     cost = results.get("cost")
     if cost:
-        lines.append("time per token, ratio to student greedy / to teacher greedy: " + ", ".join(
-            f"{label(n)} {cost['ratio_to_student_greedy'][n]:.2f} / {cost['ratio_to_teacher_greedy'][n]:.2f}"
-            for n in cost["seconds_per_token"]))
+        lines.append(f"time per token (batch {cost['batch']}, {cost['tokens_per_reply']} tokens), ratio to student "
+                     "greedy / to teacher greedy: " + ", ".join(
+                         f"{label(n)} {cost['ratio_to_student_greedy'][n]:.2f} / "
+                         f"{cost['ratio_to_teacher_greedy'][n]:.2f}" for n in cost["seconds_per_token"]))
+        if "decode_ratio_to_student_greedy" in cost:
+            lines.append("  after the prefill: " + ", ".join(
+                f"{label(n)} {cost['decode_ratio_to_student_greedy'][n]:.2f} / "
+                f"{cost['decode_ratio_to_teacher_greedy'][n]:.2f}" for n in cost["decode_seconds_per_token"]))
     return "\n".join(lines)
 
 
