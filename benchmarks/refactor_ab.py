@@ -37,13 +37,12 @@ import torch  # noqa: E402
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import load_smollm2, versions  # noqa: E402
 from decode_smollm2 import (  # noqa: E402
     TIMED,
     encode,
     generate_kwargs,
-    load_smollm2,
     randomise_selector,
-    versions,
     write_results,
 )
 

@@ -42,7 +42,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from decode_smollm2 import encode, load_smollm2  # noqa: E402
+from common import load_smollm2  # noqa: E402
+from decode_smollm2 import encode  # noqa: E402
 
 from s2t_hf import S2TLogitsProcessor, S2TSelector  # noqa: E402
 from s2t_hf.serving import ServedS2T, export_for_vllm  # noqa: E402

@@ -30,7 +30,7 @@ SMALLEST = dict(
 
 
 def load_benchmark():
-    sys.path.insert(0, str(BENCHMARKS))  # it imports `decode_smollm2`
+    sys.path.insert(0, str(BENCHMARKS))  # it imports `common`
     spec = importlib.util.spec_from_file_location("real_pipeline_benchmark", BENCHMARKS / "real_pipeline.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up
@@ -208,7 +208,7 @@ def test_push_to_hub_prepares_the_shipped_selector_folder(monkeypatch):
     from s2t_hf import S2TSelector
 
     sys.path.insert(0, str(BENCHMARKS))
-    from decode_smollm2 import load_smollm2
+    from common import load_smollm2
 
     shipped = BENCHMARKS.parent / "examples" / "smollm2_chain_sum_selector"
     _, model, _ = load_smollm2()
