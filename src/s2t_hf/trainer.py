@@ -34,7 +34,7 @@ from .kv import (
     positions_from_attention_mask,
     unmark_dequantized_gguf,
 )
-from .losses import lm_kl_divergence, lm_kl_per_position, selection_loss, selection_metrics
+from .losses import lm_kl_per_position, selection_loss, selection_metrics
 from .selection import local_candidate_logits, selector_log_probs
 from .trainer_log import LogFileCallback, ProgressWithoutLogs
 
@@ -163,6 +163,20 @@ class _ForwardOutput:
     candidate_logits: torch.Tensor  # (batch, K, vocab) at the candidate positions
     last_context_logits: torch.Tensor  # (batch, vocab) at the last context position
     context_logits: torch.Tensor | None  # (rows, length, vocab) when the LM-KL term needs them
+
+
+def _group_contexts(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each group's context row, its context length, and the column after its context in the (left-padded) row; one
+    row per group unless the collator shared contexts (`group_rows`, `context_lengths`)."""
+    attention_mask = inputs["attention_mask"]
+    rows, length = attention_mask.shape
+    real_lengths = attention_mask.sum(-1)
+    group_rows = inputs.get("group_rows")
+    if group_rows is None:
+        group_rows, context_lengths = torch.arange(rows, device=attention_mask.device), real_lengths
+    else:
+        context_lengths = inputs["context_lengths"]
+    return group_rows, context_lengths, length - real_lengths[group_rows] + context_lengths
 
 
 class S2TTrainer(Trainer):
@@ -387,20 +401,12 @@ class S2TTrainer(Trainer):
         input_ids, attention_mask, cand_ids = inputs["input_ids"], inputs["attention_mask"], inputs["cand_ids"]
         rows, length = input_ids.shape
         groups, num_candidates = cand_ids.shape
-        real_lengths = attention_mask.sum(-1)
-        group_rows = inputs.get("group_rows")
-        if group_rows is None:
-            group_rows = torch.arange(groups, device=cand_ids.device)
-            context_lengths = real_lengths
-        else:
-            context_lengths = inputs["context_lengths"]
+        group_rows, context_lengths, ends = _group_contexts(inputs)
         # slot of each group within its row, in order of appearance
         same_row = group_rows[None, :] == group_rows[:, None]
         slots = (same_row & torch.ones_like(same_row).tril(-1)).sum(-1)
         num_slots = int(slots.max()) + 1
         width = num_candidates + 1
-        # the column after each group's context in its (left-padded) row
-        ends = length - real_lengths[group_rows] + context_lengths
         last_tokens = input_ids[group_rows, ends - 1]
         slot_ids = torch.full((rows, num_slots, width), int(input_ids[0, 0]), dtype=torch.long, device=input_ids.device)
         slot_ids[group_rows, slots] = torch.cat([last_tokens[:, None], cand_ids], dim=1)
@@ -436,12 +442,9 @@ class S2TTrainer(Trainer):
     def _group_lm_kl(base_logits, context_logits, inputs: dict[str, torch.Tensor], reserved) -> torch.Tensor:
         """The LM-KL term of each group: per position on the context rows, averaged over each group's context."""
         attention_mask = inputs["attention_mask"]
-        if inputs.get("group_rows") is None:
-            return lm_kl_divergence(base_logits, context_logits, attention_mask, ignore_token_ids=reserved)
         per_position = lm_kl_per_position(base_logits, context_logits, ignore_token_ids=reserved)
-        group_rows, length = inputs["group_rows"], attention_mask.shape[1]
-        ends = length - attention_mask.sum(-1)[group_rows] + inputs["context_lengths"]
-        columns = torch.arange(length, device=ends.device)
+        group_rows, _, ends = _group_contexts(inputs)
+        columns = torch.arange(attention_mask.shape[1], device=ends.device)
         weights = attention_mask[group_rows].bool() & (columns[None] < ends[:, None])
         weights = weights.to(per_position.dtype)
         return (per_position[group_rows] * weights).sum(-1) / weights.sum(-1).clamp_min(1.0)
