@@ -107,6 +107,7 @@ SIZES: dict[str, dict[str, Any]] = {
 # GSM8K train lines: collection and hit@K from the start, the selector's validation problems after them, the
 # calibration prompts from the end (never a test problem)
 VALIDATION_PROBLEMS = 100
+COLLECT_SHARD = 32  # problems per shard of the collection
 # training checks the selector on the groups of the first CHECK_PROBLEMS validation problems every CHECK_STEPS steps
 CHECK_PROBLEMS, CHECK_STEPS = 30, 40
 # the cpu size's decode limit before it was raised: records written then carry no `new_tokens`, and a reply of theirs
@@ -454,17 +455,41 @@ def collect_groups(run: Run, split: str):
     folder = os.path.join(run.args.cache_dir, f"{run.args.size}_collect_reference_kl_{split}")
     return collect_selection_data(
         run.model("student"), run.teacher(), run.tokenizer, [p.messages for p in problems], mode="teacher_forced",
-        responses=[p.solution for p in problems], signal="kl", fraction=0.1, top_k=16,
-        max_new_tokens=run.sizes["reference_tokens"], batch_size=run.sizes["batch_size"], shard_size=32, save_to=folder,
+        responses=[p.solution for p in problems], signal="kl", fraction=0.1, top_k=16, save_to=folder,
+        max_new_tokens=run.sizes["reference_tokens"], batch_size=run.sizes["batch_size"], shard_size=COLLECT_SHARD,
         show_progress=run.args.progress, collection_id=f"qwen2.5-coder-0.5b/1.5b-{run.args.dtype}-{split}",
     ), problems
+
+
+def train_groups(run: Run):
+    """The training groups: the whole train collection (collected or resumed), or with `--train-problems N` the groups
+    of its first N problems, read from the shards already on disk (so a selector can be trained while the rest of the
+    collection waits for a later run; collecting them is `--stages collect` without `--train-problems`)."""
+    problems_wanted = run.args.train_problems
+    if problems_wanted is None or problems_wanted >= run.sizes["collect"]:
+        return collect_groups(run, "train")
+    import datasets
+
+    if problems_wanted % COLLECT_SHARD:
+        raise SystemExit(f"--train-problems must be a multiple of the shard size {COLLECT_SHARD}, got "
+                         f"{problems_wanted}")
+    folder = os.path.join(run.args.cache_dir, f"{run.args.size}_collect_reference_kl_train", "shards")
+    shards = []
+    for index in range(problems_wanted // COLLECT_SHARD):
+        path = os.path.join(folder, f"shard-{index:05d}")
+        if not os.path.isfile(os.path.join(path, "state.json")):  # a finished shard
+            raise SystemExit(f"--train-problems {problems_wanted}: shard {index} is not in {folder}; run "
+                             "`--stages collect` (without --train-problems) further first")
+        shards.append(datasets.load_from_disk(path))
+    groups = datasets.concatenate_datasets(shards)
+    return groups, gsm8k(run.train_path, 0, problems_wanted)
 
 
 def stage_collect(run: Run) -> None:
     started = time.perf_counter()
     summary = {}
     for split in ("train", "validation"):
-        groups, problems = collect_groups(run, split)
+        groups, problems = train_groups(run) if split == "train" else collect_groups(run, split)
         top1 = [c[0] for c in groups["cand_ids"]]
         choice = [c[max(range(len(p)), key=p.__getitem__)]
                   for c, p in zip(groups["cand_ids"], groups["teacher_probs"])]
@@ -502,14 +527,16 @@ def stage_train(run: Run) -> None:
     from s2t_hf import S2TConfig, S2TSelector, S2TTrainer, S2TTrainingArguments
 
     form = FORMS[run.args.form]
-    train_groups, _ = collect_groups(run, "train")
+    groups, train_problems = train_groups(run)
     validation_groups, _ = collect_groups(run, "validation")
     threshold = run.state.get("thresholds", {}).get("10")
     config = S2TConfig(selection="local", scoring="residual", residual_tau=0.1, top_k=8, trigger="entropy",
                        trigger_threshold=threshold, trigger_rate=0.1, adapter_mode=form["adapter_mode"])
     selector = S2TSelector.create(copy.deepcopy(run.model("student")), run.tokenizer, num_bins=16, use_lora=True,
                                   lora_r=16, lora_alpha=32, preserve_cache=form["preserve_cache"], config=config)
-    output_dir = os.path.join(run.args.cache_dir, f"{run.args.size}_trainer_{run.args.form}")
+    # a selector trained on part of the collection is kept apart from one trained on all of it
+    part = "" if len(train_problems) >= run.sizes["collect"] else f"_{len(train_problems)}"
+    output_dir = os.path.join(run.args.cache_dir, f"{run.args.size}_trainer_{run.args.form}{part}")
     # 16 groups a step, prompt by prompt: a prompt's groups share one encoding of their context (group_by_prompt)
     batch = 16
     every = CHECK_STEPS if run.args.size != "quick" else 2
@@ -523,7 +550,7 @@ def stage_train(run: Run) -> None:
         greater_is_better=True, logging_steps=every, report_to="none", seed=run.args.seed,
         use_cpu=run.args.device == "cpu", disable_tqdm=not run.args.progress,
     )
-    trainer = S2TTrainer(selector=selector, args=args, train_dataset=train_groups, eval_dataset=check_groups,
+    trainer = S2TTrainer(selector=selector, args=args, train_dataset=groups, eval_dataset=check_groups,
                          callbacks=[EarlyStoppingCallback(early_stopping_patience=4)])
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -531,14 +558,17 @@ def stage_train(run: Run) -> None:
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
     metrics = trainer.evaluate(validation_groups)
-    folder = run.args.selector_out or os.path.join(run.args.cache_dir, f"{run.args.size}_selector_{run.args.form}")
+    folder = run.args.selector_out or os.path.join(
+        run.args.cache_dir, f"{run.args.size}_selector_{run.args.form}{part}"
+    )
     selector.config = dataclasses.replace(selector.config, base_model_name_or_path=QWEN_PAIR_HUB_IDS["student"])
     selector.save_pretrained(folder, metrics={
         "validation agreement with the 1.5B teacher (selector)": metrics.get("eval_agreement"),
         "validation agreement with the 1.5B teacher (student top-1)": metrics.get("eval_student_agreement"),
     })
     run.state.setdefault("training", {})[run.args.form] = {
-        "folder": folder, "train_groups": len(train_groups), "validation_groups": len(validation_groups),
+        "folder": folder, "train_problems": len(train_problems), "train_groups": len(groups),
+        "validation_groups": len(validation_groups),
         "steps": trainer.state.global_step, "resumed_from": checkpoint,
         "seconds_this_run": time.perf_counter() - started,
         "validation_agreement": metrics.get("eval_agreement"),
@@ -859,6 +889,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--form", choices=sorted(FORMS), default="cache", help="the selector form `train` trains")
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--max-steps", type=int, default=-1)
+    parser.add_argument("--train-problems", type=int, help="train on the groups of the first N collected train "
+                        "problems (a multiple of 32, read from the shards on disk) instead of the whole collection")
     parser.add_argument("--selector-out", help="where `train` saves the selector (default: in --cache-dir)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress", action="store_true", help="progress bars")
