@@ -390,9 +390,14 @@ def methods(run: Run) -> list[Method]:
         out += [Method(f"s2t_{rate}", "test", with_teacher("teacher", rate)),
                 Method(f"takeover_{rate}", "test", with_teacher("takeover", rate))]
     if run.args.selector:
+        from s2t_hf import S2TConfig
+
         tag = run.args.selector_tag or os.path.basename(os.path.normpath(run.args.selector))
-        out += [Method(f"s2t_local_{tag}", "test", with_selector("selector")),
-                Method(f"lora_only_{tag}", "test", with_selector("never"))]
+        out.append(Method(f"s2t_local_{tag}", "test", with_selector("selector")))
+        # a selector whose LoRA is off while the student generates (adapter_mode="scoring", the cache-preserving form)
+        # leaves every token it does not select the student's own: its LoRA-only control is greedy itself
+        if S2TConfig.from_pretrained(run.args.selector).adapter_mode != "scoring":
+            out.append(Method(f"lora_only_{tag}", "test", with_selector("never")))
     out += [Method("teacher_greedy", "small", lambda r: plain(r, "teacher")),
             Method("maj8", "small", sampled, samples=8)]
     return [m for m in out if not run.args.methods or m.name in run.args.methods]
