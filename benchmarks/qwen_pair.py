@@ -60,6 +60,7 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
+import glob  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import re  # noqa: E402
@@ -624,7 +625,6 @@ def stage_lm_eval(run: Run) -> None:
     """lm-eval's own GSM8K (5-shot, its prompt, filters and metrics) through `s2t-lm-eval` on the local JSONL files:
     `--model hf` (the student), `--model s2t` with the teacher (S2T at the ~10% threshold) and, with `--selector`,
     with the selector. The scores lm-eval reports are kept in `state.json` (`lm_eval`)."""
-    import glob
     import shutil
     import subprocess
 
@@ -699,6 +699,19 @@ def method_outcomes(run: Run, method: Method) -> dict[int, dict[str, Any]]:
     return out
 
 
+def reported_methods(run: Run) -> list[Method]:
+    """The methods of this run, and every selector whose records are in the records folder (S2T-Local and LoRA-only
+    runs of earlier `--selector` runs), so the report shows them without naming the selectors again."""
+    chosen = methods(run)
+    names = {m.name for m in chosen}
+    for path in sorted(glob.glob(os.path.join(run.records_dir, "*.jsonl"))):
+        name = os.path.basename(path)[: -len(".jsonl")]
+        if name.startswith(("s2t_local_", "lora_only_")) and name not in names:
+            # only reported: the records say everything, the method is never opened
+            chosen.append(Method(name, "test", with_selector("never")))
+    return chosen
+
+
 def stage_report(run: Run) -> dict[str, Any]:
     results: dict[str, Any] = {
         "date": now(), "size": run.args.size, "sizes": run.sizes, "versions": versions(),
@@ -713,9 +726,10 @@ def stage_report(run: Run) -> dict[str, Any]:
         "collection": run.state.get("collection"), "cost": run.state.get("cost"), "lm_eval": run.state.get("lm_eval"),
         "methods": {},
     }
-    outcomes = {m.name: method_outcomes(run, m) for m in methods(run)}
+    reported = reported_methods(run)
+    outcomes = {m.name: method_outcomes(run, m) for m in reported}
     greedy = outcomes.get("greedy", {})
-    for method in methods(run):
+    for method in reported:
         rows = outcomes[method.name]
         if not rows:
             continue
