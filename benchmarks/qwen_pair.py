@@ -170,6 +170,8 @@ class Run:
         self.train_path = os.path.join(args.gsm8k_dir, "train.jsonl")
         self.test = gsm8k(os.path.join(args.gsm8k_dir, "test.jsonl"), 0, self.sizes["test"])
         self._models: dict[str, Any] = {}
+        # the `--selector` methods' processors, each on its own copy of the student (see `with_selector`)
+        self.selector_processors: dict[str, Any] = {}
 
     # --- models, loaded on first use
     def model(self, role: str):
@@ -374,12 +376,19 @@ def with_selector(trigger: str):
 
     @contextlib.contextmanager
     def open_method(run: Run) -> Iterator[tuple[Any, Any, dict]]:
+        import copy
+
         from s2t_hf import S2TLogitsProcessor
 
-        student = run.model("student")
-        kwargs = {"trigger": "never"} if trigger == "never" else {}
-        with S2TLogitsProcessor.from_pretrained(run.args.selector, model=student, eos_token_id=run.eos_ids,
-                                                **kwargs) as s2t:
+        # `from_pretrained` injects the selector into the model it is given, in place, and the model keeps it (LoRA
+        # on) after the processor closes: each selector method loads once, on its own copy of the student, so the
+        # student's greedy and the teacher methods never run on an adapted model
+        if trigger not in run.selector_processors:
+            kwargs = {"trigger": "never"} if trigger == "never" else {}
+            run.selector_processors[trigger] = S2TLogitsProcessor.from_pretrained(
+                run.args.selector, model=copy.deepcopy(run.model("student")), eos_token_id=run.eos_ids, **kwargs)
+        with run.selector_processors[trigger] as s2t:
+            s2t.reset_total_stats()  # the record's stats are this chunk's
             yield s2t.model, s2t, {"do_sample": False}
 
     return open_method
