@@ -485,18 +485,21 @@ def train_groups(run: Run):
         return collect_groups(run, "train")
     import datasets
 
+    from s2t_hf.shard_store import METADATA_NAME, ShardStore
+
     if problems_wanted % COLLECT_SHARD:
         raise SystemExit(f"--train-problems must be a multiple of the shard size {COLLECT_SHARD}, got "
                          f"{problems_wanted}")
-    folder = os.path.join(run.args.cache_dir, f"{run.args.size}_collect_reference_kl_train", "shards")
-    shards = []
-    for index in range(problems_wanted // COLLECT_SHARD):
-        path = os.path.join(folder, f"shard-{index:05d}")
-        if not os.path.isfile(os.path.join(path, "state.json")):  # a finished shard
-            raise SystemExit(f"--train-problems {problems_wanted}: shard {index} is not in {folder}; run "
-                             "`--stages collect` (without --train-problems) further first")
-        shards.append(datasets.load_from_disk(path))
-    groups = datasets.concatenate_datasets(shards)
+    root = os.path.join(run.args.cache_dir, f"{run.args.size}_collect_reference_kl_train")
+    if not os.path.isfile(os.path.join(root, METADATA_NAME)):
+        raise SystemExit(f"--train-problems {problems_wanted}: no collection in {root}; run `--stages collect` first")
+    with open(os.path.join(root, METADATA_NAME)) as f:
+        store = ShardStore(root, json.load(f)["fingerprint"], resume=True)  # the collection's own, as it stands
+    missing = [i for i in range(problems_wanted // COLLECT_SHARD) if not store.has(i)]
+    if missing:
+        raise SystemExit(f"--train-problems {problems_wanted}: shard {missing[0]} is not finished in {root}; run "
+                         "`--stages collect` (without --train-problems) further first")
+    groups = datasets.concatenate_datasets([store.load(i) for i in range(problems_wanted // COLLECT_SHARD)])
     return groups, gsm8k(run.train_path, 0, problems_wanted)
 
 
