@@ -397,6 +397,28 @@ def test_lora_targets_every_projection():
     assert set(config.target_modules) == {"c_attn", "c_proj", "c_fc"} and config.fan_in_fan_out
 
 
+@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])
+def test_lora_stays_on_the_linear_projections_of_a_mixture_of_experts(arch, tmp_path):
+    """On fused-expert MoE models the LoRA goes on the Linear projections only (attention, Qwen2-MoE's shared expert
+    and gates), never on the routed experts' fused parameters (PEFT 0.22 rewrites bare `gate_proj` / `down_proj` into
+    those, and refuses LoRA dropout there); the same holds after save and load."""
+    from peft.tuners.lora import LoraLayer
+
+    from conftest import tiny_model
+
+    selector = S2TSelector.create(tiny_model(arch), None, num_bins=B)
+    adapted = {name for name, module in selector.model.named_modules() if isinstance(module, LoraLayer)}
+    assert adapted and all(type(selector.model.get_submodule(name)).__name__ == "Linear" for name in adapted)
+    assert not any(".experts." in name or name.endswith(".experts") for name in adapted)
+    assert any("self_attn.q_proj" in name for name in adapted)
+    if arch == "qwen2_moe":
+        assert any("shared_expert.down_proj" in name for name in adapted)
+    assert selector.model.peft_config["default"].lora_dropout == 0.05
+    selector.save_pretrained(tmp_path)
+    loaded = S2TSelector.from_pretrained(tiny_model(arch), tmp_path)
+    assert {n for n, m in loaded.model.named_modules() if isinstance(m, LoraLayer)} == adapted
+
+
 def test_bf16_model_saves_float32_rows(tmp_path):
     case = CASES["qwen2-tied-spare"]
     selector = S2TSelector.create(base_model_for(case, dtype=torch.bfloat16), case[3](), num_bins=B, lora_r=4)

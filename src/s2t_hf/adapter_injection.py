@@ -22,11 +22,13 @@ from .bin_rows import output_head
 __all__ = [
     "CACHE_PRESERVING_PROJECTIONS",
     "MISSING_KEYS_WARNING",
+    "has_fused_experts",
     "inject_adapter",
     "lora_targets",
     "model_name_or_path",
     "num_decoder_layers",
     "projection_names",
+    "qualified_projection_names",
     "quiet_peft_warnings",
     "selector_peft_config",
 ]
@@ -94,6 +96,35 @@ def _explicit_targets(model: nn.Module, head: nn.Module, target_modules: list[st
     return target_modules, conv1d
 
 
+def has_fused_experts(model: nn.Module) -> bool:
+    """Whether `model` keeps mixture-of-experts weights as fused 3-D parameters (transformers 5's MoE layers)."""
+    return any(
+        param.ndim >= 3
+        for module in model.modules()
+        if not isinstance(module, nn.Linear)
+        for param in module.parameters(recurse=False)
+    )
+
+
+def qualified_projection_names(model: nn.Module, target_modules: list[str]) -> list[str]:
+    """
+    `target_modules` as `parent.leaf` names of the Linear / Conv1D modules they match (`shared_expert.down_proj` for
+    `down_proj`), so that they name those modules only.
+
+    PEFT (0.22 on) rewrites a bare leaf name of an MoE model (`gate_proj`, `down_proj`) into a target *parameter* of
+    its fused experts as well (`experts.gate_up_proj`), which puts LoRA on every routed expert, and refuses any LoRA
+    dropout there. The selector's LoRA stays on the Linear projections on every PEFT version.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    qualified: dict[str, None] = {}
+    for name, module in model.named_modules():
+        parent, _, leaf = name.rpartition(".")
+        if leaf in target_modules and isinstance(module, (nn.Linear, Conv1D)):
+            qualified[f"{parent.rpartition('.')[2]}.{leaf}" if parent else leaf] = None
+    return list(qualified)
+
+
 def lora_targets(
     model: nn.Module, head: nn.Module, target_modules: list[str] | None, preserve_cache: bool
 ) -> tuple[list[str], bool, list[int] | None]:
@@ -121,7 +152,7 @@ def lora_targets(
                 "`target_modules` or `use_lora=False`."
             )
     if not preserve_cache:
-        return target_modules, conv1d, None
+        return _qualified_if_fused(model, target_modules), conv1d, None
     if explicit:
         unsafe = [name for name in target_modules if name not in CACHE_PRESERVING_PROJECTIONS]
         if unsafe:
@@ -135,7 +166,12 @@ def lora_targets(
             f"`preserve_cache=True` found none of {CACHE_PRESERVING_PROJECTIONS} in "
             f"{type(model).__name__}; use `use_lora=False` (head only) or `preserve_cache=False`."
         )
-    return target_modules, conv1d, [num_decoder_layers(model) - 1]
+    return _qualified_if_fused(model, target_modules), conv1d, [num_decoder_layers(model) - 1]
+
+
+def _qualified_if_fused(model: nn.Module, target_modules: list[str]) -> list[str]:
+    """`target_modules`, as `qualified_projection_names` beside fused experts, and unchanged otherwise."""
+    return qualified_projection_names(model, target_modules) if has_fused_experts(model) else target_modules
 
 
 def selector_peft_config(
