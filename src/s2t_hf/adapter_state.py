@@ -173,6 +173,26 @@ class AdapterState:
         """
         _merge(self._row_layers, merged)
 
+    @property
+    def rows_enabled(self) -> bool:
+        """Whether the reserved rows are on (see [`~AdapterState.set_rows`])."""
+        return any(not layer.disable_adapters for layer in self._row_layers)
+
+    def set_rows(self, enabled: bool) -> None:
+        """
+        Switches the reserved rows on or off, persistently, with PEFT's public `enable_adapters(enabled)`: off, the
+        output head (and tied input embeddings) hold the base model's rows again. Unmerges merged rows before switching
+        them off. LoRA is left as it is.
+
+        Args:
+            enabled (`bool`):
+                `True` to switch the rows on, `False` to switch them off.
+        """
+        if not enabled:
+            _merge(self._row_layers, False)
+        for layer in self._row_layers:
+            layer.enable_adapters(enabled)
+
     def write_row(self, row: int, weights: torch.Tensor) -> None:
         """
         Writes `weights` into the trainable delta of reserved row `row` (e.g. the learned trigger's row), leaving every

@@ -226,6 +226,8 @@ class S2TLogitsProcessor(LogitsProcessor):
         self.running_totals = RunningTotals()
         self.trigger_records: list[TriggerRecord] = []
         self._session: FusedSession | None = None
+        # set by `from_pretrained`, whose selector the caller never held: closing switches its adapter off
+        self.restores_model_on_close = False
         self._open_adapter()
         self.reset()
 
@@ -322,7 +324,10 @@ class S2TLogitsProcessor(LogitsProcessor):
                 A directory written by `S2TSelector.save_pretrained` or `S2TTrainer`, or a Hub repository id (read
                 through the Hugging Face cache, so `HF_HUB_OFFLINE=1` works once it is cached).
             model (`PreTrainedModel`):
-                The base model the selector was trained on; the adapter is injected in place.
+                The base model the selector was trained on. The adapter is injected in place and is active only while
+                the processor is open: once it is closed (the end of a `with` block, or `remove_hooks()`), `model`
+                computes the base model's logits again, and opening the processor again (`with s2t:`) switches the
+                selector back on.
             teacher (`PreTrainedModel`, *optional*):
                 Only needed if you override `selection` or `trigger` to use a teacher.
             kwargs:
@@ -350,7 +355,9 @@ class S2TLogitsProcessor(LogitsProcessor):
         overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in config_fields}
         overrides.setdefault("selection", "local")
         config = dataclasses.replace(selector.config, **overrides)
-        return cls(model, config, teacher=teacher, selector=selector, **kwargs)
+        processor = cls(model, config, teacher=teacher, selector=selector, **kwargs)
+        processor.restores_model_on_close = True
+        return processor
 
     # ------------------------------------------------------------------ opening and closing
 
@@ -358,9 +365,13 @@ class S2TLogitsProcessor(LogitsProcessor):
         """The selector as the processor generates with it: LoRA off under `adapter_mode="scoring"`, rows merged."""
         if self.adapter_state is None:
             return
+        if self.restores_model_on_close:  # switched off when the processor last closed
+            self.adapter_state.set_rows(True)
         if self.config.adapter_mode == "scoring":
             self.adapter_state.set_lora(False)
         else:
+            if self.restores_model_on_close:
+                self.adapter_state.set_lora(True)
             # under `adapter_mode="generate"` the LoRA is on for every token, generated or scored: merged into the
             # weights while the processor is open, it costs what the base model costs
             self.adapter_state.merge_lora(True)
@@ -371,11 +382,18 @@ class S2TLogitsProcessor(LogitsProcessor):
 
     def remove_hooks(self) -> None:
         """
-        Removes the forward pre-hook from the model, re-enables a selector adapter disabled for scoring and unmerges
-        the selector's bin rows and, under `adapter_mode="generate"`, its LoRA (merged while the processor is open).
+        Removes the forward pre-hook from the model and unmerges the selector's bin rows and, under
+        `adapter_mode="generate"`, its LoRA (merged while the processor is open). Then a processor given an
+        `S2TSelector` leaves the selector's adapter active (LoRA on, as the selector was before, e.g. to train it
+        further), while one loaded by [`~S2TLogitsProcessor.from_pretrained`] (`restores_model_on_close`) switches the
+        adapter off: the model computes the base model's logits again until the processor is opened again.
         """
         self.state_hook.remove()
-        if self.adapter_state is not None:
+        if self.adapter_state is not None and self.restores_model_on_close:
+            self.adapter_state.merge_lora(False)
+            self.adapter_state.set_lora(False)
+            self.adapter_state.set_rows(False)
+        elif self.adapter_state is not None:
             if self.config.adapter_mode == "scoring":
                 self.adapter_state.set_lora(True)
             self.adapter_state.merge_lora(False)
