@@ -620,7 +620,8 @@ def stage_sweep(run: Run) -> None:
         raise SystemExit(f"--stages sweep measures a residual selector; {run.args.selector} is "
                          f"{selector.config.scoring}")
     args = S2TTrainingArguments(output_dir=os.path.join(run.args.cache_dir, "sweep_tmp"),
-                                per_device_eval_batch_size=16, group_by_prompt=True, report_to="none", use_cpu=run.args.device == "cpu",
+                                per_device_eval_batch_size=16, group_by_prompt=True, report_to="none",
+                                use_cpu=run.args.device == "cpu",
                                 disable_tqdm=not run.args.progress)
     trainer = S2TTrainer(selector=selector, args=args, eval_dataset=check_groups)
     logits = {}
@@ -1006,7 +1007,8 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     run = Run(args)
     stages = {"hit_reference": stage_hit_reference, "calibrate": stage_calibrate, "decode": stage_decode,
-              "hit_on_policy": stage_hit_on_policy, "collect": stage_collect, "train": stage_train, "sweep": stage_sweep, "cost": stage_cost,
+              "hit_on_policy": stage_hit_on_policy, "collect": stage_collect, "train": stage_train, "sweep": stage_sweep,
+              "cost": stage_cost,
               "lm_eval": stage_lm_eval, "report": stage_report}
     for name in STAGES:
         if name in args.stages:
