@@ -1007,9 +1007,8 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     run = Run(args)
     stages = {"hit_reference": stage_hit_reference, "calibrate": stage_calibrate, "decode": stage_decode,
-              "hit_on_policy": stage_hit_on_policy, "collect": stage_collect, "train": stage_train, "sweep": stage_sweep,
-              "cost": stage_cost,
-              "lm_eval": stage_lm_eval, "report": stage_report}
+              "hit_on_policy": stage_hit_on_policy, "collect": stage_collect, "train": stage_train,
+              "sweep": stage_sweep, "cost": stage_cost, "lm_eval": stage_lm_eval, "report": stage_report}
     for name in STAGES:
         if name in args.stages:
             started = time.perf_counter()
