@@ -29,7 +29,8 @@ skips what is already there, so a stopped run resumes and a run can span several
   validation problems) at residual temperatures `SWEEP_TAUS`, among the student's top-8 and top-16: agreement with
   the teacher, how often it leaves the student's top-1 (flips) and how often such a flip is the teacher's choice.
   The residual form is the student's log-probability + score / tau, so two evaluations (tau 0.1 and 1) give both
-  terms and every tau follows; written to `<records>/sweep_<tag>.json`.
+  terms and every tau follows; then, at the selector's own tau, flip margins (keep the student's top-1 unless the
+  selector prefers its choice by at least the margin); written to `<records>/sweep_<tag>.json`.
 - `cost`: time per generated token of each method against the student's greedy *and* the teacher's greedy, in one
   process, runs alternated (run it on a quiet machine).
 - `report`: the JSON and the text table (`benchmarks/results/qwen_pair[_quick|_full].{json,txt}`): accuracy with
@@ -124,6 +125,7 @@ STAGES = ("hit_reference", "calibrate", "decode", "hit_on_policy", "collect", "t
           "report")
 # residual temperatures `sweep` measures a selector at (it was trained at 0.1)
 SWEEP_TAUS = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0)
+SWEEP_MARGINS = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0)
 
 
 # --------------------------------------------------------------------------------------------------------- data
@@ -605,6 +607,41 @@ def stage_train(run: Run) -> None:
     run.save_state()
 
 
+def choice_stats(chosen: torch.Tensor, teacher: torch.Tensor, student_top1: torch.Tensor) -> dict[str, Any]:
+    """Agreement of `chosen` with the teacher, its flip rate (chosen != the student's top-1) and flip precision (the
+    share of flips that are the teacher's choice; None without flips)."""
+    flips = chosen != student_top1
+    right = chosen == teacher
+    return {"agreement": right.float().mean().item(), "flip_rate": flips.float().mean().item(),
+            "flip_precision": right[flips].float().mean().item() if flips.any() else None}
+
+
+def sweep_rows(score: torch.Tensor, log_probs: torch.Tensor, teacher: torch.Tensor, student_top1: torch.Tensor,
+               tau: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """
+    The `sweep` stage's tables from per-group terms of shape `(groups, 16)` (candidates in the student's rank order;
+    NaN for padding): the residual candidate logit `log_probs + score / t` at every `t` of `SWEEP_TAUS`, and at the
+    selector's own `tau` with a flip margin (the student's top-1 is kept unless the selector's choice beats it by at
+    least the margin), each among the first 8 and all 16 candidates.
+    """
+    rows, margins = [], []
+    for k in (8, 16):
+        inside = teacher < k  # groups whose teacher choice is among the student's top-k
+        for t in SWEEP_TAUS:
+            chosen = (log_probs[:, :k] + score[:, :k] / t).nan_to_num(float("-inf")).argmax(-1)
+            stats = choice_stats(chosen, teacher, student_top1)
+            rows.append({"k": k, "tau": t, **stats,
+                         "agreement_when_inside": (chosen == teacher)[inside].float().mean().item(),
+                         "student_top1_agreement": (student_top1 == teacher).float().mean().item()})
+        logits = (log_probs[:, :k] + score[:, :k] / tau).nan_to_num(float("-inf"))
+        best = logits.argmax(-1)
+        gap = logits.gather(1, best[:, None])[:, 0] - logits.gather(1, student_top1[:, None])[:, 0]
+        for margin in SWEEP_MARGINS:
+            chosen = torch.where(gap >= margin, best, student_top1)
+            margins.append({"k": k, "tau": tau, "margin": margin, **choice_stats(chosen, teacher, student_top1)})
+    return rows, margins
+
+
 def stage_sweep(run: Run) -> None:
     """The `--selector`'s agreement, flip rate and flip precision per residual temperature on the check groups."""
     if not run.args.selector:
@@ -615,7 +652,9 @@ def stage_sweep(run: Run) -> None:
 
     validation_groups, _ = collect_groups(run, "validation")
     check_groups = validation_groups.filter(lambda g: g["prompt_index"] < CHECK_PROBLEMS)
-    selector = S2TSelector.from_pretrained(copy.deepcopy(run.model("student")), run.args.selector)
+    # trainable only because the trainer requires it; evaluation never updates it
+    selector = S2TSelector.from_pretrained(copy.deepcopy(run.model("student")), run.args.selector,
+                                           is_trainable=True)
     if selector.config.scoring != "residual":
         raise SystemExit(f"--stages sweep measures a residual selector; {run.args.selector} is "
                          f"{selector.config.scoring}")
@@ -624,6 +663,7 @@ def stage_sweep(run: Run) -> None:
                                 use_cpu=run.args.device == "cpu",
                                 disable_tqdm=not run.args.progress)
     trainer = S2TTrainer(selector=selector, args=args, eval_dataset=check_groups)
+    selector_tau = selector.config.residual_tau
     logits = {}
     for tau in (0.1, 1.0):
         selector.config = dataclasses.replace(selector.config, residual_tau=tau)
@@ -636,22 +676,19 @@ def stage_sweep(run: Run) -> None:
     score = (logits[0.1] - logits[1.0]) / (1 / 0.1 - 1 / 1.0)
     log_probs = logits[1.0] - score
     student_top1 = torch.as_tensor(check_groups["student_probs"]).float().argmax(-1)
-    rows = []
-    for k in (8, 16):
-        inside = teacher < k  # groups whose teacher choice is among the student's top-k (candidates are rank-ordered)
-        for tau in SWEEP_TAUS:
-            chosen = (log_probs[:, :k] + score[:, :k] / tau).nan_to_num(float("-inf")).argmax(-1)
-            flips = chosen != student_top1
-            right = chosen == teacher
-            rows.append({"k": k, "tau": tau, "agreement": right.float().mean().item(),
-                         "agreement_when_inside": right[inside].float().mean().item(),
-                         "flip_rate": flips.float().mean().item(),
-                         "flip_precision": right[flips].float().mean().item() if flips.any() else None,
-                         "student_top1_agreement": (student_top1 == teacher).float().mean().item()})
+    rows, margins = sweep_rows(score, log_probs, teacher, student_top1, selector_tau)
     tag = run.args.selector_tag or os.path.basename(os.path.normpath(run.args.selector))
     write_json(os.path.join(run.records_dir, f"sweep_{tag}.json"), {
         "what": f"selector {tag} on {len(check_groups)} held-out groups (validation problems 0-{CHECK_PROBLEMS - 1}),"
-                " residual temperature swept at scoring time", "selector": run.args.selector, "rows": rows})
+                " residual temperature swept at scoring time; then flip margins at its own temperature",
+        "selector": run.args.selector, "rows": rows, "margins": margins})
+    # the per-group terms, for other analyses (outside the repository)
+    torch.save({"score": score, "log_probs": log_probs, "teacher": teacher, "student_top1": student_top1},
+               os.path.join(run.args.cache_dir, f"sweep_{tag}.pt"))
+    for row in margins:
+        logger.info("sweep k=%d margin=%-4g agreement %.3f flips %.3f precision %s", row["k"], row["margin"],
+                    row["agreement"], row["flip_rate"],
+                    "-" if row["flip_precision"] is None else f"{row['flip_precision']:.3f}")
     for row in rows:
         logger.info("sweep k=%d tau=%-4g agreement %.3f (student %.3f) flips %.3f precision %s", row["k"], row["tau"],
                     row["agreement"], row["student_top1_agreement"], row["flip_rate"],

@@ -180,3 +180,28 @@ def test_a_selector_of_the_gguf_student_loads_on_a_requantised_copy_and_refuses_
     with pytest.raises(ValueError, match="relative sketch distance"):
         S2TSelector.from_pretrained(other, tmp_path)
     assert len(rows) == 16
+
+
+def test_the_sweep_tables_follow_the_residual_form():
+    """`sweep_rows` on three hand-made groups: a score that wins at tau 0.1 and loses at tau 1, a LoRA-shifted
+    log-probability that flips at every tau, and a teacher outside the top-8 (with a padding candidate)."""
+    qwen_pair = load(ROOT / "benchmarks" / "qwen_pair.py", "qwen_pair_benchmark")
+    log_probs = torch.full((3, 16), -5.0)
+    score = torch.zeros(3, 16)
+    log_probs[0, 0], score[0, 2] = 0.0, 1.0  # A: candidate 2 wins by 5 at tau 0.1, loses by 4 at tau 1
+    log_probs[1, 0], log_probs[1, 1] = -0.2, -0.1  # B: candidate 1 ahead of the student's top-1 by 0.1
+    log_probs[2, 0], log_probs[2, 15] = 0.0, float("nan")  # C: no flip; a padding candidate
+    teacher, student_top1 = torch.tensor([2, 0, 9]), torch.zeros(3, dtype=torch.long)
+    rows, margins = qwen_pair.sweep_rows(score, log_probs, teacher, student_top1, tau=0.1)
+    row = {(r["k"], r["tau"]): r for r in rows}
+    assert row[8, 0.1]["agreement"] == pytest.approx(1 / 3) and row[8, 0.1]["flip_rate"] == pytest.approx(2 / 3)
+    assert row[8, 0.1]["flip_precision"] == pytest.approx(0.5) and row[8, 0.1]["agreement_when_inside"] == 0.5
+    assert row[8, 1.0]["agreement"] == 0 and row[8, 1.0]["flip_rate"] == pytest.approx(1 / 3)
+    assert row[8, 1.0]["flip_precision"] == 0 and row[16, 1.0]["student_top1_agreement"] == pytest.approx(1 / 3)
+    margin = {(m["k"], m["margin"]): m for m in margins}
+    assert margin[8, 0.0]["flip_rate"] == pytest.approx(2 / 3)  # the plain argmax
+    assert margin[8, 0.5]["flip_rate"] == pytest.approx(1 / 3) and margin[8, 0.5]["flip_precision"] == 1.0
+    # a margin of 3 keeps B's top-1 (the teacher's choice there) and still flips A
+    assert margin[16, 3.0]["agreement"] == pytest.approx(2 / 3)
+    assert margin[16, 5.0]["flip_rate"] == pytest.approx(1 / 3)
+    assert all(m["tau"] == 0.1 for m in margins)
