@@ -38,9 +38,9 @@ logger = logging.get_logger(__name__)
 @dataclass
 class DemoConfig:
     """
-    Settings of `s2t-hf demo`. The first run took 27.4 minutes on 2 idle CPU cores: the pair's training 13.7, the rest
-    13.6 (what a run with a cached pair takes; 20.3 with `num_latency=100`: per-request timing, paired with a greedy
-    run each time, is most of the evaluation). `learned_trigger=False, sweep_rates=()` leaves out the learned
+    Settings of `s2t-hf demo`. A first run took 30.7 minutes on 2 CPU cores (seed 1, 2026-12-07): the pair's training
+    14.2, the rest 16.5 (what a run with a cached pair takes; per-request timing, paired with a greedy run each time, is
+    most of the evaluation). `learned_trigger=False, sweep_rates=()` leaves out the learned
     trigger's rows and the rate sweep (16 decodes of the test split, 3 of them timed per request).
     """
 
