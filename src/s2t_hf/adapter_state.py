@@ -173,11 +173,6 @@ class AdapterState:
         """
         _merge(self._row_layers, merged)
 
-    @property
-    def rows_enabled(self) -> bool:
-        """Whether the reserved rows are on (see [`~AdapterState.set_rows`])."""
-        return any(not layer.disable_adapters for layer in self._row_layers)
-
     def set_rows(self, enabled: bool) -> None:
         """
         Switches the reserved rows on or off, persistently, with PEFT's public `enable_adapters(enabled)`: off, the
