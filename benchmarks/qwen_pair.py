@@ -561,11 +561,14 @@ def stage_train(run: Run) -> None:
     validation_groups, _ = collect_groups(run, "validation")
     threshold = run.state.get("thresholds", {}).get("10")
     config = S2TConfig(selection="local", scoring="residual", residual_tau=0.1, top_k=8, trigger="entropy",
-                       trigger_threshold=threshold, trigger_rate=0.1, adapter_mode=form["adapter_mode"])
+                       trigger_threshold=threshold, trigger_rate=0.1, adapter_mode=form["adapter_mode"],
+                       residual_log_probs=run.args.residual_log_probs)
     selector = S2TSelector.create(copy.deepcopy(run.model("student")), run.tokenizer, num_bins=16, use_lora=True,
                                   lora_r=16, lora_alpha=32, preserve_cache=form["preserve_cache"], config=config)
     # a selector trained on part of the collection is kept apart from one trained on all of it
     part = "" if len(train_problems) >= run.sizes["collect"] else f"_{len(train_problems)}"
+    if run.args.residual_log_probs == "student":  # the residual on the student's own log-probabilities
+        part = f"_student{part}"
     output_dir = os.path.join(run.args.cache_dir, f"{run.args.size}_trainer_{run.args.form}{part}")
     # 16 groups a step, prompt by prompt: a prompt's groups share one encoding of their context (group_by_prompt)
     batch = 16
@@ -596,7 +599,7 @@ def stage_train(run: Run) -> None:
         "validation agreement with the 1.5B teacher (selector)": metrics.get("eval_agreement"),
         "validation agreement with the 1.5B teacher (student top-1)": metrics.get("eval_student_agreement"),
     })
-    run.state.setdefault("training", {})[run.args.form] = {
+    run.state.setdefault("training", {})[f"{run.args.form}{part}"] = {
         "folder": folder, "train_problems": len(train_problems), "train_groups": len(groups),
         "validation_groups": len(validation_groups),
         "steps": trainer.state.global_step, "resumed_from": checkpoint,
@@ -1020,6 +1023,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--records", help="folder of the per-problem records (default: results/qwen_pair_<size>)")
     parser.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "s2t_hf", "qwen_pair"))
     parser.add_argument("--form", choices=sorted(FORMS), default="cache", help="the selector form `train` trains")
+    parser.add_argument("--residual-log-probs", choices=["selector", "student"], default="selector",
+                        help="`train`: the residual form on the selector's log-probabilities (adapter on) or the "
+                        "student's own (cache form only: only the bins move the choice)")
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--max-steps", type=int, default=-1)
     parser.add_argument("--train-problems", type=int, help="train on the groups of the first N collected train "

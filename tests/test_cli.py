@@ -249,6 +249,14 @@ def test_train_defaults_follow_the_recipe(model_dirs, capsys, tmp_path, monkeypa
     assert not S2TSelector.from_pretrained(student, tmp_path / "paper").preserves_cache
     assert seen["args"].learning_rate == 5e-5 and seen["args"].lm_kl_weight == 0.1
 
+    # the residual form on the student's own log-probabilities: only with the adapter off while generating
+    with pytest.raises(SystemExit, match=r"`residual_log_probs='student'` needs `adapter_mode='scoring'`"):
+        main([str(a) for a in [*common, "--output-dir", tmp_path / "refused", "--residual-log-probs", "student",
+                               "--no-preserve-cache"]])
+    run(capsys, *common, "--output-dir", tmp_path / "anchored", "--residual-log-probs", "student")
+    config = S2TConfig.from_pretrained(tmp_path / "anchored")
+    assert (config.residual_log_probs, config.adapter_mode) == ("student", "scoring")
+
 
 def test_collect_with_a_teacher_of_another_tokenizer(model_dirs, capsys, tmp_path):
     """`collect --teacher-tokenizer` scores the student's candidates as text under the teacher's own tokenizer, as

@@ -28,6 +28,8 @@ from s2t_hf.config import CONFIG_NAME
         (dict(trigger="random"), "The `random` trigger needs `trigger_rate`"),
         (dict(candidate_ratio=0.0), r"`candidate_ratio` must lie in \(0, 1\], got 0.0"),
         (dict(residual_tau=0.0), "`residual_tau` must be positive, got 0.0"),
+        (dict(residual_log_probs="teacher"), "`residual_log_probs` must be one of"),
+        (dict(residual_log_probs="student"), r"`residual_log_probs='student'` needs `adapter_mode='scoring'`"),
         (dict(max_context=0), "`max_context` must be a positive integer or None, got 0"),
         (dict(num_bins=3, bin_token_ids=[1, 2]), "`bin_token_ids` has 2 ids but `num_bins` is 3"),
         (dict(num_bins=2, bin_token_ids=[5, 5]), r"`bin_token_ids` must be distinct, got \[5, 5\]"),

@@ -109,9 +109,11 @@ def test_head_only_selector_never_changes_untriggered_tokens():
 
 
 @torch.no_grad()
-def reference_scoring_only(model, selector, prompt, max_new_tokens, top_k, bins, scoring="pure", tau=0.1):
+def reference_scoring_only(
+    model, selector, prompt, max_new_tokens, top_k, bins, scoring="pure", tau=0.1, log_probs_from="selector"
+):
     """Slow S2T-Local with `adapter_mode="scoring"`: the base model generates, the adapted model scores candidates
-    (and, in the residual form, gives their log-probabilities)."""
+    (and, in the residual form, gives their log-probabilities, or the base model does: `log_probs_from="student"`)."""
     values = torch.linspace(0, 1, len(bins))
     sequence = list(prompt)
     for _ in range(max_new_tokens):
@@ -121,7 +123,7 @@ def reference_scoring_only(model, selector, prompt, max_new_tokens, top_k, bins,
         candidates = logits.topk(top_k).indices.tolist()
         adapted = model(torch.tensor([sequence])).logits[0, -1].float()
         adapted[bins] = float("-inf")
-        adapted_log_probs = torch.log_softmax(adapted, -1)
+        adapted_log_probs = torch.log_softmax(adapted if log_probs_from == "selector" else logits, -1)
         scores = []
         for candidate in candidates:
             bin_logits = model(torch.tensor([sequence + [candidate]])).logits[0, -1, bins].float()
@@ -157,6 +159,39 @@ def test_scoring_only_adapter_keeps_generation_exact(arch, preserve_cache, scori
         with selector.adapter_disabled():
             plain = model(input_ids[:1]).logits
     assert not torch.allclose(adapted, plain)
+
+
+@pytest.mark.parametrize("preserve_cache", [False, True])
+def test_residual_on_the_students_own_log_probs_matches_slow_reference(preserve_cache):
+    model = tiny_model("qwen2", seed=0)
+    selector = trained_like_selector(model, seed=2, preserve_cache=preserve_cache)
+    prompts, input_ids, attention_mask = left_padded_batch()
+    outputs = {}
+    for source in ("selector", "student"):
+        with S2TLogitsProcessor(
+            model, selector=selector, selection="local", trigger="always", warmup_tokens=0, top_k=4,
+            adapter_mode="scoring", scoring="residual", residual_log_probs=source,
+        ) as s2t:
+            outputs[source] = model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, logits_processor=[s2t], **GREEDY
+            )
+            assert s2t.stats["flips"] > 0
+    # the adapter moves the log-probabilities, so the two sources choose differently
+    assert not torch.equal(outputs["selector"], outputs["student"])
+    for prompt, row in zip(prompts, rows_until_eos(outputs["student"], input_ids.shape[1])):
+        assert row == reference_scoring_only(
+            model, selector, prompt, GREEDY["max_new_tokens"], 4, BINS, "residual", log_probs_from="student"
+        )
+
+
+def test_residual_on_the_students_own_log_probs_needs_the_scoring_adapter_mode():
+    model = tiny_model("qwen2", seed=0)
+    selector = trained_like_selector(model, seed=2)
+    with pytest.raises(ValueError, match=r"`residual_log_probs='student'` needs `adapter_mode='scoring'`"):
+        S2TLogitsProcessor(
+            model, selector=selector, selection="local", scoring="residual", residual_log_probs="student",
+            adapter_mode="generate",
+        )
 
 
 def test_two_line_loading_reproduces_the_saved_selector(tmp_path):

@@ -213,6 +213,38 @@ def test_candidate_logits_match_the_processor_recompute_path(tmp_path):
     torch.testing.assert_close(outputs["candidate_logits"], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_residual_on_the_students_own_log_probs_learns_only_through_the_bins(tmp_path):
+    """With `residual_log_probs="student"` the candidate logits are the collected log-probabilities plus the pure
+    score / tau, and the adapter's effect on the last context position's distribution does not reach the loss."""
+    student = tiny_model("qwen2", seed=0)
+    config = S2TConfig(selection="local", scoring="residual", residual_tau=0.1, adapter_mode="scoring")
+    selector = S2TSelector.create(student, num_bins=NUM_BINS, lora_r=8, preserve_cache=True, config=config)
+    perturb(selector)
+    selector.model.eval()
+    batch = synthetic_batch(ragged=True)
+    outputs = {}
+    for scoring, source in (("pure", None), ("residual", "student"), ("residual", "selector")):
+        args = make_args(tmp_path, scoring=scoring, residual_log_probs=source, lm_kl_weight=0.0)
+        trainer = S2TTrainer(selector=selector, args=args)
+        with torch.no_grad():
+            _, outputs[scoring, source] = trainer.compute_loss(selector.model, batch, return_outputs=True)
+    assert selector.config.residual_log_probs == "selector"  # the last trainer's override, written into the config
+    mask = batch["cand_mask"]
+    expected = batch["student_probs"].log() + outputs["pure", None]["candidate_logits"] / 0.1
+    torch.testing.assert_close(
+        outputs["residual", "student"]["candidate_logits"][mask], expected[mask], rtol=1e-5, atol=1e-5
+    )
+    assert not torch.allclose(outputs["residual", "selector"]["candidate_logits"][mask], expected[mask], atol=1e-2)
+
+    # a dataset without the students' probabilities is refused before training
+    from datasets import Dataset
+
+    groups = Dataset.from_list([{k: v for k, v in f.items() if k != "student_probs"} for f in synthetic_features()])
+    args = make_args(tmp_path, residual_log_probs="student")
+    with pytest.raises(ValueError, match="`train_dataset` has no `student_probs` column"):
+        S2TTrainer(selector=selector, args=args, train_dataset=groups)
+
+
 def test_lm_kl_is_zero_at_initialisation(tmp_path):
     selector = make_selector("llama")
     trainer = S2TTrainer(selector=selector, args=make_args(tmp_path))
@@ -498,6 +530,7 @@ def test_accelerate_launch_two_processes(tmp_path, groups):
         (dict(lm_kl_weight=-0.1), "`lm_kl_weight` must be non-negative"),
         (dict(scoring="mixed"), r"`scoring` must be one of \('pure', 'residual'\) or None"),
         (dict(residual_tau=0.0), "`residual_tau` must be positive"),
+        (dict(residual_log_probs="teacher"), r"`residual_log_probs` must be one of \('selector', 'student'\)"),
         (dict(max_context_length=0), "`max_context_length` must be a positive integer or None"),
     ],
 )

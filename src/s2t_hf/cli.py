@@ -157,9 +157,13 @@ def cmd_train(args) -> None:
     adapter_mode = args.adapter_mode or ("scoring" if args.preserve_cache else "generate")
     learning_rate = args.learning_rate or (1e-3 if args.preserve_cache else 5e-5)
     lm_kl_weight = args.lm_kl_weight if args.lm_kl_weight is not None else (0.0 if adapter_mode == "scoring" else 0.1)
-    config = S2TConfig(
-        selection="local", scoring=args.scoring, residual_tau=args.residual_tau, adapter_mode=adapter_mode
-    )
+    try:
+        config = S2TConfig(
+            selection="local", scoring=args.scoring, residual_tau=args.residual_tau, adapter_mode=adapter_mode,
+            residual_log_probs=args.residual_log_probs,
+        )
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     trajectories = load_from_disk(trajectories_path) if args.learned_trigger else None
     candidates = trajectories[0]["cand_ids"] if trajectories is not None and len(trajectories) else []
     if candidates:  # the first trajectory's positions, each with the collected K candidates
@@ -370,6 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the score alone (the paper's form, which lost to greedy at small scale: see docs/settings.md)",
     )
     train.add_argument("--residual-tau", type=float, default=0.1)
+    train.add_argument(
+        "--residual-log-probs", choices=["selector", "student"], default="selector",
+        help="whose log-probabilities the residual form adds the score to: `selector` (default; the student with the "
+        "adapter on) or `student` (the student as collected, adapter off, so only the bins move the choice; needs "
+        "`--adapter-mode scoring`)",
+    )
     train.add_argument("--num-bins", type=int, default=16)
     train.add_argument("--head-only", action="store_true", help="train only the bin rows (no LoRA)")
     train.add_argument(

@@ -25,6 +25,8 @@ TRIGGER_KINDS = ("entropy", "kl", "learned", "random", "always", "never")
 THRESHOLD_TRIGGERS = ("entropy", "kl", "learned")
 SELECTION_KINDS = ("teacher", "takeover", "local")
 SCORING_KINDS = ("pure", "residual")
+# where the residual form's log-probabilities come from: the student with the selector's adapter on, or as it is
+RESIDUAL_LOG_PROBS = ("selector", "student")
 LOCAL_PATHS = ("auto", "cache", "recompute")
 ADAPTER_MODES = ("generate", "scoring")
 
@@ -122,6 +124,14 @@ class S2TConfig:
         },
     )
     residual_tau: float = field(default=0.1, metadata={"help": "Temperature of the residual form's score term."})
+    residual_log_probs: str = field(
+        default="selector",
+        metadata={
+            "help": "Whose log-probabilities the residual form adds the score to: `selector` (the student with the "
+            "adapter on, so a LoRA's fine-tuning moves the choice too) or `student` (the student as it generates, "
+            "adapter off: only the bins move the choice; needs `adapter_mode='scoring'`)."
+        },
+    )
     local_path: str = field(
         default="auto",
         metadata={
@@ -163,6 +173,7 @@ class S2TConfig:
         choose("trigger", tuple(TRIGGERS))
         choose("selection", tuple(SELECTIONS))
         choose("scoring", SCORING_KINDS)
+        choose("residual_log_probs", RESIDUAL_LOG_PROBS)
         choose("local_path", LOCAL_PATHS)
         choose("adapter_mode", ADAPTER_MODES)
         if self.trigger_adapter_mode is not None:
@@ -183,6 +194,12 @@ class S2TConfig:
             raise ValueError(f"`candidate_ratio` must lie in (0, 1], got {self.candidate_ratio}.")
         if self.residual_tau <= 0:
             raise ValueError(f"`residual_tau` must be positive, got {self.residual_tau}.")
+        if self.residual_log_probs == "student" and self.adapter_mode != "scoring":
+            raise ValueError(
+                "`residual_log_probs='student'` needs `adapter_mode='scoring'`: with the adapter on while the student "
+                f"generates (`adapter_mode={self.adapter_mode!r}`) its own log-probabilities are the selector's. Set "
+                "`adapter_mode='scoring'` (a selector created with `preserve_cache=True` scores on the live cache)."
+            )
         if self.max_context is not None and self.max_context < 1:
             raise ValueError(f"`max_context` must be a positive integer or None, got {self.max_context}.")
         if self.bin_token_ids is not None:

@@ -41,9 +41,12 @@ ADAPTER_CHANGES_CACHE = (
 def encodes_last_token(config: Any) -> bool:
     """
     Whether scoring encodes the step's last token again: the residual form reads the selector's own log-probabilities
-    of the candidates, which with the adapter off while generating (`adapter_mode="scoring"`) the scores do not hold.
+    of the candidates, which with the adapter off while generating (`adapter_mode="scoring"`) the scores do not hold
+    (with `residual_log_probs="student"` it reads the scores' own).
     """
-    return config.scoring == "residual" and config.adapter_mode == "scoring"
+    return (
+        config.scoring == "residual" and config.adapter_mode == "scoring" and config.residual_log_probs == "selector"
+    )
 
 
 def check_cache_path(student: torch.nn.Module, config: Any, preserves_cache: bool) -> None:

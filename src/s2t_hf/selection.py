@@ -164,6 +164,8 @@ def local_candidate_logits(
     - `pure`: the expected bin value (paper).
     - `residual`: the student's log-probability of the candidate plus expected bin value / `residual_tau`, so the
       selector learns a correction to the student's own ranking (why: docs/settings.md, "Residual or pure scoring").
+      The log-probabilities are the selector's (adapter on) or, with `residual_log_probs="student"`, the student's
+      as it generates; the caller passes whichever applies.
 
     Args:
         bin_logits (`torch.Tensor` of shape `(batch, K, B)`): reserved-row logits at each candidate's position.

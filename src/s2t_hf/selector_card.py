@@ -64,7 +64,9 @@ def _body(config: S2TConfig, peft_config, uses_lora: bool, location: str, metric
     base = config.base_model_name_or_path
     adapter = _adapter_description(config, peft_config, uses_lora)
     base_line = f"`{base}`" if base else "its base model"
-    residual = f" (tau {config.residual_tau})" if config.scoring == "residual" else ""
+    residual = ""
+    if config.scoring == "residual":
+        residual = f" (tau {config.residual_tau}, on the {config.residual_log_probs}'s log-probabilities)"
     lines = [
         f"# S2T local selector for {base_line}",
         "",

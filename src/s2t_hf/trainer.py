@@ -25,7 +25,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.utils import logging
 
-from .config import CONFIG_NAME, SCORING_KINDS
+from .config import CONFIG_NAME, RESIDUAL_LOG_PROBS, SCORING_KINDS
 from .collator import PromptGroupedSampler, SelectionGroupCollator, check_selection_columns
 from .kv import (
     architecture_scoring_support,
@@ -71,6 +71,11 @@ class S2TTrainingArguments(TrainingArguments):
             given here is written into the selector's config, so the saved selector decodes as it was trained.
         residual_tau (`float`, *optional*):
             Temperature of the residual form's score term. Defaults to the selector's config (written into it if set).
+        residual_log_probs (`str`, *optional*):
+            `"selector"` or `"student"`: whose log-probabilities the residual form adds the score to (see
+            [`S2TConfig`]). With `"student"` they are the groups' `student_probs` (the student as collected, adapter
+            off), so the adapter learns only through the bins. Defaults to the selector's config (written into it if
+            set).
         packing (`bool`, *optional*, defaults to `True`):
             Encode each context once with its K candidates under a 4-D mask. `False` re-encodes K copies of every
             context (slow; kept as a reference). Packing needs `eager` or `sdpa` attention, position ids that place
@@ -100,6 +105,13 @@ class S2TTrainingArguments(TrainingArguments):
     )
     residual_tau: float | None = field(
         default=None, metadata={"help": "Temperature of the residual score term; defaults to the selector's config."}
+    )
+    residual_log_probs: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Whose log-probabilities the residual form uses, one of {RESIDUAL_LOG_PROBS}; defaults to the "
+            "selector's config."
+        },
     )
     packing: bool = field(
         default=True, metadata={"help": "Encode each context once with its K candidates under a 4-D mask."}
@@ -132,6 +144,10 @@ class S2TTrainingArguments(TrainingArguments):
             raise ValueError(f"`scoring` must be one of {SCORING_KINDS} or None, got {self.scoring!r}.")
         if self.residual_tau is not None and self.residual_tau <= 0:
             raise ValueError(f"`residual_tau` must be positive, got {self.residual_tau}.")
+        if self.residual_log_probs is not None and self.residual_log_probs not in RESIDUAL_LOG_PROBS:
+            raise ValueError(
+                f"`residual_log_probs` must be one of {RESIDUAL_LOG_PROBS} or None, got {self.residual_log_probs!r}."
+            )
         if self.max_context_length is not None and self.max_context_length < 1:
             raise ValueError(
                 f"`max_context_length` must be a positive integer or None, got {self.max_context_length}."
@@ -156,6 +172,30 @@ def _check_dataset(dataset: Any, name: str) -> None:
         columns = getattr(part, "column_names", None)
         if columns is not None:
             check_selection_columns(columns)
+
+
+def _check_student_probs(dataset: Any, name: str) -> None:
+    """Refuses, before training starts, a dataset without `student_probs` where the residual form reads them."""
+    for part in dataset.values() if isinstance(dataset, dict) else [dataset]:
+        columns = getattr(part, "column_names", None)
+        if columns is not None and "student_probs" not in columns:
+            raise ValueError(
+                f"`{name}` has no `student_probs` column, which `residual_log_probs='student'` reads (the student's "
+                "probabilities of the candidates). Collect the groups with `collect_selection_data`, which records "
+                "them, or train with `residual_log_probs='selector'`."
+            )
+
+
+def _collected_log_probs(inputs: dict[str, torch.Tensor], cand_mask: torch.Tensor) -> torch.Tensor:
+    """The student's log-probabilities of each group's candidates from the batch's `student_probs` (0 on padding)."""
+    student_probs = inputs.get("student_probs")
+    if student_probs is None:
+        raise ValueError(
+            "`residual_log_probs='student'` needs the groups' `student_probs` (every group of the batch): collect "
+            "them with `collect_selection_data`, or train with `residual_log_probs='selector'`."
+        )
+    tiny = torch.finfo(torch.float32).tiny
+    return torch.where(cand_mask, student_probs.float().clamp_min(tiny).log(), 0.0)
 
 
 @dataclass
@@ -288,8 +328,13 @@ class S2TTrainer(Trainer):
             overrides["scoring"] = args.scoring
         if args.residual_tau is not None:
             overrides["residual_tau"] = args.residual_tau
+        if args.residual_log_probs is not None:
+            overrides["residual_log_probs"] = args.residual_log_probs
         if overrides:
             selector.config = dataclasses.replace(selector.config, **overrides)
+        if selector.config.scoring == "residual" and selector.config.residual_log_probs == "student":
+            _check_student_probs(train_dataset, "train_dataset")
+            _check_student_probs(eval_dataset, "eval_dataset")
         self.selector = selector
         can_pack, reason = architecture_scoring_support(selector.base_model)
         self._pack = args.packing and can_pack
@@ -498,7 +543,11 @@ class S2TTrainer(Trainer):
         forward = self._forward(model, inputs, need_context_logits=use_lm_kl)
 
         student_log_probs = None
-        if config.scoring == "residual":
+        if config.scoring == "residual" and config.residual_log_probs == "student":
+            # the student's own log-probabilities as collected (adapter off), as the processor reads them from the
+            # step's scores: constants of the loss, so the adapter learns only through the bins
+            student_log_probs = _collected_log_probs(inputs, cand_mask)
+        elif config.scoring == "residual":
             # the selector's own log-probabilities of the candidates (adapter on, bins masked), as the processor
             # computes them in both adapter modes
             student_log_probs = selector_log_probs(forward.last_context_logits, cand_ids, reserved)
