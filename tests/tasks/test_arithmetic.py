@@ -510,3 +510,37 @@ def test_load_pair_refuses_what_is_no_trained_pair(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="(?s)contains custom code.*trust_remote_code"):
         load_pair(tmp_path / "pair")
     assert not (tmp_path / "pair" / "teacher" / "RAN").exists()
+
+
+def test_pair_workers_stop_when_the_parent_is_killed(tmp_path):
+    """SIGTERM ends `train_pair`'s process without its cleanup; the two training workers notice that their parent is
+    gone and stop, instead of training on as orphans."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    psutil = pytest.importorskip("psutil")
+    script = (
+        "from s2t_hf.tasks import PairTrainingConfig, train_pair\n"
+        "config = PairTrainingConfig(teacher_max_steps=10**6, student_max_steps=10**6, eval_steps=10**6,\n"
+        "    student_eval_steps=10**6, eval_problems=2, test_problems=0, batch_size=2, warmup_steps=1)\n"
+        f"train_pair({str(tmp_path / 'pair')!r}, config=config)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    workers = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (tmp_path / "pair" / ".progress_student.json").exists():
+            assert parent.poll() is None, "train_pair ended before its workers trained"
+            time.sleep(0.5)
+        workers = psutil.Process(parent.pid).children()
+        assert len(workers) == 2 and all("_pair_worker" in " ".join(w.cmdline()) for w in workers)
+        parent.send_signal(signal.SIGTERM)
+        parent.wait(timeout=30)
+        _, alive = psutil.wait_procs(workers, timeout=20)
+        assert not alive, f"workers still training after their parent was killed: {[w.pid for w in alive]}"
+    finally:
+        for process in [*workers, psutil.Process(parent.pid) if parent.poll() is None else None]:
+            if process is not None and process.is_running():
+                process.kill()

@@ -51,7 +51,10 @@ def _run_workers(settings: PairTrainingConfig, output_dir: Path) -> dict[str, di
     for role in ROLES:
         logs[role] = open(output_dir / f"train_{role}.log", "w")
         processes[role] = subprocess.Popen(
-            [sys.executable, "-m", "s2t_hf.tasks._pair_worker", role, str(settings_file), str(output_dir)],
+            [
+                sys.executable, "-m", "s2t_hf.tasks._pair_worker", role, str(settings_file), str(output_dir),
+                "--parent-pid", str(os.getpid()),
+            ],
             stdout=logs[role],
             stderr=subprocess.STDOUT,
             env=env,

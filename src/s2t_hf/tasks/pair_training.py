@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -239,13 +240,32 @@ def train_one(
     return record
 
 
+def exit_with_parent(parent_pid: int, interval: float = 1.0) -> threading.Thread:
+    """
+    Ends this process (exit code 1) once `parent_pid` is no longer its parent: a worker whose parent was killed
+    (SIGTERM, SIGKILL: no `finally` runs there) stops instead of training on as an orphan. Watches from a daemon thread.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(interval)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
+    thread.start()
+    return thread
+
+
 def worker_main(argv: list[str] | None = None) -> None:
     """Worker entry point of [`train_pair`]: `python -m s2t_hf.tasks._pair_worker ROLE SETTINGS_JSON OUTPUT_DIR`."""
     parser = argparse.ArgumentParser(description="Train one model of the arithmetic pair (used by `train_pair`).")
     parser.add_argument("role", choices=ROLES)
     parser.add_argument("settings")
     parser.add_argument("output_dir")
+    parser.add_argument("--parent-pid", type=int, help="exit when this process is no longer the parent")
     args = parser.parse_args(argv)
+    if args.parent_pid is not None:
+        exit_with_parent(args.parent_pid)
     settings = PairTrainingConfig.from_dict(json.loads(Path(args.settings).read_text()))
     settings.num_threads = settings.num_threads or 1
     import logging as std_logging
