@@ -243,8 +243,16 @@ def test_a_loaded_selector_leaves_the_model_as_it_was_once_closed(tmp_path, adap
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids).logits, tiny_model("qwen2", seed=0)(input_ids).logits,
                                    atol=1e-5, rtol=0)
-    # opened again: the same selection
+    # the selector's own "base model" block (PEFT's `disable_adapter`, which switches every adapter on as it ends)
+    # leaves the closed selector off
+    with s2t.selector.adapter_disabled():
+        assert torch.equal(loaded.generate(**batch), plain)
+    assert torch.equal(loaded.generate(**batch), plain)
+    # opened again: the same selection, also after the base model's block inside the open processor
     with s2t:
+        assert torch.equal(loaded.generate(**batch, logits_processor=[s2t]), first)
+        with s2t.selector.adapter_disabled():
+            assert torch.equal(loaded.generate(**batch), plain)
         assert torch.equal(loaded.generate(**batch, logits_processor=[s2t]), first)
     assert torch.equal(loaded.generate(**batch), plain)
 

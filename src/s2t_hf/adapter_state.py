@@ -152,6 +152,30 @@ class AdapterState:
             for layer in switched:
                 layer._disable_adapters = enabled
 
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[None]:
+        """
+        Context manager that gives every adapter layer (LoRA and reserved rows) back, on exit, the state it had on
+        entry: on or off (PEFT's public `enable_adapters`), merged or not (`merge()`). For blocks that switch adapters
+        with PEFT's own context managers: `PeftModel.disable_adapter()` switches every adapter *on* when it ends, even
+        one that was off before.
+        """
+        layers = [*self.lora_layers, *self._row_layers]
+        enabled = [not layer.disable_adapters for layer in layers]
+        merged = [layer.merged for layer in layers]
+        try:
+            yield
+        finally:
+            for layer, was_enabled, was_merged in zip(layers, enabled, merged):
+                if not was_enabled and not layer.disable_adapters:
+                    if layer.merged:
+                        layer.unmerge()
+                    layer.enable_adapters(False)
+                elif was_enabled and layer.disable_adapters:
+                    layer.enable_adapters(True)
+                if was_merged and not layer.merged:
+                    layer.merge()
+
     # ------------------------------------------------------------------------------------------------------------------
     # Reserved rows
 

@@ -210,8 +210,11 @@ class S2TSelector:
 
     @contextlib.contextmanager
     def adapter_disabled(self) -> Iterator[None]:
-        """Context manager in which `self.model` is exactly the base model (LoRA and bin rows off)."""
-        with self.model.disable_adapter():
+        """
+        Context manager in which `self.model` is exactly the base model (LoRA and bin rows off). On exit every adapter
+        layer is on or off, merged or not, as it was before (a selector switched off by a closed processor stays off).
+        """
+        with self.adapter_state.restored(), self.model.disable_adapter():
             yield
 
     @contextlib.contextmanager
