@@ -243,7 +243,8 @@ def train_one(
 def exit_with_parent(parent_pid: int, interval: float = 1.0) -> threading.Thread:
     """
     Ends this process (exit code 1) once `parent_pid` is no longer its parent: a worker whose parent was killed
-    (SIGTERM, SIGKILL: no `finally` runs there) stops instead of training on as an orphan. Watches from a daemon thread.
+    (SIGTERM, SIGKILL: no `finally` runs there) stops instead of training on as an orphan. Watches from a daemon
+    thread.
     """
 
     def watch() -> None:
