@@ -159,8 +159,9 @@ class S2TTrainingArguments(TrainingArguments):
             )
 
 
-def _check_dataset(dataset: Any, name: str) -> None:
-    """Refuses an empty dataset, or one without the selection-group columns, before training starts."""
+def _check_dataset(dataset: Any, name: str, needs_student_probs: bool = False) -> None:
+    """Refuses an empty dataset, or one without the selection-group columns (and `student_probs` where the residual
+    form reads them), before training starts."""
     for part in dataset.values() if isinstance(dataset, dict) else [dataset]:
         if part is None or isinstance(part, torch.utils.data.IterableDataset):
             continue
@@ -170,15 +171,10 @@ def _check_dataset(dataset: Any, name: str) -> None:
                 "check the filter or split that emptied it."
             )
         columns = getattr(part, "column_names", None)
-        if columns is not None:
-            check_selection_columns(columns)
-
-
-def _check_student_probs(dataset: Any, name: str) -> None:
-    """Refuses, before training starts, a dataset without `student_probs` where the residual form reads them."""
-    for part in dataset.values() if isinstance(dataset, dict) else [dataset]:
-        columns = getattr(part, "column_names", None)
-        if columns is not None and "student_probs" not in columns:
+        if columns is None:
+            continue
+        check_selection_columns(columns)
+        if needs_student_probs and "student_probs" not in columns:
             raise ValueError(
                 f"`{name}` has no `student_probs` column, which `residual_log_probs='student'` reads (the student's "
                 "probabilities of the candidates). Collect the groups with `collect_selection_data`, which records "
@@ -320,8 +316,6 @@ class S2TTrainer(Trainer):
                 "The selector has no trainable parameter (loaded for inference?). Load it with "
                 "`S2TSelector.from_pretrained(model, path, is_trainable=True)` to continue training."
             )
-        _check_dataset(train_dataset, "train_dataset")
-        _check_dataset(eval_dataset, "eval_dataset")
         unmark_dequantized_gguf(selector.model)
         overrides = {}
         if args.scoring is not None:
@@ -332,9 +326,9 @@ class S2TTrainer(Trainer):
             overrides["residual_log_probs"] = args.residual_log_probs
         if overrides:
             selector.config = dataclasses.replace(selector.config, **overrides)
-        if selector.config.scoring == "residual" and selector.config.residual_log_probs == "student":
-            _check_student_probs(train_dataset, "train_dataset")
-            _check_student_probs(eval_dataset, "eval_dataset")
+        anchored = selector.config.scoring == "residual" and selector.config.residual_log_probs == "student"
+        _check_dataset(train_dataset, "train_dataset", needs_student_probs=anchored)
+        _check_dataset(eval_dataset, "eval_dataset", needs_student_probs=anchored)
         self.selector = selector
         can_pack, reason = architecture_scoring_support(selector.base_model)
         self._pack = args.packing and can_pack
