@@ -569,6 +569,9 @@ def stage_train(run: Run) -> None:
     part = "" if len(train_problems) >= run.sizes["collect"] else f"_{len(train_problems)}"
     if run.args.residual_log_probs == "student":  # the residual on the student's own log-probabilities
         part = f"_student{part}"
+    learning_rate = run.args.learning_rate or form["learning_rate"]
+    if run.args.lr_scheduler != "constant" or learning_rate != form["learning_rate"]:  # another schedule: its own run
+        part = f"{part}_{run.args.lr_scheduler}{learning_rate:g}"
     output_dir = os.path.join(run.args.cache_dir, f"{run.args.size}_trainer_{run.args.form}{part}")
     # 16 groups a step, prompt by prompt: a prompt's groups share one encoding of their context (group_by_prompt)
     batch = 16
@@ -576,9 +579,9 @@ def stage_train(run: Run) -> None:
     check_groups = validation_groups.filter(lambda g: g["prompt_index"] < CHECK_PROBLEMS)
     args = S2TTrainingArguments(
         output_dir=output_dir, num_train_epochs=run.args.epochs, max_steps=run.args.max_steps, group_by_prompt=True,
-        per_device_train_batch_size=batch, per_device_eval_batch_size=batch, learning_rate=form["learning_rate"],
+        per_device_train_batch_size=batch, per_device_eval_batch_size=batch, learning_rate=learning_rate,
         candidate_temperature=1.0, margin=1.0, teacher_kl_weight=1.0, lm_kl_weight=form["lm_kl_weight"],
-        lr_scheduler_type="constant", eval_strategy="steps", eval_steps=every, save_strategy="steps",
+        lr_scheduler_type=run.args.lr_scheduler, eval_strategy="steps", eval_steps=every, save_strategy="steps",
         save_steps=every, save_total_limit=2, load_best_model_at_end=True, metric_for_best_model="eval_agreement",
         greater_is_better=True, logging_steps=every, report_to="none", seed=run.args.seed,
         use_cpu=run.args.device == "cpu", disable_tqdm=not run.args.progress,
@@ -606,6 +609,7 @@ def stage_train(run: Run) -> None:
         "seconds_this_run": time.perf_counter() - started,
         "validation_agreement": metrics.get("eval_agreement"),
         "validation_student_top1_agreement": metrics.get("eval_student_agreement"), "form": form,
+        "learning_rate": learning_rate, "lr_scheduler": run.args.lr_scheduler,
     }
     run.save_state()
 
@@ -1028,6 +1032,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "student's own (cache form only: only the bins move the choice)")
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--max-steps", type=int, default=-1)
+    parser.add_argument("--learning-rate", type=float, help="`train`: the peak learning rate (default: the form's)")
+    parser.add_argument("--lr-scheduler", default="constant", choices=["constant", "linear", "cosine"],
+                        help="`train`: the learning-rate schedule (decays to 0 at the last step)")
     parser.add_argument("--train-problems", type=int, help="train on the groups of the first N collected train "
                         "problems (a multiple of 32, read from the shards on disk) instead of the whole collection")
     parser.add_argument("--selector-out", help="where `train` saves the selector (default: in --cache-dir)")
