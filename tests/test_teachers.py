@@ -368,6 +368,35 @@ def test_transport_refuses_an_oversized_answer_and_honours_retry_after():
     assert client.requests == 2
 
 
+def test_a_completion_the_server_dropped_is_retried_then_reported_as_no_answer():
+    # vLLM answers every request in flight with finish_reason "abort" and no token when it shuts down: that is no
+    # answer (a client reading its empty log-probabilities would report a wrong cause, or keep a cut reply)
+    from scripted_server import ScriptedServer
+
+    from s2t_hf.teachers.transport import JSONClient, ServerError
+
+    aborted = {"choices": [{"index": 0, "text": "", "token_ids": [], "logprobs": {"top_logprobs": []},
+                            "finish_reason": "abort"}]}
+    answered = {"choices": [{"index": 0, "text": "4", "token_ids": [19], "finish_reason": "length"}]}
+    answers = iter([(200, aborted), (200, answered)])
+    with ScriptedServer(lambda method, path, body: next(answers)) as server:
+        client = JSONClient(server.url, max_retries=1, backoff=0.01)
+        assert client.request("POST", "/v1/completions", {"prompt": [1]}) == answered
+        assert server.posts("/v1/completions") == 2
+    errored = {"choices": [{"index": 0, "text": "", "finish_reason": "error"}]}
+    for dropped, reason in ((aborted, "abort"), (errored, "error")):
+        with ScriptedServer(lambda method, path, body, dropped=dropped: (200, dropped)) as server:
+            client = JSONClient(server.url, max_retries=0, server_name="vLLM server")
+            with pytest.raises(ServerError, match=rf"vLLM server at .* did not answer `POST /v1/completions` after 1 "
+                                                  rf"tries \(the server ended the request without answering it "
+                                                  rf"\(finish_reason '{reason}' for choice 0\)\)"):
+                client.request("POST", "/v1/completions", {"prompt": [1]})
+    # any other answer, completions that ended normally included, is returned as it is
+    for fine in ({"choices": [{"index": 0, "finish_reason": "stop"}]}, {"choices": "x"}, [1, 2], {"data": []}):
+        with ScriptedServer(lambda method, path, body, fine=fine: (200, fine)) as server:
+            assert JSONClient(server.url, max_retries=0).request("POST", "/v1/completions", {}) == fine
+
+
 def test_transport_retries_with_jitter_and_counts_from_many_threads():
     from concurrent.futures import ThreadPoolExecutor
 

@@ -1,7 +1,9 @@
 """A small JSON-over-HTTP client: one kept-alive connection per thread, retries with backoff, timeouts, and a thread
 pool for concurrent requests.
 
-It knows nothing of what it carries: [`~s2t_hf.teachers.RemoteTeacher`] speaks the vLLM protocol through it.
+It knows nothing of what it carries ([`~s2t_hf.teachers.RemoteTeacher`] speaks the vLLM protocol through it), but
+one thing: an OpenAI-style completion whose choice ended with `finish_reason` `"abort"` or `"error"` is a request the
+server dropped, not an answer (see [`dropped_request`]).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 
-__all__ = ["DEFAULT_MAX_RESPONSE_BYTES", "JSONClient", "ServerError", "redact_url", "server_root"]
+__all__ = ["DEFAULT_MAX_RESPONSE_BYTES", "JSONClient", "ServerError", "dropped_request", "redact_url", "server_root"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -63,6 +65,39 @@ def server_root(base_url: Any) -> Any:
     return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
+#: The `finish_reason`s of a completion the server ended without answering it: vLLM ends every request in flight with
+#: `"abort"` (and no new token) when it shuts down or a client's request is cancelled, and with `"error"` when the
+#: engine fails on it.
+DROPPED_FINISH_REASONS = ("abort", "error")
+
+
+def dropped_request(answer: Any) -> str | None:
+    """
+    Why `answer` (a decoded JSON answer) is a completion the server dropped rather than answered, or `None`: one of its
+    `choices` ended with a `finish_reason` of `DROPPED_FINISH_REASONS`.
+
+    Examples:
+
+    ```python
+    >>> from s2t_hf.teachers.transport import dropped_request
+    >>> dropped_request({"choices": [{"index": 0, "text": "", "finish_reason": "abort"}]})
+    "the server ended the request without answering it (finish_reason 'abort' for choice 0)"
+    >>> dropped_request({"choices": [{"index": 0, "text": "4", "finish_reason": "length"}]}) is None
+    True
+
+    ```
+    """
+    choices = answer.get("choices") if isinstance(answer, dict) else None
+    if not isinstance(choices, list):
+        return None
+    for position, choice in enumerate(choices):
+        reason = choice.get("finish_reason") if isinstance(choice, dict) else None
+        if reason in DROPPED_FINISH_REASONS:
+            index = choice.get("index", position)
+            return f"the server ended the request without answering it (finish_reason {reason!r} for choice {index})"
+    return None
+
+
 def _retry_after(value: str | None) -> float | None:
     """Seconds a `Retry-After` header asks to wait (a number of seconds or an HTTP date), or `None`."""
     if not value:
@@ -103,8 +138,9 @@ class JSONClient:
     Each thread keeps its own connection alive between requests. A request that fails (no connection, timeout, HTTP
     5xx/429) is retried `max_retries` times with exponential backoff and jitter (each wait drawn in [0.5, 1.5) times
     the backoff, so that many threads do not retry in lockstep), or after the server's `Retry-After` when it is
-    longer (at most 60 s); a kept-alive connection the server closed while idle is replaced at once, without counting
-    as a try. Other HTTP errors (4xx) are raised at once. An answer longer than `max_response_bytes` is refused.
+    longer (at most 60 s); so is a completion the server dropped (see [`dropped_request`]: vLLM aborts the requests
+    in flight when it shuts down); a kept-alive connection the server closed while idle is replaced at once, without
+    counting as a try. Other HTTP errors (4xx) are raised at once. An answer longer than `max_response_bytes` is refused.
     A `user:password@` in `base_url` is sent as HTTP basic authentication (unless `api_key` is set) and never shown
     in messages.
 
@@ -251,8 +287,8 @@ class JSONClient:
             The decoded JSON answer.
 
         Raises:
-            `error_class`: the server did not answer after `max_retries + 1` tries, rejected the request (4xx), or
-            answered with something that is not JSON.
+            `error_class`: the server did not answer after `max_retries + 1` tries (a dropped completion counts as
+            no answer), rejected the request (4xx), or answered with something that is not JSON.
         """
         headers = {"Content-Type": "application/json"}
         if self.api_key:
@@ -297,11 +333,17 @@ class JSONClient:
                     status=response.status,
                 )
             try:
-                return json.loads(data)
+                answer = json.loads(data)
             except json.JSONDecodeError as error:
                 raise self._error(
                     f"{self.base_url}{path} answered with something that is not JSON: {data[:200]!r}."
                 ) from error
+            dropped = dropped_request(answer)
+            if dropped is None:
+                return answer
+            cause = dropped
+            retry_after = None
+            attempt += 1
         raise self._error(
             f"{self.base_url} did not answer `{method} {path}` after {self.max_retries + 1} tries ({cause}). Is it "
             "running and reachable? Check `base_url`, or raise `timeout` / `max_retries`."
