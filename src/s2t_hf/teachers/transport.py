@@ -140,9 +140,9 @@ class JSONClient:
     the backoff, so that many threads do not retry in lockstep), or after the server's `Retry-After` when it is
     longer (at most 60 s); so is a completion the server dropped (see [`dropped_request`]: vLLM aborts the requests
     in flight when it shuts down); a kept-alive connection the server closed while idle is replaced at once, without
-    counting as a try. Other HTTP errors (4xx) are raised at once. An answer longer than `max_response_bytes` is refused.
-    A `user:password@` in `base_url` is sent as HTTP basic authentication (unless `api_key` is set) and never shown
-    in messages.
+    counting as a try. Other HTTP errors (4xx) are raised at once. An answer longer than `max_response_bytes` is
+    refused. A `user:password@` in `base_url` is sent as HTTP basic authentication (unless `api_key` is set) and never
+    shown in messages.
 
     Args:
         base_url (`str`):
