@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -37,8 +38,15 @@ def test_export_bakes_the_rows_and_the_adapter_reproduces_the_selector(tmp_path,
     from peft import PeftModel
 
     tokenizer = build_tokenizer()
-    selector = trained_like(student(tokenizer, tied), tokenizer, learned_trigger=True)
-    export = export_for_vllm(tmp_path, selector=selector, tokenizer=tokenizer)
+    # loaded from a folder, as users load theirs (PEFT then compares the vocabulary with the folder's config)
+    student(tokenizer, tied).save_pretrained(tmp_path / "student")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "student", dtype=torch.float32).eval()
+    selector = trained_like(loaded, tokenizer, learned_trigger=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export = export_for_vllm(tmp_path, selector=selector, tokenizer=tokenizer)
+    # the grown embeddings are baked into the checkpoint; PEFT is never asked for them (it warned and copied them all)
+    assert not [w for w in caught if "save_embedding_layers" in str(w.message)]
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     with torch.no_grad():
         with selector.lora_disabled():

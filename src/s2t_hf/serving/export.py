@@ -78,7 +78,9 @@ def _lora_state_and_config(selector: S2TSelector):
     peft_config = selector.model.peft_config[adapter]
     if peft_config.peft_type != PeftType.LORA:
         return None, None
-    state = get_peft_model_state_dict(selector.model, adapter_name=adapter)
+    # `save_embedding_layers=False`: the grown rows are baked into the checkpoint; "auto" would copy the whole
+    # embedding and look the base model up on the Hub
+    state = get_peft_model_state_dict(selector.model, adapter_name=adapter, save_embedding_layers=False)
     lora = {name: tensor.detach().contiguous() for name, tensor in state.items() if ".lora_" in name}
     if not lora:
         return None, None
