@@ -273,7 +273,8 @@ def test_a_hung_server_fails_fast_sync_and_asyncio(exported):
     with ScriptedServer(answer) as server:
         s2t = served_client(server.url, exported, max_retries=0, timeout=1.0, max_concurrency=4)
         start = time.monotonic()
-        with pytest.raises(ServedS2TError, match=r"did not answer `POST /v1/completions` after 1 tries \(TimeoutError"):
+        with pytest.raises(ServedS2TError,
+                           match=r"did not answer `POST /v1/completions` after 1 tries \(TimeoutError"):
             s2t.generate(prompts, max_new_tokens=4)
         elapsed = time.monotonic() - start
         assert elapsed < 3.0, elapsed  # one timeout, not 10 groups of 4 in turn (10 s)
