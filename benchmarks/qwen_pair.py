@@ -490,8 +490,9 @@ def collect_groups(run: Run, split: str):
 
 def train_groups(run: Run):
     """The training groups: the whole train collection (collected or resumed), or with `--train-problems N` the groups
-    of its first N problems, read from the shards already on disk (so a selector can be trained while the rest of the
-    collection waits for a later run; collecting them is `--stages collect` without `--train-problems`)."""
+    of its first N problems: from the finished collection, or read from the shards already on disk while it is
+    unfinished (so a selector can be trained while the rest of the collection waits for a later run; collecting them
+    is `--stages collect` without `--train-problems`)."""
     problems_wanted = run.args.train_problems
     if problems_wanted is None or problems_wanted >= run.sizes["collect"]:
         return collect_groups(run, "train")
@@ -499,13 +500,20 @@ def train_groups(run: Run):
 
     from s2t_hf.shard_store import METADATA_NAME, ShardStore
 
+    root = os.path.join(run.args.cache_dir, f"{run.args.size}_collect_reference_kl_train")
+    metadata_path = os.path.join(root, METADATA_NAME)
+    if os.path.isfile(metadata_path):
+        with open(metadata_path) as f:
+            complete = json.load(f).get("complete", False)
+        if complete:  # a finished collection keeps no shards: its groups carry their problem's index
+            groups = datasets.load_from_disk(root).filter(lambda g: g["prompt_index"] < problems_wanted)
+            return groups, gsm8k(run.train_path, 0, problems_wanted)
     if problems_wanted % COLLECT_SHARD:
         raise SystemExit(f"--train-problems must be a multiple of the shard size {COLLECT_SHARD}, got "
                          f"{problems_wanted}")
-    root = os.path.join(run.args.cache_dir, f"{run.args.size}_collect_reference_kl_train")
-    if not os.path.isfile(os.path.join(root, METADATA_NAME)):
+    if not os.path.isfile(metadata_path):
         raise SystemExit(f"--train-problems {problems_wanted}: no collection in {root}; run `--stages collect` first")
-    with open(os.path.join(root, METADATA_NAME)) as f:
+    with open(metadata_path) as f:
         store = ShardStore(root, json.load(f)["fingerprint"], resume=True)  # the collection's own, as it stands
     missing = [i for i in range(problems_wanted // COLLECT_SHARD) if not store.has(i)]
     if missing:

@@ -205,3 +205,46 @@ def test_the_sweep_tables_follow_the_residual_form():
     assert margin[16, 3.0]["agreement"] == pytest.approx(2 / 3)
     assert margin[16, 5.0]["flip_rate"] == pytest.approx(1 / 3)
     assert all(m["tau"] == 0.1 for m in margins)
+
+
+def test_train_problems_reads_the_first_problems_of_a_partial_or_finished_collection(tmp_path):
+    """`--train-problems N`: the groups of the first N problems, from the finished shards of a collection under way,
+    and from the whole dataset once the collection is finished (which keeps no shards)."""
+    import types
+
+    import datasets
+
+    from s2t_hf.shard_store import ShardStore
+
+    qwen_pair = load(ROOT / "benchmarks" / "qwen_pair.py", "qwen_pair_benchmark")
+    shard = qwen_pair.COLLECT_SHARD
+    root = tmp_path / "cpu_collect_reference_kl_train"
+    store = ShardStore(str(root), "fingerprint", resume=True)
+
+    def groups(first: int, last: int) -> datasets.Dataset:  # two groups a problem
+        indices = [i for i in range(first, last) for _ in range(2)]
+        return datasets.Dataset.from_dict({"prompt_index": indices, "cand_ids": [[i, i + 1] for i in indices]})
+
+    store.save(0, groups(0, shard))
+    store.save(1, groups(shard, 2 * shard))
+    args = types.SimpleNamespace(train_problems=shard, cache_dir=str(tmp_path), size="cpu")
+    gsm8k_dir = ROOT.parent / "shared" / "data" / "gsm8k"
+    run = types.SimpleNamespace(args=args, sizes={"collect": 3 * shard}, train_path=str(gsm8k_dir / "train.jsonl"))
+    found, problems = qwen_pair.train_groups(run)
+    assert sorted(set(found["prompt_index"])) == list(range(shard)) and len(found) == 2 * shard
+    assert len(problems) == shard and problems[0].line == 0
+    with pytest.raises(SystemExit, match="must be a multiple of the shard size"):
+        qwen_pair.train_groups(types.SimpleNamespace(**{**vars(run), "args": types.SimpleNamespace(
+            **{**vars(args), "train_problems": shard + 1})}))
+    args.train_problems = 2 * shard  # both shards finished
+    assert len(qwen_pair.train_groups(run)[0]) == 4 * shard
+    run.sizes["collect"] = 4 * shard
+    args.train_problems = 3 * shard  # the third shard is not finished
+    with pytest.raises(SystemExit, match="shard 2 is not finished"):
+        qwen_pair.train_groups(run)
+    # finished: no shards are left, and any N (not only a multiple of the shard size) reads the first N problems
+    store.finish(datasets.concatenate_datasets([groups(0, 2 * shard), groups(2 * shard, 4 * shard)]))
+    assert not any((root / "shards").glob("*"))
+    args.train_problems = shard + 5
+    found, problems = qwen_pair.train_groups(run)
+    assert sorted(set(found["prompt_index"])) == list(range(shard + 5)) and len(problems) == shard + 5
