@@ -502,19 +502,20 @@ def train_groups(run: Run):
 
     root = os.path.join(run.args.cache_dir, f"{run.args.size}_collect_reference_kl_train")
     metadata_path = os.path.join(root, METADATA_NAME)
+    metadata = None
     if os.path.isfile(metadata_path):
         with open(metadata_path) as f:
-            complete = json.load(f).get("complete", False)
-        if complete:  # a finished collection keeps no shards: its groups carry their problem's index
-            groups = datasets.load_from_disk(root).filter(lambda g: g["prompt_index"] < problems_wanted)
-            return groups, gsm8k(run.train_path, 0, problems_wanted)
+            metadata = json.load(f)
+    if metadata is not None and metadata.get("complete"):
+        # a finished collection keeps no shards: its groups carry their problem's index
+        groups = datasets.load_from_disk(root).filter(lambda g: g["prompt_index"] < problems_wanted)
+        return groups, gsm8k(run.train_path, 0, problems_wanted)
     if problems_wanted % COLLECT_SHARD:
         raise SystemExit(f"--train-problems must be a multiple of the shard size {COLLECT_SHARD}, got "
                          f"{problems_wanted}")
-    if not os.path.isfile(metadata_path):
+    if metadata is None:
         raise SystemExit(f"--train-problems {problems_wanted}: no collection in {root}; run `--stages collect` first")
-    with open(metadata_path) as f:
-        store = ShardStore(root, json.load(f)["fingerprint"], resume=True)  # the collection's own, as it stands
+    store = ShardStore(root, metadata["fingerprint"], resume=True)  # the collection's own, as it stands
     missing = [i for i in range(problems_wanted // COLLECT_SHARD) if not store.has(i)]
     if missing:
         raise SystemExit(f"--train-problems {problems_wanted}: shard {missing[0]} is not finished in {root}; run "
